@@ -1,0 +1,32 @@
+# Every target installs what it needs on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+export RAY_USAGE_STATS_ENABLED = 0
+export MLFLOW_DISABLE_TELEMETRY = true
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lesa synth $(DEMO)/data --seed 0 --train 3000 --val 300 --test 600
+	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(DEMO) mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,149 @@
+"""The dataset contract of DESIGN.md: what a dataset root holds and how to read its metadata.
+
+A root (any fsspec URL or path) holds `dataset.json`, `labels.tsv`, `embeddings.npy` and one folder
+of WebDataset shards per split. Converters write it with `DatasetWriter`; the trainer reads it with
+`read_dataset`. Nothing here unpickles: JSON, TSV and `.npy` with `allow_pickle=False` only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+
+ROLES = ("seen", "unseen")
+
+
+class DatasetError(ValueError):
+    """A dataset root does not follow the contract; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Label:
+    index: int
+    id: str
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str        # absolute URL of the tar file
+    samples: int
+
+
+@dataclass
+class DatasetInfo:
+    root: str
+    name: str
+    kind: str                          # "image" or "feature"
+    labels: list[Label]
+    embeddings: np.ndarray             # float32 [num_labels, dim], raw (the model normalises)
+    splits: dict[str, list[Shard]] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def indices(self, role: str) -> np.ndarray:
+        return np.array([lab.index for lab in self.labels if lab.role == role], dtype=np.int64)
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.indices("seen")
+
+    @property
+    def unseen(self) -> np.ndarray:
+        return self.indices("unseen")
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits:
+            raise DatasetError(f"{self.root}/dataset.json: no split '{split}' "
+                               f"(has: {', '.join(self.splits) or 'none'})")
+        return self.splits[split]
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _read_bytes(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"{url}: missing (is data.url the dataset root?)") from None
+
+
+def read_dataset(root: str) -> DatasetInfo:
+    """Read and cross-check a dataset root's metadata; every inconsistency names its file."""
+    meta_url = join(root, "dataset.json")
+    try:
+        meta = json.loads(_read_bytes(meta_url))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{meta_url}: not valid JSON ({exc})") from None
+
+    labels_url = join(root, "labels.tsv")
+    labels = []
+    lines = _read_bytes(labels_url).decode("utf-8").splitlines()
+    if not lines or lines[0].split("\t") != ["index", "id", "name", "role"]:
+        raise DatasetError(f"{labels_url}: first line must be the header 'index<TAB>id<TAB>name<TAB>role'")
+    for lineno, line in enumerate(lines[1:], start=2):
+        cols = line.split("\t")
+        if len(cols) != 4 or not cols[0].isdigit() or cols[3] not in ROLES:
+            raise DatasetError(f"{labels_url}:{lineno}: expected 'index, id, name, seen|unseen', got {line!r}")
+        if int(cols[0]) != len(labels):
+            raise DatasetError(f"{labels_url}:{lineno}: index {cols[0]} out of order (expected {len(labels)})")
+        labels.append(Label(int(cols[0]), cols[1], cols[2], cols[3]))
+
+    emb_url = join(root, "embeddings.npy")
+    try:
+        embeddings = np.load(io.BytesIO(_read_bytes(emb_url)), allow_pickle=False)
+    except ValueError as exc:
+        raise DatasetError(f"{emb_url}: not a plain .npy array ({exc})") from None
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(labels):
+        raise DatasetError(f"{emb_url}: shape {embeddings.shape}, expected [{len(labels)}, dim] "
+                           f"to match labels.tsv")
+
+    splits = {}
+    for split, entry in meta.get("splits", {}).items():
+        try:
+            splits[split] = [Shard(join(root, s["path"]), int(s["samples"])) for s in entry["shards"]]
+        except (KeyError, TypeError) as exc:
+            raise DatasetError(f"{meta_url}: split '{split}' needs shards: [{{path, samples}}] ({exc!r})") from None
+    return DatasetInfo(root=root, name=meta.get("name", root), kind=meta.get("kind", "image"),
+                       labels=labels, embeddings=embeddings.astype(np.float32), splits=splits)
+
+
+def write_metadata(root: str, name: str, kind: str, labels: list[Label], embeddings: np.ndarray,
+                   splits: dict[str, list[tuple[str, int]]], extra: dict | None = None) -> None:
+    """Write dataset.json, labels.tsv and embeddings.npy. `splits` maps split -> [(relpath, samples)]."""
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    meta = {
+        "name": name,
+        "kind": kind,
+        "num_labels": len(labels),
+        "num_seen": sum(lab.role == "seen" for lab in labels),
+        "num_unseen": sum(lab.role == "unseen" for lab in labels),
+        "embedding_dim": int(embeddings.shape[1]),
+        "splits": {
+            split: {"samples": sum(n for _, n in shards),
+                    "shards": [{"path": p, "samples": n} for p, n in shards]}
+            for split, shards in splits.items()
+        },
+        **(extra or {}),
+    }
+    with fsspec.open(join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with fsspec.open(join(root, "labels.tsv"), "w") as f:
+        f.write("index\tid\tname\trole\n")
+        for lab in labels:
+            f.write(f"{lab.index}\t{lab.id}\t{lab.name}\t{lab.role}\n")
+    buf = io.BytesIO()
+    np.save(buf, embeddings.astype(np.float32), allow_pickle=False)
+    with fsspec.open(join(root, "embeddings.npy"), "wb") as f:
+        f.write(buf.getvalue())

@@ -1,0 +1,110 @@
+"""Backbones: uint8 images in, a region feature map [B, C, H, W] out. A registry, keyed by name.
+
+Each backbone normalises its own input (it knows the statistics it was trained with) and says
+whether it is trainable. `vgg19` is LESA's frozen conv5_4 (14x14x512 at 224); `small_cnn` is a
+trainable four-layer CNN sized so the synthetic demo trains in minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    out_channels: int
+    trainable: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W] in the backbone's input statistics."""
+        x = images.permute(0, 3, 1, 2).float()
+        return (x - self._mean) / self._std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalise(images))
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class SmallCNN(Backbone):
+    """96x96 -> 12x12 regions (three stride-2 stages), 128 channels."""
+
+    out_channels = 128
+    trainable = True
+    mean = (127.5, 127.5, 127.5)
+    std = (64.0, 64.0, 64.0)
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 64, 2),
+            *conv_bn_relu(64, 64, 1), *conv_bn_relu(64, 128, 2),
+        )
+
+
+VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+                512, 512, 512, 512]  # ends at conv5_4 + ReLU: LESA drops pool5
+
+
+class VGG19Conv54(Backbone):
+    """Frozen VGG-19 up to conv5_4/ReLU: 224x224 -> 14x14x512 regions (lesa_spec §1.1).
+
+    Weights are a state dict with torchvision's `features.N.*` names (other keys are ignored),
+    read from a local path or any fsspec URL the user gives; nothing is downloaded implicitly.
+    Statistics are slim's RGB means with no std division, as the official extractor.
+    """
+
+    out_channels = 512
+    trainable = False
+    mean = (123.68, 116.78, 103.94)
+    std = (1.0, 1.0, 1.0)
+
+    def __init__(self, weights: str | None):
+        super().__init__()
+        layers, cin = [], 3
+        for item in VGG19_LAYERS:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU(inplace=True)]
+                cin = item
+        self.features = nn.Sequential(*layers)
+        if weights is not None:
+            self.load_weights(weights)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def load_weights(self, url: str) -> None:
+        with fsspec.open(url, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        mine = {k: v for k, v in state.items() if k.startswith("features.")}
+        missing = set(self.features.state_dict()) - {k[len("features."):] for k in mine}
+        if missing:
+            raise ValueError(f"{url}: not a VGG-19 state dict (missing features.{sorted(missing)[0]} ...)")
+        self.features.load_state_dict({k[len("features."):]: v for k, v in mine.items()
+                                       if k[len("features."):] in self.features.state_dict()})
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always inference mode
+
+
+BACKBONES = {
+    "small_cnn": lambda cfg: SmallCNN(),
+    "vgg19": lambda cfg: VGG19Conv54(cfg.backbone_weights),
+}
+
+
+def build_backbone(model_cfg) -> Backbone:
+    return BACKBONES[model_cfg.backbone](model_cfg)

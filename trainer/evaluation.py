@@ -1,0 +1,66 @@
+"""Evaluation inside the workers: every worker scores a disjoint share of the test shards, then the
+metrics are combined exactly (trainer/metrics.py). ZSL scores the unseen labels, GZSL all labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from datasets.contract import DatasetInfo
+from datasets.stream import StreamSpec, make_loader
+from trainer.bad_samples import BadSampleLog
+from trainer.metrics import evaluate_settings
+
+
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over workers, so that every worker scores with the
+    same model (data parallelism keeps the weights equal, but each worker's BN saw other data)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(dist.get_world_size())
+
+
+def settings_of(info: DatasetInfo) -> dict[str, np.ndarray]:
+    return {"zsl": info.unseen, "gzsl": np.arange(info.num_labels)}
+
+
+@torch.no_grad()
+def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int, device,
+                bad: BadSampleLog) -> tuple[np.ndarray, np.ndarray]:
+    """Scores [n_local, num_labels] and labels of this worker's share of `split`."""
+    shards = info.shards(split)
+    spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
+                      batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False)
+    mine = len(shards[rank::world])
+    loader = make_loader(spec, min(cfg.data.loader_workers, mine), pin_memory=device.type == "cuda")
+    all_ids = torch.arange(info.num_labels, device=device)
+    scores, labels = [], []
+    for batch in loader:
+        bad.add(batch)
+        if batch["images"] is None:
+            continue
+        out = model(batch["images"].to(device, non_blocking=True), all_ids)
+        scores.append(out["scores"].float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    if not scores:  # a worker with no shards still takes part in the collectives
+        return np.zeros((0, info.num_labels), np.float32), np.zeros((0, info.num_labels), np.int8)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> dict:
+    """{'zsl': {...}, 'gzsl': {...}, 'num_images': N} over all workers; every rank must call it."""
+    average_buffers(model)
+    was_training = model.training
+    model.eval()
+    bad = BadSampleLog(rank)
+    scores, labels = score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad)
+    model.train(was_training)
+    results = evaluate_settings(scores, labels, settings_of(info), cfg.eval.k, device)
+    results["eval_bad_samples"] = bad.summary()
+    results["num_images"] = results["eval_bad_samples"]["read"] - results["eval_bad_samples"]["count"]
+    return results

@@ -1,0 +1,73 @@
+"""MLflow: one run per training job. The driver opens it and logs params and artifacts; rank 0 of
+the workers logs per-step losses, throughput and evaluation metrics into the same run by id.
+
+Default store: sqlite in the working directory with artifacts in ./mlartifacts (the experiment
+is created with an explicit artifact location; a relative default would land in Ray's ephemeral
+worker directory). `MLFLOW_TRACKING_URI` or `mlflow.tracking_uri` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+
+def resolve_tracking(mlflow_cfg) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment), absolute so Ray workers agree."""
+    uri = mlflow_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    artifacts = mlflow_cfg.artifact_location
+    if artifacts is None and uri.startswith("sqlite:///"):
+        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    elif artifacts is not None and "://" not in artifacts:
+        artifacts = Path(artifacts).resolve().as_uri()
+    return uri, artifacts
+
+
+def metric_key(name: str) -> str:
+    """MLflow keys allow only [A-Za-z0-9_-. :/]: 'zsl/F1@3' becomes 'zsl/F1_at_3'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def open_run(tracking_uri: str, artifact_location: str | None, experiment: str,
+             run_name: str | None, params: dict) -> str:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    run = client.create_run(exp_id, run_name=run_name)
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    return run.info.run_id
+
+
+class RunLogger:
+    """Buffers metrics and writes them in batches (one DB round trip per flush)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.pending: list[Metric] = []
+
+    def log(self, metrics: dict[str, float], step: int, flush: bool = True) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def finish(self, ok: bool) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

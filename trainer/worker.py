@@ -1,0 +1,170 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Each worker builds the model, wraps it in a DeepSpeed engine on the process group Ray already
+created (gloo on CPU, nccl on GPU), streams its share of the training shards, and steps. Rank 0
+logs to MLflow. Evaluation runs on all workers every `eval.every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from datasets.contract import read_dataset
+from datasets.stream import StreamSpec, make_loader
+from trainer.bad_samples import BadSampleLog
+from trainer.config import Config, config_from_dict
+from trainer.evaluation import evaluate
+from trainer.losses import total_loss
+from trainer.model import build_model
+from trainer.optim import build_optimizer
+from trainer.progress import Progress, format_table
+from trainer.tracking import RunLogger
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "steps_per_print": 10 ** 9,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_engine(cfg: Config, model: torch.nn.Module, world: int):
+    import deepspeed
+
+    if not cfg.scaling.use_gpu:
+        # DeepSpeed's CPU shared-memory collective is a C++ op JIT-built on first use (about 50 s and
+        # a compiler, see stack_notes.md); plain gloo collectives are enough for data parallelism.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world))
+    return engine, optimizer
+
+
+def mean_over_workers(values: dict[str, float], device) -> dict[str, float]:
+    names = sorted(values)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(names, t.tolist()))
+
+
+def flat_eval_metrics(results: dict) -> dict[str, float]:
+    return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
+
+
+def train_worker(payload: dict) -> None:
+    import ray.train
+
+    cfg = config_from_dict(payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.scaling.use_gpu:
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed + rank)
+
+    info = read_dataset(cfg.data.url)
+    engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings), world)
+    model = engine.module
+    logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
+
+    shards = info.shards(cfg.data.train_split)
+    spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
+                      batch_size=cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
+                      train=True, shuffle_buffer=cfg.data.shuffle_buffer)
+    loader_workers = min(cfg.data.loader_workers, len(shards) // world)
+    batches = iter(make_loader(spec, loader_workers, pin_memory=device.type == "cuda"))
+    bad = BadSampleLog(rank, cfg.data.max_bad_fraction)
+    seen_ids = torch.as_tensor(info.seen, device=device)
+    weights = {name: getattr(cfg.loss, name) for name in ("rank", "dist", "rel", "div")}
+    progress = Progress(cfg.train.max_steps, cfg.data.batch_size * world) if rank == 0 else None
+
+    def next_batch():
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"rank {rank}: the training stream ended; no readable samples in "
+                                   f"its shards (skipped: {dict(bad.by_kind)})") from None
+            bad.add(batch)
+            if batch["images"] is not None:
+                return batch
+
+    eval_history = []
+    window: dict[str, float] = {}
+    for step in range(1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        batch = next_batch()
+        t_data = time.perf_counter() - t0
+        images = batch["images"].to(device, non_blocking=True)
+        y = batch["labels"].to(device, non_blocking=True)[:, seen_ids]
+        out = engine(images, seen_ids)
+        loss, parts = total_loss(out, y, weights)
+        engine.backward(loss)
+        engine.step()
+        step_time = time.perf_counter() - t0
+        for name, value in {"loss": float(loss.detach()), **{f"loss/{k}": v for k, v in parts.items()},
+                            "time/step": step_time, "time/data": t_data}.items():
+            window[name] = window.get(name, 0.0) + value
+        window["n"] = window.get("n", 0) + 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            n = window.pop("n")
+            avg = mean_over_workers({k: v / n for k, v in window.items()}, device)
+            window.clear()
+            if rank == 0:
+                row = {k: v for k, v in avg.items() if k.startswith("loss")}
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                row["samples_per_s"] = cfg.data.batch_size * world / avg["time/step"]
+                row["data_wait_fraction"] = avg["time/data"] / avg["time/step"]
+                progress.update(step, row)
+                logger.log(row, step)
+
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+            results = evaluate(model, info, cfg, rank, world, device)
+            eval_history.append({"step": step, **flat_eval_metrics(results)})
+            if rank == 0:
+                print(f"[eval @ step {step}]\n{format_table(results, cfg.eval.k)}", flush=True)
+                logger.log(flat_eval_metrics(results), step)
+
+    results = evaluate(model, info, cfg, rank, world, device)
+    metrics = {
+        "zsl": results["zsl"], "gzsl": results["gzsl"],
+        "step": cfg.train.max_steps, "num_test_images": results["num_images"],
+        "bad_samples": {"train": bad.summary(), "eval": results["eval_bad_samples"]},
+        "history": eval_history,
+        "throughput": progress.summary() if rank == 0 else None,
+    }
+    flat = {**flat_eval_metrics(results), "bad_samples/train": metrics["bad_samples"]["train"]["count"],
+            "bad_samples/eval": metrics["bad_samples"]["eval"]["count"]}
+    if rank == 0:
+        logger.log(flat, cfg.train.max_steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       os.path.join(tmp, "model.pt"))
+            ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(flat)
