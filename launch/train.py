@@ -110,6 +110,8 @@ def print_summary(metrics: dict, cfg: Config, out: Path) -> None:
     print(f"\n=== {cfg.model.name} after {metrics['step']} steps, "
           f"{metrics['num_test_images']} {cfg.eval.split} images (percent) ===")
     print(format_table(metrics, cfg.eval.k))
+    print("chance level (mean label frequency): " + ", ".join(
+        f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items()))
     print(f"bad samples skipped: train {bad['train']['count']} of {bad['train']['read']} read, "
           f"eval {bad['eval']['count']} of {bad['eval']['read']}")
     if metrics.get("throughput"):

@@ -52,6 +52,16 @@ def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int
     return np.concatenate(scores), np.concatenate(labels)
 
 
+def chance_map(labels: np.ndarray, settings: dict[str, np.ndarray], device) -> dict[str, float]:
+    """The mAP of random scores: per label, positives / annotated images, averaged (percent)."""
+    counts = torch.from_numpy(np.stack([(labels > 0).sum(0), (labels != 0).sum(0)]).astype(np.int64)).to(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    pos, annotated = counts.cpu().numpy()
+    freq = pos / np.maximum(annotated, 1)
+    return {name: 100 * float(freq[cols].mean()) for name, cols in settings.items()}
+
+
 def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> dict:
     """{'zsl': {...}, 'gzsl': {...}, 'num_images': N} over all workers; every rank must call it."""
     average_buffers(model)
@@ -60,7 +70,9 @@ def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> di
     bad = BadSampleLog(rank)
     scores, labels = score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad)
     model.train(was_training)
-    results = evaluate_settings(scores, labels, settings_of(info), cfg.eval.k, device)
+    settings = settings_of(info)
+    results = evaluate_settings(scores, labels, settings, cfg.eval.k, device)
+    results["chance_mAP"] = chance_map(labels, settings, device)
     results["eval_bad_samples"] = bad.summary()
     results["num_images"] = results["eval_bad_samples"]["read"] - results["eval_bad_samples"]["count"]
     return results

@@ -151,6 +151,7 @@ def train_worker(payload: dict) -> None:
     results = evaluate(model, info, cfg, rank, world, device)
     metrics = {
         "zsl": results["zsl"], "gzsl": results["gzsl"],
+        "chance_mAP": results["chance_mAP"],
         "step": cfg.train.max_steps, "num_test_images": results["num_images"],
         "bad_samples": {"train": bad.summary(), "eval": results["eval_bad_samples"]},
         "history": eval_history,

@@ -1,0 +1,131 @@
+"""End to end as a user runs it: `lesa synth`, then `lesa train` on a real local Ray cluster with 2
+workers, a real DeepSpeed engine, real tar shards (one of them holding bad samples) and a real
+MLflow sqlite store; then the recorded run is checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datasets.contract import read_dataset, write_metadata
+from datasets.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.synthetic import SyntheticBenchmark, write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+LESA = [sys.executable, "-m", "launch.cli"]
+STEPS, LOG_EVERY = 24, 8
+
+
+def add_bad_shard(root: Path) -> None:
+    """Append a training shard with 2 good and 3 bad samples, and list it in dataset.json."""
+    bench = SyntheticBenchmark(seed=3, image_size=48)
+    with SplitWriter(str(root), "badtrain", maxcount=100) as writer:
+        for i in range(2):
+            image, pos, neg = bench.sample("train", i)
+            writer.write(f"good{i}", {"jpg": encode_jpeg(image), "labels.json": encode_labels(pos, neg)})
+        writer.write("corrupt", {"jpg": b"\xff\xd8 not a jpeg", "labels.json": encode_labels([0], [1])})
+        writer.write("nolabels", {"jpg": encode_jpeg(image)})
+        writer.write("outofrange", {"jpg": encode_jpeg(image), "labels.json": b'{"pos": [999], "neg": []}'})
+    info = read_dataset(str(root))
+    meta = json.loads((root / "dataset.json").read_text())
+    splits = {name: [(s["path"], s["samples"]) for s in entry["shards"]] for name, entry in meta["splits"].items()}
+    splits["train"] += writer.shards
+    write_metadata(str(root), meta["name"], meta["kind"], info.labels, info.embeddings, splits)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    data = work / "data"
+    write_synthetic(str(data), seed=1, sizes={"train": 256, "test": 96}, image_size=48, shard_size=64)
+    add_bad_shard(data)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(work / "run"),
+                  "--set", f"data.url={data}", "--set", "data.image_size=48",
+                  "--set", f"train.max_steps={STEPS}", "--set", f"train.log_every={LOG_EVERY}",
+                  "--set", "eval.every=16", "--set", "mlflow.experiment=e2e"]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return work, log
+
+
+@pytest.mark.integration
+def test_train_writes_metrics_for_zsl_and_gzsl(trained):
+    work, log = trained
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    for setting in ("zsl", "gzsl"):
+        assert set(metrics[setting]) == {f"{m}@{k}" for m in "P R F1".split() for k in (3, 5)} | {"mAP"}
+        assert all(0.0 <= v <= 100.0 for v in metrics[setting].values())
+    assert metrics["num_test_images"] == 96
+    assert metrics["step"] == STEPS
+    assert "Started training worker group of size 2" in log
+    assert "ZSL" in log and "GZSL" in log and "mAP" in log
+    assert (work / "run" / "model.pt").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_bad_samples_are_skipped_counted_and_reported(trained):
+    work, log = trained
+    bad = json.loads((work / "run" / "metrics.json").read_text())["bad_samples"]["train"]
+    # The bad shard may be read in several epochs; each pass skips the same three samples.
+    assert bad["count"] >= 3 and bad["count"] % 3 == 0
+    assert set(bad["by_kind"]) == {"corrupt image", "missing labels.json", "label index out of range"}
+    keys = {e["key"] for e in bad["examples"]}
+    assert keys == {"corrupt", "nolabels", "outofrange"}
+    assert all(e["shard"].endswith("badtrain/badtrain-000000.tar") for e in bad["examples"])
+    assert "skipped bad sample: shard" in log and "key corrupt" in log
+
+
+@pytest.mark.integration
+def test_mlflow_run_holds_params_losses_and_eval_metrics(trained):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = trained
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "one MLflow run per training job"
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "lesa" and run.data.params["scaling.num_workers"] == "2"
+    for key in ("loss", "loss/rank", "loss/dist", "loss/rel", "loss/div", "lr", "samples_per_s",
+                "data_wait_fraction"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), key
+    zsl_map = client.get_metric_history(run.info.run_id, "zsl/mAP")
+    assert [m.step for m in zsl_map] == [16, STEPS]
+    assert zsl_map[-1].value == pytest.approx(metrics["zsl"]["mAP"])
+    assert run.data.metrics["bad_samples/train"] == metrics["bad_samples"]["train"]["count"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "metrics.json"} <= artifacts
+    assert exp.artifact_location.startswith((work / "mlartifacts").as_uri())
+    assert (work / "mlartifacts").is_dir()
+
+
+def test_config_error_names_the_key_before_any_cluster_work(tmp_path):
+    proc = subprocess.run(LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path),
+                                  "--set", "train.max_stepz=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert "train.max_stepz" in proc.stderr
+    assert "ray" not in proc.stderr.lower()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    proc = subprocess.run(LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path / "o"),
+                                  "--set", f"data.url={tmp_path / 'nowhere'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert "nowhere/dataset.json: missing" in proc.stderr
