@@ -19,11 +19,20 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from launch.train import run_training
+    from launch.driver import run_training
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
     run_training(cfg, args.out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from launch.driver import run_evaluation
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run_evaluation(cfg, args.checkpoint, args.out)
     return 0
 
 
@@ -66,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model.pt on the cluster, any number of workers")
+    p.add_argument("config", help="experiment YAML (data.url, model, eval.*, scaling.num_workers)")
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by lesa train, or its folder")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, per_label_*.tsv")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("metrics", help="LESA's metrics for a score matrix and a label matrix")
     p.add_argument("--scores", required=True, help=".npy float [images, labels]")

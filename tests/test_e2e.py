@@ -129,3 +129,31 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert "nowhere/dataset.json: missing" in proc.stderr
+
+
+@pytest.mark.integration
+def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics(trained):
+    """`lesa evaluate` with 3 workers reproduces the 2-worker training's final metrics exactly."""
+    work, _ = trained
+    trained_metrics = json.loads((work / "run" / "metrics.json").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(LESA + ["evaluate", str(REPO / "launch" / "synthetic.yaml"),
+                                  "--checkpoint", str(work / "run"), "--out", str(work / "eval3"),
+                                  "--set", f"data.url={work / 'data'}", "--set", "data.image_size=48",
+                                  "--set", "scaling.num_workers=3", "--set", "mlflow.experiment=e2e-eval"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    metrics = json.loads((work / "eval3" / "metrics.json").read_text())
+    for setting in ("zsl", "gzsl"):
+        for key, value in trained_metrics[setting].items():
+            assert metrics[setting][key] == pytest.approx(value, abs=1e-6), (setting, key)
+    assert metrics["num_test_images"] == 96
+    for setting in ("zsl", "gzsl"):
+        rows = (work / "eval3" / f"per_label_{setting}.tsv").read_text().splitlines()
+        assert rows[0].split("\t") == ["index", "id", "name", "role", "AP", "positives", "annotated"]
+        assert len(rows) - 1 == (15 if setting == "zsl" else 64)
+        assert (work / "eval3" / f"per_label_{setting}.tsv").read_text() == \
+            (work / "run" / f"per_label_{setting}.tsv").read_text()
+    assert "ZSL per label: best:" in proc.stdout

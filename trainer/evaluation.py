@@ -11,7 +11,7 @@ import torch.distributed as dist
 from datasets.contract import DatasetInfo
 from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
-from trainer.metrics import evaluate_settings
+from trainer.metrics import LabelStats, evaluate_labels
 
 
 def average_buffers(model: torch.nn.Module) -> None:
@@ -52,27 +52,27 @@ def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int
     return np.concatenate(scores), np.concatenate(labels)
 
 
-def chance_map(labels: np.ndarray, settings: dict[str, np.ndarray], device) -> dict[str, float]:
+def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, float]:
     """The mAP of random scores: per label, positives / annotated images, averaged (percent)."""
-    counts = torch.from_numpy(np.stack([(labels > 0).sum(0), (labels != 0).sum(0)]).astype(np.int64)).to(device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
-    pos, annotated = counts.cpu().numpy()
-    freq = pos / np.maximum(annotated, 1)
+    freq = stats.positives / np.maximum(stats.annotated, 1)
     return {name: 100 * float(freq[cols].mean()) for name, cols in settings.items()}
 
 
-def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> dict:
-    """{'zsl': {...}, 'gzsl': {...}, 'num_images': N} over all workers; every rank must call it."""
-    average_buffers(model)
+def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, average_bn: bool = True) -> dict:
+    """{'zsl': {...}, 'gzsl': {...}, 'chance_mAP', 'per_label', 'num_images', ...} over all workers.
+
+    A collective: every rank must call it, with or without samples of its own."""
+    if average_bn:  # after training; a loaded checkpoint is the same on every worker already
+        average_buffers(model)
     was_training = model.training
     model.eval()
     bad = BadSampleLog(rank)
     scores, labels = score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad)
     model.train(was_training)
     settings = settings_of(info)
-    results = evaluate_settings(scores, labels, settings, cfg.eval.k, device)
-    results["chance_mAP"] = chance_map(labels, settings, device)
+    results, stats = evaluate_labels(scores, labels, settings, cfg.eval.k, device)
+    results["chance_mAP"] = chance_map(stats, settings)
+    results["per_label"] = stats
     results["eval_bad_samples"] = bad.summary()
     results["num_images"] = results["eval_bad_samples"]["read"] - results["eval_bad_samples"]["count"]
     return results

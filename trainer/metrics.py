@@ -7,11 +7,14 @@
   without a positive gets AP 0 and stays in the mean. All values in percent.
 
 Distributed: every worker holds the scores of a disjoint part of the images. Top-K counts are
-summed. AP is label-sharded: each worker receives, from every worker, the columns of the labels
-it owns, so it holds (all images) x (its labels) and never the whole matrix.
+summed. AP is label-sharded: each worker receives, from every worker, the annotated cells of the
+labels it owns, so it never holds the whole matrix. `per_label_ap` is the plain reference, one
+label at a time; `grouped_average_precision` is the fast path, all labels in one sort.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,42 +78,108 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, ks) -> dict[str, flo
     return _summarise(_local_counts(scores, labels, ks), per_label_ap(scores, labels), ks, scores.shape[1])
 
 
-def _distributed_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-label AP with labels sharded over ranks: label j belongs to rank j % world."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    num_labels = scores.shape[1]
-    mine = None
-    for owner in range(world):
-        cols = np.arange(owner, num_labels, world)
-        received = [None] * world if rank == owner else None
-        dist.gather_object((scores[:, cols], labels[:, cols]), received, dst=owner)
-        if rank == owner:
-            mine = (np.concatenate([s for s, _ in received]), np.concatenate([y for _, y in received]))
-    my_ap = per_label_ap(*mine)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, my_ap)
-    ap = np.empty(num_labels)
-    for owner, values in enumerate(gathered):
-        ap[owner::world] = values
+def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np.ndarray,
+                              num_labels: int) -> np.ndarray:
+    """AP of every label at once from its annotated entries (label id, score, is-positive).
+
+    One lexsort orders the entries by label, then by descending score; runs of equal (label,
+    score) form one threshold, exactly as sklearn groups ties. Labels without entries or without
+    a positive get 0.
+    """
+    ap = np.zeros(num_labels)
+    if len(label) == 0:
+        return ap
+    order = np.lexsort((-score, label))
+    label, score, positive = label[order], score[order], positive[order]
+    starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(label)]))
+    tp = np.cumsum(positive)
+    tp = tp - (tp - positive)[starts][group]                 # true positives within the label
+    seen = np.arange(len(label)) - starts[group] + 1          # entries within the label so far
+    ends = np.flatnonzero(np.r_[(label[1:] != label[:-1]) | (score[1:] != score[:-1]), True])
+    num_pos = np.bincount(group, weights=positive)
+    g = group[ends]
+    recall = tp[ends] / np.maximum(num_pos[g], 1)
+    step_start = np.r_[True, g[1:] != g[:-1]]
+    recall_gain = recall - np.where(step_start, 0.0, np.r_[0.0, recall[:-1]])
+    per_group = np.bincount(g, weights=recall_gain * tp[ends] / seen[ends], minlength=len(starts))
+    ap[label[starts]] = per_group
     return ap
 
 
-def evaluate_settings(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
-                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Metrics for each setting (a name -> column indices), over all workers if distributed.
+def annotated_entries(scores: np.ndarray, labels: np.ndarray, owner_of=None, owner: int = 0):
+    """(label id, score, is-positive) of the annotated cells, optionally only labels of one owner."""
+    rows, cols = np.nonzero(labels)
+    if owner_of is not None:
+        keep = owner_of(cols) == owner
+        rows, cols = rows[keep], cols[keep]
+    return cols.astype(np.int32), scores[rows, cols], labels[rows, cols] > 0
+
+
+@dataclass
+class LabelStats:
+    """Per label, over all workers: AP (fraction), positives and annotated images."""
+    ap: np.ndarray
+    positives: np.ndarray
+    annotated: np.ndarray
+
+
+def label_statistics(scores: np.ndarray, labels: np.ndarray, device="cpu") -> LabelStats:
+    """Per-label AP and counts; label-sharded when distributed (label j is owned by rank j % W).
+
+    Each worker sends every owner only the annotated cells of that owner's labels, so a worker
+    holds its own rows plus the annotated cells of 1/W of the labels, never the whole matrix.
+    """
+    num_labels = labels.shape[1]
+    counts = np.stack([(labels > 0).sum(0), (labels != 0).sum(0)]).astype(np.int64)
+    if not _distributed():
+        return LabelStats(grouped_average_precision(*annotated_entries(scores, labels), num_labels), *counts)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    owner_of = lambda cols: cols % world  # noqa: E731
+    mine = None
+    for owner in range(world):
+        received = [None] * world if rank == owner else None
+        dist.gather_object(annotated_entries(scores, labels, owner_of, owner), received, dst=owner)
+        if rank == owner:
+            mine = [np.concatenate(parts) for parts in zip(*received)]
+            del received
+    ap_mine = grouped_average_precision(*mine, num_labels)[rank::world]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, ap_mine)
+    ap = np.empty(num_labels)
+    for owner, values in enumerate(gathered):
+        ap[owner::world] = values
+    total = torch.from_numpy(counts).to(device)
+    dist.all_reduce(total)
+    return LabelStats(ap, *total.cpu().numpy())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def evaluate_labels(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
+                    device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
+    """Metrics for each setting (name -> column indices) and the per-label statistics.
 
     AP is per label, so it is computed once for every column and each setting takes its own;
     top-K depends on the label set and is counted per setting.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    ap = _distributed_ap(scores, labels) if distributed else per_label_ap(scores, labels)
+    stats = label_statistics(scores, labels, device)
     results = {}
     for name, cols in settings.items():
-        counts = _local_counts(scores[:, cols], labels[:, cols], ks)
-        if distributed:
+        whole = len(cols) == labels.shape[1] and np.array_equal(cols, np.arange(len(cols)))
+        s, y = (scores, labels) if whole else (scores[:, cols], labels[:, cols])
+        counts = _local_counts(s, y, ks)
+        if _distributed():
             total = torch.from_numpy(counts).to(device)
             dist.all_reduce(total)
             counts = total.cpu().numpy()
-        results[name] = _summarise(counts, ap[cols], ks, len(cols))
-    return results
+        results[name] = _summarise(counts, stats.ap[cols], ks, len(cols))
+    return results, stats
+
+
+def evaluate_settings(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
+                      device="cpu") -> dict[str, dict[str, float]]:
+    """Metrics for each setting, over all workers if distributed; equals compute_metrics per setting."""
+    return evaluate_labels(scores, labels, settings, ks, device)[0]

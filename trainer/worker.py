@@ -7,11 +7,13 @@ logs to MLflow. Evaluation runs on all workers every `eval.every` steps and at t
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import tempfile
 import time
+from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,11 +22,12 @@ from datasets.contract import read_dataset
 from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config, config_from_dict
-from trainer.evaluation import evaluate
+from trainer.evaluation import evaluate, settings_of
 from trainer.losses import total_loss
 from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.progress import Progress, format_table
+from trainer.report import write_per_label
 from trainer.tracking import RunLogger
 
 
@@ -65,16 +68,12 @@ def mean_over_workers(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(names, t.tolist()))
 
 
-def flat_eval_metrics(results: dict) -> dict[str, float]:
-    return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
-
-
-def train_worker(payload: dict) -> None:
+def setup_worker(payload: dict):
+    """(config, rank, world, device) for this Ray Train worker."""
     import ray.train
 
     cfg = config_from_dict(payload["config"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
@@ -82,8 +81,40 @@ def train_worker(payload: dict) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + ctx.get_world_rank())
+    return cfg, ctx.get_world_rank(), ctx.get_world_size(), device
 
+
+def publish(rank: int, metrics: dict, results: dict, info, model=None) -> None:
+    """Hand the final results to the driver through a Ray Train checkpoint written by rank 0:
+    metrics.json, one per-label TSV per setting and, after training, model.pt (a state dict)."""
+    import ray.train
+
+    flat = flat_eval_metrics(results)
+    if rank != 0:
+        ray.train.report(flat)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "metrics.json").write_text(json.dumps(metrics, indent=1))
+        for name, cols in settings_of(info).items():
+            write_per_label(Path(tmp, f"per_label_{name}.tsv"), info, results["per_label"], cols)
+        if model is not None:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(tmp, "model.pt"))
+        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def final_metrics(results: dict, step: int, **extra) -> dict:
+    """The metrics.json of DESIGN.md: zsl and gzsl first, then what else the run knows."""
+    return {"zsl": results["zsl"], "gzsl": results["gzsl"], "chance_mAP": results["chance_mAP"],
+            "step": step, "num_test_images": results["num_images"], **extra}
+
+
+def flat_eval_metrics(results: dict) -> dict[str, float]:
+    return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
+
+
+def train_worker(payload: dict) -> None:
+    cfg, rank, world, device = setup_worker(payload)
     info = read_dataset(cfg.data.url)
     engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings), world)
     model = engine.module
@@ -149,23 +180,37 @@ def train_worker(payload: dict) -> None:
                 logger.log(flat_eval_metrics(results), step)
 
     results = evaluate(model, info, cfg, rank, world, device)
-    metrics = {
-        "zsl": results["zsl"], "gzsl": results["gzsl"],
-        "chance_mAP": results["chance_mAP"],
-        "step": cfg.train.max_steps, "num_test_images": results["num_images"],
-        "bad_samples": {"train": bad.summary(), "eval": results["eval_bad_samples"]},
-        "history": eval_history,
-        "throughput": progress.summary() if rank == 0 else None,
-    }
-    flat = {**flat_eval_metrics(results), "bad_samples/train": metrics["bad_samples"]["train"]["count"],
-            "bad_samples/eval": metrics["bad_samples"]["eval"]["count"]}
+    bad_train = bad.summary()
+    metrics = final_metrics(results, cfg.train.max_steps,
+                            bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
+                            history=eval_history, throughput=progress.summary() if rank == 0 else None)
     if rank == 0:
-        logger.log(flat, cfg.train.max_steps)
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                       os.path.join(tmp, "model.pt"))
-            ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(flat)
+        logger.log({**flat_eval_metrics(results), "bad_samples/train": bad_train["count"],
+                    "bad_samples/eval": results["eval_bad_samples"]["count"]}, cfg.train.max_steps)
+    publish(rank, metrics, results, info, model)
+
+
+def load_model_state(model: torch.nn.Module, url: str) -> None:
+    """Weights from a model.pt this system wrote (tensors only: weights_only=True never runs code).
+    The label vectors come from the dataset being evaluated, not from the checkpoint."""
+    with fsspec.open(url, "rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    state.pop("label_vectors", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "label_vectors"]
+    if missing or unexpected:
+        raise ValueError(f"{url}: does not match model.name/model.backbone of the config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def evaluate_worker(payload: dict) -> None:
+    """`lesa evaluate`: score a trained model on any number of workers, no optimizer or engine."""
+    cfg, rank, world, device = setup_worker(payload)
+    info = read_dataset(cfg.data.url)
+    model = build_model(cfg, info.embeddings)
+    load_model_state(model, payload["checkpoint"])
+    model.to(device)
+    results = evaluate(model, info, cfg, rank, world, device, average_bn=False)
+    metrics = final_metrics(results, step=payload.get("step", 0),
+                            bad_samples={"eval": results["eval_bad_samples"]}, checkpoint=payload["checkpoint"])
+    publish(rank, metrics, results, info)

@@ -1,0 +1,167 @@
+"""The driver of `lesa train` and `lesa evaluate`: validate, open the MLflow run, start Ray Train,
+collect the results.
+
+Ray: the cluster in RAY_ADDRESS if set (as under `ray job submit`), otherwise a local one started
+here with enough CPU slots for the requested workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from datasets.contract import read_dataset
+from trainer.config import Config, ConfigError
+from trainer.progress import format_table
+from trainer.report import summarise_per_label
+from trainer.tracking import RunLogger, open_run, resolve_tracking
+
+
+def absolute(url: str) -> str:
+    """Workers run in other directories: make local paths absolute, leave URLs alone."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def check_data(cfg: Config, splits: list[str]):
+    info = read_dataset(cfg.data.url)
+    for split in splits:
+        info.shards(split)
+    train = info.shards(cfg.data.train_split) if cfg.data.train_split in splits else None
+    if train is not None and len(train) < cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers but the "
+                          f"{cfg.data.train_split} split of {cfg.data.url} has only {len(train)} shards; "
+                          f"write smaller shards or use fewer workers")
+    if len(info.unseen) == 0:
+        raise ConfigError(f"data.url: {cfg.data.url} has no unseen labels to evaluate ZSL on")
+    return info
+
+
+def start_ray(cfg: Config) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
+        # cleaner polls; without it that actor logs a warning every few seconds.
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+                 dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
+
+
+def open_tracking(cfg: Config, out: Path, default_name: str) -> tuple[str, str, RunLogger]:
+    tracking_uri, artifact_location = resolve_tracking(cfg.mlflow)
+    run_name = cfg.mlflow.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat())
+    logger = RunLogger(tracking_uri, run_id)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    logger.artifact(out / "config.json")
+    print(f"MLflow run {run_id} ({run_name}) in {tracking_uri}")
+    return tracking_uri, run_name, logger
+
+
+def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, logger: RunLogger,
+                log_metrics: bool) -> dict:
+    """Run `worker_fn` on `scaling.num_workers` Ray Train workers; bring its results into `out`
+    and the MLflow run; return metrics.json as a dict."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
+    worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
+                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not cfg.scaling.use_gpu:
+        worker_env["DS_ACCELERATOR"] = "cpu"
+    start_ray(cfg)
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, **payload},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=cfg.checkpoint.storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": worker_env}),
+    )
+    try:
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as ckpt:
+            for item in sorted(Path(ckpt).iterdir()):
+                shutil.copy(item, out / item.name)
+    except BaseException:
+        logger.finish(ok=False)
+        raise
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["mlflow_run_id"] = logger.run_id
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if log_metrics:  # training's rank 0 logged them already, with their step
+        logger.log({f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()},
+                   metrics["step"])
+    for name in ("metrics.json", *SETTINGS_FILES):
+        logger.artifact(out / name)
+    logger.finish(ok=True)
+    return metrics
+
+
+def prepare(cfg: Config, out: str | Path, splits: list[str]) -> tuple[Path, object]:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.data.url = absolute(cfg.data.url)
+    cfg.checkpoint.storage = absolute(cfg.checkpoint.storage or str(out / "checkpoints"))
+    return out, check_data(cfg, splits)
+
+
+def run_training(cfg: Config, out: str | Path) -> dict:
+    from trainer.worker import train_worker
+
+    out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split])
+    print(f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
+          f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images")
+    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name)
+    metrics = run_workers(cfg, out, train_worker, {"tracking_uri": tracking_uri}, run_name, logger,
+                          log_metrics=False)
+    print_summary(metrics, cfg, out, f"{cfg.model.name} after {metrics['step']} steps")
+    return metrics
+
+
+def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
+    """`lesa evaluate`: a trained model.pt (or a folder holding one) on any number of workers."""
+    from trainer.worker import evaluate_worker
+
+    out, info = prepare(cfg, out, [cfg.eval.split])
+    checkpoint = absolute(checkpoint)
+    if "://" not in checkpoint and Path(checkpoint).is_dir():
+        checkpoint = str(Path(checkpoint) / "model.pt")
+    if "://" not in checkpoint and not Path(checkpoint).is_file():
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
+    tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
+    metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger,
+                          log_metrics=True)
+    print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")
+    return metrics
+
+
+SETTINGS_FILES = ("per_label_zsl.tsv", "per_label_gzsl.tsv")
+
+
+def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
+    print(f"\n=== {title}, {metrics['num_test_images']} {cfg.eval.split} images "
+          f"on {cfg.scaling.num_workers} workers (percent) ===")
+    print(format_table(metrics, cfg.eval.k))
+    print("chance level (mean label frequency): " + ", ".join(
+        f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items()))
+    for name in SETTINGS_FILES:
+        print(f"{name[len('per_label_'):-4].upper()} per label: {summarise_per_label(out / name)}")
+    for phase, bad in metrics["bad_samples"].items():
+        print(f"bad samples skipped ({phase}): {bad['count']} of {bad['read']} read"
+              + (f" {bad['by_kind']}" if bad["count"] else ""))
+    if metrics.get("throughput"):
+        print(f"throughput: {metrics['throughput']['samples_per_s']:.0f} samples/s over "
+              f"{metrics['throughput']['seconds']:.0f} s")
+    print(f"results in {out} (metrics.json, per_label_*.tsv"
+          + (", model.pt" if (out / "model.pt").exists() else "") + f"); MLflow run {metrics['mlflow_run_id']}")
