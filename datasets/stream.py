@@ -20,17 +20,19 @@ import io
 import itertools
 import json
 import random
+import tarfile
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from datasets.contract import Shard
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+TRUNCATED_SHARD = "unreadable or truncated shard"
 
 
 class BadSample(ValueError):
@@ -76,26 +78,35 @@ def split_by_loader(shards: list[Shard]) -> list[Shard]:
 # --- stage: read ---------------------------------------------------------------------------------
 
 def read_samples(shards: list[Shard], skipped: list):
-    """Yield {__key__, __shard__, ext: bytes} per sample; a truncated or unreadable shard is recorded."""
+    """Yield {__key__, __shard__, ext: bytes} per sample, grouping a tar's members by key as
+    WebDataset does. A shard that cannot be read to its end, or that ends before the sample count
+    dataset.json gives (a cut at a member boundary looks like a clean end to tarfile), is recorded
+    with the key of the sample it stopped in."""
     for shard in shards:
-        current = None
+        current, count = None, 0
         try:
-            with fsspec.open(shard.url, "rb") as stream:
-                for entry in tar_file_iterator(stream):
-                    key, ext = base_plus_ext(entry["fname"])
+            with fsspec.open(shard.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
                     if key is None:
                         continue
                     if current is not None and current["__key__"] != key:
                         yield current
-                        current = None
+                        current, count = None, count + 1
                     if current is None:
                         current = {"__key__": key, "__shard__": shard.url}
-                    current[ext.lower()] = entry["data"]
+                    current[ext.lower()] = tar.extractfile(member).read()
+                    tar.members = []  # stream mode would otherwise keep every header in memory
             if current is not None:
                 yield current
+                current, count = None, count + 1
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard is recorded, not fatal
             where = current["__key__"] if current else "-"
-            skipped.append((shard.url, where, "unreadable or truncated shard", f"{type(exc).__name__}: {exc}"))
+            skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
+            continue
+        if count < shard.samples:
+            skipped.append((shard.url, "-", TRUNCATED_SHARD,
+                            f"ended after {count} of the {shard.samples} samples dataset.json lists"))
 
 
 # --- stage: shuffle ------------------------------------------------------------------------------
@@ -213,26 +224,27 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: StreamSpec):
         self.spec = spec
 
-    def samples(self, skipped: list):
+    def epoch(self, epoch: int, skipped: list):
+        """One pass over this loader process's shards: read, shuffle (training), decode."""
         spec = self.spec
-        epochs = itertools.count() if spec.train else [0]
-        for epoch in epochs:
-            shards = split_by_loader(split_by_rank(epoch_shards(spec, epoch), spec.rank, spec.world))
-            read = [0]
-            stream = counted(read_samples(shards, skipped), read)
-            if spec.train:
-                info = torch.utils.data.get_worker_info()
-                loader_id = 0 if info is None else info.id
-                rng = random.Random(hash((spec.seed, epoch, spec.rank, loader_id)))
-                stream = shuffle(stream, spec.shuffle_buffer, rng)
-            yield from stream
-            if read[0] == 0:  # nothing readable: an endless stream would spin forever
+        shards = split_by_loader(split_by_rank(epoch_shards(spec, epoch), spec.rank, spec.world))
+        samples = read_samples(shards, skipped)
+        if spec.train:
+            info = torch.utils.data.get_worker_info()
+            loader_id = 0 if info is None else info.id
+            samples = shuffle(samples, spec.shuffle_buffer, random.Random(hash((spec.seed, epoch, spec.rank, loader_id))))
+        return decode(samples, spec, skipped)
+
+    def samples(self, skipped: list):
+        for epoch in itertools.count() if self.spec.train else [0]:
+            good = [0]
+            yield from counted(self.epoch(epoch, skipped), good)
+            if good[0] == 0:  # a whole pass with nothing usable: an endless stream would spin forever
                 return
 
     def __iter__(self):
         skipped: list = []
-        samples = decode(self.samples(skipped), self.spec, skipped)
-        yield from batched(samples, self.spec.batch_size, skipped, keep_partial=not self.spec.train)
+        yield from batched(self.samples(skipped), self.spec.batch_size, skipped, keep_partial=not self.spec.train)
         if skipped:  # bad samples after the last batch still get reported
             yield skip_report(skipped)
 

@@ -93,8 +93,11 @@ class VGG19Conv54(Backbone):
         missing = set(self.features.state_dict()) - {k[len("features."):] for k in mine}
         if missing:
             raise ValueError(f"{url}: not a VGG-19 state dict (missing features.{sorted(missing)[0]} ...)")
-        self.features.load_state_dict({k[len("features."):]: v for k, v in mine.items()
-                                       if k[len("features."):] in self.features.state_dict()})
+        try:
+            self.features.load_state_dict({k[len("features."):]: v for k, v in mine.items()
+                                           if k[len("features."):] in self.features.state_dict()})
+        except RuntimeError as exc:
+            raise ValueError(f"{url}: not a VGG-19 state dict ({str(exc).splitlines()[-1].strip()})") from None
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always inference mode

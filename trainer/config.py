@@ -7,6 +7,7 @@ names the dotted key it is about.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -137,6 +138,13 @@ def _coerce(value, annotation, key: str):
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # PyYAML reads YAML 1.1, where 1e-3 (no dot) is a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # --set mlflow.run_name=2024
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -212,7 +220,7 @@ def parse_override(item: str) -> tuple[list[str], object]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Read a YAML file (or `base`), apply `key=value` overrides, validate, return the Config."""
-    data: dict = dict(base or {})
+    data: dict = copy.deepcopy(base or {})
     if path is not None:
         try:
             text = Path(path).read_text()
@@ -226,7 +234,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         keys, value = parse_override(item)
         node = data
         for part in keys[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{part}' is not a section")
         node[keys[-1]] = value

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from datasets.contract import DatasetInfo
 from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
-from trainer.metrics import LabelStats, evaluate_labels
+from trainer.metrics import Annotations, LabelStats, evaluate_labels
 
 
 def average_buffers(model: torch.nn.Module) -> None:
@@ -31,25 +31,26 @@ def settings_of(info: DatasetInfo) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int, device,
-                bad: BadSampleLog) -> tuple[np.ndarray, np.ndarray]:
-    """Scores [n_local, num_labels] and labels of this worker's share of `split`."""
+                bad: BadSampleLog) -> tuple[np.ndarray, Annotations]:
+    """Scores [n_local, num_labels] and the annotated cells of this worker's share of `split`."""
     shards = info.shards(split)
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
                       batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False)
     mine = len(shards[rank::world])
     loader = make_loader(spec, min(cfg.data.loader_workers, mine), pin_memory=device.type == "cuda")
     all_ids = torch.arange(info.num_labels, device=device)
-    scores, labels = [], []
+    scores, annotations, num_images = [], [], 0
     for batch in loader:
         bad.add(batch)
         if batch["images"] is None:
             continue
         out = model(batch["images"].to(device, non_blocking=True), all_ids)
         scores.append(out["scores"].float().cpu().numpy())
-        labels.append(batch["labels"].numpy())
+        annotations.append(Annotations.from_dense(batch["labels"].numpy(), row_offset=num_images))
+        num_images += len(batch["keys"])
     if not scores:  # a worker with no shards still takes part in the collectives
-        return np.zeros((0, info.num_labels), np.float32), np.zeros((0, info.num_labels), np.int8)
-    return np.concatenate(scores), np.concatenate(labels)
+        return np.zeros((0, info.num_labels), np.float32), Annotations.concatenate([])
+    return np.concatenate(scores), Annotations.concatenate(annotations)
 
 
 def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, float]:

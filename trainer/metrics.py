@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-ROW_CHUNK = 4096  # rows argsorted at once, to bound the temporary index matrix
+ROW_CHUNK = 4096  # rows sorted at once, to bound temporaries
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -45,6 +45,7 @@ def per_label_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def topk_true_positives(scores: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """Reference top-K: a stable sort per row, so ties go to the lower label index."""
     tp = 0
     for start in range(0, len(scores), ROW_CHUNK):
         s, y = scores[start:start + ROW_CHUNK], labels[start:start + ROW_CHUNK]
@@ -78,6 +79,56 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, ks) -> dict[str, flo
     return _summarise(_local_counts(scores, labels, ks), per_label_ap(scores, labels), ks, scores.shape[1])
 
 
+@dataclass
+class Annotations:
+    """The annotated cells of a worker's images x labels: row, label, +1 / -1. Unknown cells are
+    absent, so memory follows the annotations (a few per image on Open Images), not the matrix."""
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def from_dense(cls, labels: np.ndarray, row_offset: int = 0) -> "Annotations":
+        rows, cols = np.nonzero(labels)
+        return cls(rows + row_offset, cols.astype(np.int32), labels[rows, cols].astype(np.int8))
+
+    @classmethod
+    def concatenate(cls, parts: list["Annotations"]) -> "Annotations":
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "cols", "values")))
+
+
+def topk_hits(scores: np.ndarray, pos_rows: np.ndarray, pos_cols: np.ndarray, ks) -> list[int]:
+    """TP at each K from the positive cells only, with ties broken by label order.
+
+    One top-k per row gives the K-th largest score v: a positive above v is predicted; one equal
+    to v is predicted if the scores above v plus the ties at lower label indices leave it a place,
+    exactly the set a stable sort by descending score gives. Cost: one partial sort of the
+    scores plus O(positives).
+    """
+    num_labels = scores.shape[1]
+    kmax = min(max(ks), num_labels)
+    order = np.argsort(pos_rows, kind="stable")
+    pos_rows, pos_cols = pos_rows[order], pos_cols[order]
+    tps = [0] * len(ks)
+    for start in range(0, len(scores), ROW_CHUNK):
+        block = scores[start:start + ROW_CHUNK]
+        top = torch.topk(torch.from_numpy(np.ascontiguousarray(block)), kmax, dim=1).values.numpy()
+        lo, hi = np.searchsorted(pos_rows, [start, start + len(block)])
+        r, c = pos_rows[lo:hi] - start, pos_cols[lo:hi]
+        value = block[r, c]
+        for i, k in enumerate(ks):
+            k = min(k, num_labels)
+            kth = top[r, k - 1]
+            hit = value > kth
+            for t in np.flatnonzero(value == kth):  # rare: a positive scored exactly the K-th score
+                row = block[r[t]]
+                hit[t] = (row > kth[t]).sum() + (row[:c[t]] == kth[t]).sum() < k
+            tps[i] += int(hit.sum())
+    return tps
+
+
 def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np.ndarray,
                               num_labels: int) -> np.ndarray:
     """AP of every label at once from its annotated entries (label id, score, is-positive).
@@ -107,13 +158,11 @@ def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np
     return ap
 
 
-def annotated_entries(scores: np.ndarray, labels: np.ndarray, owner_of=None, owner: int = 0):
-    """(label id, score, is-positive) of the annotated cells, optionally only labels of one owner."""
-    rows, cols = np.nonzero(labels)
-    if owner_of is not None:
-        keep = owner_of(cols) == owner
-        rows, cols = rows[keep], cols[keep]
-    return cols.astype(np.int32), scores[rows, cols], labels[rows, cols] > 0
+def annotated_entries(scores: np.ndarray, ann: Annotations, keep: np.ndarray | None = None):
+    """(label id, score, is-positive) of the annotated cells, or of those selected by `keep`."""
+    rows, cols, values = (ann.rows, ann.cols, ann.values) if keep is None else \
+        (ann.rows[keep], ann.cols[keep], ann.values[keep])
+    return cols, scores[rows, cols], values > 0
 
 
 @dataclass
@@ -124,22 +173,22 @@ class LabelStats:
     annotated: np.ndarray
 
 
-def label_statistics(scores: np.ndarray, labels: np.ndarray, device="cpu") -> LabelStats:
+def label_statistics(scores: np.ndarray, ann: Annotations, num_labels: int, device="cpu") -> LabelStats:
     """Per-label AP and counts; label-sharded when distributed (label j is owned by rank j % W).
 
     Each worker sends every owner only the annotated cells of that owner's labels, so a worker
     holds its own rows plus the annotated cells of 1/W of the labels, never the whole matrix.
     """
-    num_labels = labels.shape[1]
-    counts = np.stack([(labels > 0).sum(0), (labels != 0).sum(0)]).astype(np.int64)
+    counts = np.stack([np.bincount(ann.cols[ann.values > 0], minlength=num_labels),
+                       np.bincount(ann.cols, minlength=num_labels)]).astype(np.int64)
     if not _distributed():
-        return LabelStats(grouped_average_precision(*annotated_entries(scores, labels), num_labels), *counts)
+        return LabelStats(grouped_average_precision(*annotated_entries(scores, ann), num_labels), *counts)
     rank, world = dist.get_rank(), dist.get_world_size()
-    owner_of = lambda cols: cols % world  # noqa: E731
+    owner_of = ann.cols % world
     mine = None
     for owner in range(world):
         received = [None] * world if rank == owner else None
-        dist.gather_object(annotated_entries(scores, labels, owner_of, owner), received, dst=owner)
+        dist.gather_object(annotated_entries(scores, ann, owner_of == owner), received, dst=owner)
         if rank == owner:
             mine = [np.concatenate(parts) for parts in zip(*received)]
             del received
@@ -158,19 +207,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def evaluate_labels(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
+def evaluate_labels(scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks,
                     device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
     """Metrics for each setting (name -> column indices) and the per-label statistics.
 
-    AP is per label, so it is computed once for every column and each setting takes its own;
-    top-K depends on the label set and is counted per setting.
+    `labels` is this worker's dense label matrix or its Annotations. AP is per label, so it is
+    computed once for every column and each setting takes its own; top-K depends on the label
+    set and is counted per setting.
     """
-    stats = label_statistics(scores, labels, device)
+    num_labels = scores.shape[1]
+    ann = labels if isinstance(labels, Annotations) else Annotations.from_dense(labels)
+    stats = label_statistics(scores, ann, num_labels, device)
+    positive = ann.values > 0
     results = {}
     for name, cols in settings.items():
-        whole = len(cols) == labels.shape[1] and np.array_equal(cols, np.arange(len(cols)))
-        s, y = (scores, labels) if whole else (scores[:, cols], labels[:, cols])
-        counts = _local_counts(s, y, ks)
+        whole = len(cols) == num_labels and np.array_equal(cols, np.arange(num_labels))
+        position = np.full(num_labels, -1, dtype=np.int64)
+        position[cols] = np.arange(len(cols))
+        in_setting = positive & (position[ann.cols] >= 0)
+        hits = topk_hits(scores if whole else scores[:, cols], ann.rows[in_setting],
+                         position[ann.cols[in_setting]], ks)
+        counts = np.array([len(scores), int(in_setting.sum()), *hits], dtype=np.int64)
         if _distributed():
             total = torch.from_numpy(counts).to(device)
             dist.all_reduce(total)
