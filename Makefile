@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/lesa synth $(DEMO)/data --seed 0 --train 3000 --val 300 --test 600
+	rm -rf $(DEMO)/run
 	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data
 
 test: $(STAMP)

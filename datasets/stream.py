@@ -21,7 +21,7 @@ import itertools
 import json
 import random
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -30,6 +30,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from datasets.contract import Shard
+from datasets.position import DataPosition
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 TRUNCATED_SHARD = "unreadable or truncated shard"
@@ -54,36 +55,74 @@ class StreamSpec:
     seed: int = 0
     train: bool = True
     shuffle_buffer: int = 1000
+    position: DataPosition | None = None   # training resumed: samples already used are skipped
+
+
+@dataclass
+class Pending:
+    """What the read and decode stages owe the next batch: skip records and used positions of
+    samples that are not in a batch (bad, or past a truncation)."""
+    skipped: list = field(default_factory=list)
+    used: list = field(default_factory=list)
+
+    def drain(self) -> tuple[list, list]:
+        out = (self.skipped, self.used)
+        self.skipped, self.used = [], []
+        return out
 
 
 # --- stage: shard lists ------------------------------------------------------------------------
 
-def epoch_shards(spec: StreamSpec, epoch: int) -> list[Shard]:
-    """All shards in this epoch's order: shuffled from (seed, epoch) for training, as listed otherwise."""
-    shards = list(spec.shards)
+def epoch_order(spec: StreamSpec, epoch: int) -> list[int]:
+    """Shard indices in this epoch's order: shuffled from (seed, epoch) alone for training (not
+    from the number of workers, so a resumed run agrees), as listed for evaluation."""
+    order = list(range(len(spec.shards)))
     if spec.train:
-        random.Random(spec.seed * 1_000_003 + epoch).shuffle(shards)
-    return shards
+        random.Random(spec.seed * 1_000_003 + epoch).shuffle(order)
+    return order
 
 
-def split_by_rank(shards: list[Shard], rank: int, world: int) -> list[Shard]:
-    return shards[rank::world]
+def epoch_shards(spec: StreamSpec, epoch: int) -> list[Shard]:
+    return [spec.shards[i] for i in epoch_order(spec, epoch)]
 
 
-def split_by_loader(shards: list[Shard]) -> list[Shard]:
+def unfinished(order: list[int], epoch: int, position: DataPosition | None) -> list[int]:
+    """The shards of a resumed epoch that still hold unused samples (all shards otherwise)."""
+    if position is None:
+        return order
+    return [i for i in order if (mask := position.unused(epoch, i)) is None or mask.any()]
+
+
+def split_by_rank(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def split_by_loader(items: list) -> list:
     info = torch.utils.data.get_worker_info()
-    return shards if info is None else shards[info.id::info.num_workers]
+    return items if info is None else items[info.id::info.num_workers]
 
 
 # --- stage: read ---------------------------------------------------------------------------------
 
-def read_samples(shards: list[Shard], skipped: list):
-    """Yield {__key__, __shard__, ext: bytes} per sample, grouping a tar's members by key as
-    WebDataset does. A shard that cannot be read to its end, or that ends before the sample count
-    dataset.json gives (a cut at a member boundary looks like a clean end to tarfile), is recorded
-    with the key of the sample it stopped in."""
-    for shard in shards:
+def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
+                 position: DataPosition | None = None):
+    """Yield {__key__, __shard__, __pos__, ext: bytes} per sample, grouping a tar's members by key
+    as WebDataset does; `__pos__` is (epoch, shard index, sample index). Samples `position` marks
+    used are read past, not yielded. A shard that cannot be read to its end, or that ends before
+    the sample count dataset.json gives (a cut at a member boundary looks like a clean end to
+    tarfile), is recorded with the key of the sample it stopped in, and its unread samples count
+    as used."""
+    for index, shard in shards:
+        unused = position.unused(epoch, index) if position is not None else None
         current, count = None, 0
+
+        def finished(sample):
+            nonlocal count
+            count += 1
+            if unused is None or unused[count - 1]:
+                return sample
+            return None
+
         try:
             with fsspec.open(shard.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
@@ -91,22 +130,25 @@ def read_samples(shards: list[Shard], skipped: list):
                     if key is None:
                         continue
                     if current is not None and current["__key__"] != key:
-                        yield current
-                        current, count = None, count + 1
+                        if (sample := finished(current)) is not None:
+                            yield sample
+                        current = None
                     if current is None:
-                        current = {"__key__": key, "__shard__": shard.url}
+                        if count >= shard.samples:
+                            raise ValueError(f"more samples than the {shard.samples} dataset.json lists")
+                        current = {"__key__": key, "__shard__": shard.url, "__pos__": (epoch, index, count)}
                     current[ext.lower()] = tar.extractfile(member).read()
                     tar.members = []  # stream mode would otherwise keep every header in memory
-            if current is not None:
-                yield current
-                current, count = None, count + 1
+            if current is not None and (sample := finished(current)) is not None:
+                yield sample
+            current = None
+            if count < shard.samples:
+                raise EOFError(f"ended after {count} of the {shard.samples} samples dataset.json lists")
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard is recorded, not fatal
             where = current["__key__"] if current else "-"
-            skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
-            continue
-        if count < shard.samples:
-            skipped.append((shard.url, "-", TRUNCATED_SHARD,
-                            f"ended after {count} of the {shard.samples} samples dataset.json lists"))
+            pending.skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
+            pending.used += [(epoch, index, i) for i in range(count, shard.samples)
+                             if unused is None or unused[i]]
 
 
 # --- stage: shuffle ------------------------------------------------------------------------------
@@ -163,7 +205,7 @@ def decode_labels(data: bytes, num_labels: int) -> np.ndarray:
     return labels
 
 
-def decode(samples, spec: StreamSpec, skipped: list):
+def decode(samples, spec: StreamSpec, pending: Pending):
     for sample in samples:
         key, shard = sample["__key__"], sample["__shard__"]
         try:
@@ -172,33 +214,36 @@ def decode(samples, spec: StreamSpec, skipped: list):
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             if ext is None:
                 raise BadSample("missing image", f"no field of {', '.join(IMAGE_EXTENSIONS)}")
-            yield {"key": key,
+            yield {"key": key, "pos": sample["__pos__"],
                    "image": decode_image(sample[ext], spec.image_size),
                    "labels": decode_labels(sample["labels.json"], spec.num_labels)}
         except BadSample as exc:
-            skipped.append((shard, key, exc.kind, exc.detail))
+            pending.skipped.append((shard, key, exc.kind, exc.detail))
+            pending.used.append(sample["__pos__"])
 
 
 SKIP_REPORT_EVERY = 256
 
 
-def skip_report(skipped: list) -> dict:
-    """A batch with no samples that only carries skip records."""
-    report = {"images": None, "labels": None, "keys": [], "skipped": list(skipped)}
-    skipped.clear()
-    return report
+def skip_report(pending: Pending) -> dict:
+    """A batch with no samples that only carries skip records and their positions."""
+    skipped, used = pending.drain()
+    return {"images": None, "labels": None, "keys": [], "epochs": [], "positions": used, "skipped": skipped}
 
 
 # --- stage: batch --------------------------------------------------------------------------------
 
-def batched(samples, batch_size: int, skipped: list, keep_partial: bool):
+def batched(samples, batch_size: int, pending: Pending, keep_partial: bool):
+    """Batches of decoded samples; each carries the positions it uses (its samples' and those of
+    the bad samples skipped since the last batch), so the trainer can mark them used."""
     def collate(items):
-        batch = {"images": torch.from_numpy(np.stack([s["image"] for s in items])),
-                 "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
-                 "keys": [s["key"] for s in items],
-                 "skipped": list(skipped)}
-        skipped.clear()
-        return batch
+        skipped, used = pending.drain()
+        return {"images": torch.from_numpy(np.stack([s["image"] for s in items])),
+                "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
+                "keys": [s["key"] for s in items],
+                "epochs": [s["pos"][0] for s in items],
+                "positions": [s["pos"] for s in items] + used,
+                "skipped": skipped}
 
     items = []
     for sample in samples:
@@ -206,8 +251,8 @@ def batched(samples, batch_size: int, skipped: list, keep_partial: bool):
         if len(items) == batch_size:
             yield collate(items)
             items = []
-        elif len(skipped) >= SKIP_REPORT_EVERY:  # a stream of only bad samples still reports
-            yield skip_report(skipped)
+        elif len(pending.skipped) >= SKIP_REPORT_EVERY:  # a stream of only bad samples still reports
+            yield skip_report(pending)
     if items and keep_partial:
         yield collate(items)
 
@@ -224,29 +269,33 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, spec: StreamSpec):
         self.spec = spec
 
-    def epoch(self, epoch: int, skipped: list):
+    def epoch(self, epoch: int, pending: Pending):
         """One pass over this loader process's shards: read, shuffle (training), decode."""
         spec = self.spec
-        shards = split_by_loader(split_by_rank(epoch_shards(spec, epoch), spec.rank, spec.world))
-        samples = read_samples(shards, skipped)
+        order = unfinished(epoch_order(spec, epoch), epoch, spec.position)
+        mine = split_by_loader(split_by_rank(order, spec.rank, spec.world))
+        samples = read_samples([(i, spec.shards[i]) for i in mine], epoch, pending, spec.position)
         if spec.train:
             info = torch.utils.data.get_worker_info()
             loader_id = 0 if info is None else info.id
             samples = shuffle(samples, spec.shuffle_buffer, random.Random(hash((spec.seed, epoch, spec.rank, loader_id))))
-        return decode(samples, spec, skipped)
+        return decode(samples, spec, pending)
 
-    def samples(self, skipped: list):
-        for epoch in itertools.count() if self.spec.train else [0]:
+    def samples(self, pending: Pending):
+        position = self.spec.position
+        first = position.completed_epochs if position is not None else 0
+        for epoch in itertools.count(first) if self.spec.train else [0]:
             good = [0]
-            yield from counted(self.epoch(epoch, skipped), good)
-            if good[0] == 0:  # a whole pass with nothing usable: an endless stream would spin forever
+            yield from counted(self.epoch(epoch, pending), good)
+            resumed = position is not None and epoch in position.used
+            if good[0] == 0 and not resumed:  # a whole pass with nothing usable would spin forever
                 return
 
     def __iter__(self):
-        skipped: list = []
-        yield from batched(self.samples(skipped), self.spec.batch_size, skipped, keep_partial=not self.spec.train)
-        if skipped:  # bad samples after the last batch still get reported
-            yield skip_report(skipped)
+        pending = Pending()
+        yield from batched(self.samples(pending), self.spec.batch_size, pending, keep_partial=not self.spec.train)
+        if pending.skipped or pending.used:  # bad samples after the last batch still get reported
+            yield skip_report(pending)
 
 
 def make_loader(spec: StreamSpec, loader_workers: int, pin_memory: bool = False):

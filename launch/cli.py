@@ -23,7 +23,7 @@ def cmd_train(args) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
-    run_training(cfg, args.out)
+    run_training(cfg, args.out, resume=args.resume)
     return 0
 
 
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: metrics.json, model.pt, checkpoints/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue the run in --out from its latest checkpoint, or from a checkpoint folder; "
+                        "the number of workers may differ")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model.pt on the cluster, any number of workers")

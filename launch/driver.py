@@ -16,6 +16,7 @@ from pathlib import Path
 from datasets.contract import read_dataset
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
+from trainer.checkpointing import STATE_FILE
 from trainer.report import summarise_per_label
 from trainer.tracking import RunLogger, open_run, resolve_tracking
 
@@ -55,8 +56,19 @@ def start_ray(cfg: Config) -> None:
                  dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
 
 
-def open_tracking(cfg: Config, out: Path, default_name: str) -> tuple[str, str, RunLogger]:
+RUN_FILE = "run.json"  # what `--resume latest` needs: the Ray Train run name and the MLflow run
+
+
+def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None = None) -> tuple[str, str, RunLogger]:
+    """A new MLflow run, or on resume the run of the job being continued (params not re-logged:
+    MLflow refuses changed values, and a resume may change the number of workers)."""
     tracking_uri, artifact_location = resolve_tracking(cfg.mlflow)
+    if resume:
+        tracking_uri, run_name = resume["tracking_uri"], resume["run_name"]
+        logger = RunLogger(tracking_uri, resume["mlflow_run_id"])
+        logger.reopen()
+        print(f"resuming MLflow run {logger.run_id} ({run_name}) in {tracking_uri}")
+        return tracking_uri, run_name, logger
     run_name = cfg.mlflow.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat())
     logger = RunLogger(tracking_uri, run_id)
@@ -66,11 +78,15 @@ def open_tracking(cfg: Config, out: Path, default_name: str) -> tuple[str, str, 
     return tracking_uri, run_name, logger
 
 
+RESULT_FILES = ("metrics.json", "per_label_zsl.tsv", "per_label_gzsl.tsv", "model.pt")
+
+
 def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, logger: RunLogger,
-                log_metrics: bool) -> dict:
+                log_metrics: bool, resume_from: str | None = None) -> dict:
     """Run `worker_fn` on `scaling.num_workers` Ray Train workers; bring its results into `out`
-    and the MLflow run; return metrics.json as a dict."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    and the MLflow run; return metrics.json as a dict. A run whose name already has checkpoints
+    in the storage resumes from the latest; `resume_from` names a checkpoint otherwise."""
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
@@ -78,26 +94,32 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
                   "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.scaling.use_gpu:
         worker_env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("LESA_FAULT"):  # fault injection for the resume tests (trainer/checkpointing.py)
+        worker_env["LESA_FAULT"] = os.environ["LESA_FAULT"]
     start_ray(cfg)
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, **payload},
+        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, "out": str(out), **payload},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=cfg.checkpoint.storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              worker_runtime_env={"env_vars": worker_env}),
+        resume_from_checkpoint=Checkpoint.from_directory(resume_from) if resume_from else None,
     )
     try:
         result = trainer.fit()
         with result.checkpoint.as_directory() as ckpt:
-            for item in sorted(Path(ckpt).iterdir()):
-                shutil.copy(item, out / item.name)
+            for name in RESULT_FILES:
+                if Path(ckpt, name).exists():
+                    shutil.copy(Path(ckpt, name), out / name)
     except BaseException:
         logger.finish(ok=False)
         raise
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["mlflow_run_id"] = logger.run_id
+    metrics["checkpoint"] = result.checkpoint.path
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if log_metrics:  # training's rank 0 logged them already, with their step
         logger.log({f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()},
@@ -116,15 +138,44 @@ def prepare(cfg: Config, out: str | Path, splits: list[str]) -> tuple[Path, obje
     return out, check_data(cfg, splits)
 
 
-def run_training(cfg: Config, out: str | Path) -> dict:
+def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | None]:
+    """(the run being continued, a checkpoint folder to start from) for `--resume`."""
+    run_file = out / RUN_FILE
+    if resume is None:
+        if run_file.exists():
+            raise ConfigError(f"--out {out} already holds a training run; pass --resume latest to continue "
+                              f"it, or choose another --out")
+        return None, None
+    if resume == "latest":
+        if not run_file.exists():
+            raise ConfigError(f"--resume latest: {out} holds no run to resume ({RUN_FILE} is missing)")
+        return json.loads(run_file.read_text()), None
+    state_file = Path(resume) / STATE_FILE
+    if not state_file.exists():
+        raise ConfigError(f"--resume {resume}: not a checkpoint of this system ({STATE_FILE} is missing)")
+    if run_file.exists():
+        run = json.loads(run_file.read_text())
+    else:  # a checkpoint from elsewhere: continue its MLflow run under a new Ray Train run name
+        state = json.loads(state_file.read_text())
+        run = {"run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}", "mlflow_run_id": state["mlflow_run_id"],
+               "tracking_uri": state["tracking_uri"], "storage": None}
+    return run, str(Path(resume).resolve())
+
+
+def run_training(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     from trainer.worker import train_worker
 
     out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split])
+    run, resume_from = resume_target(out, resume)
     print(f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
           f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images")
-    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name)
+    if run is not None and run["storage"]:
+        cfg.checkpoint.storage = run["storage"]
+    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name, resume=run)
+    (out / RUN_FILE).write_text(json.dumps({"run_name": run_name, "mlflow_run_id": logger.run_id,
+                                            "tracking_uri": tracking_uri, "storage": cfg.checkpoint.storage}))
     metrics = run_workers(cfg, out, train_worker, {"tracking_uri": tracking_uri}, run_name, logger,
-                          log_metrics=False)
+                          log_metrics=False, resume_from=resume_from)
     print_summary(metrics, cfg, out, f"{cfg.model.name} after {metrics['step']} steps")
     return metrics
 

@@ -156,7 +156,7 @@ def test_nothing_is_unpickled(mixed):
     assert "pickled" in keys                                 # the sample itself is fine
     assert "pickled" not in {key for _, key, _, _ in skipped}
     for b in batches:
-        assert set(b) == {"images", "labels", "keys", "skipped"}   # the pickle fields are not passed on
+        assert set(b) == {"images", "labels", "keys", "epochs", "positions", "skipped"}   # the pickle fields are not passed on
     # also not in training mode, nor through DataLoader processes
     run(stream(shards, train=True, shuffle_buffer=3), max_batches=6)
     run(make_loader(StreamSpec(shards, NUM_LABELS, SIZE, 2, train=False), loader_workers=2))

@@ -235,7 +235,7 @@ def test_eval_stream_yields_every_sample_once_with_labels_and_images(dataset):
     assert [len(b["keys"]) for b in batches] == [3, 3, 1]        # the last partial batch is kept
     assert keys_of(batches) == [f"test{i:04d}" for i in range(7)]  # shard order as listed, no shuffle
     for b in batches:
-        assert set(b) == {"images", "labels", "keys", "skipped"}
+        assert set(b) == {"images", "labels", "keys", "epochs", "positions", "skipped"}
         assert b["skipped"] == []
         assert b["images"].dtype == torch.uint8
         assert tuple(b["images"].shape) == (len(b["keys"]), SIZE, SIZE, 3)

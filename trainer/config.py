@@ -30,6 +30,7 @@ class DataConfig:
     shuffle_buffer: int = 1000    # samples held for shuffling within a worker's stream
     train_split: str = "train"
     max_bad_fraction: float = 0.05  # abort if more than this fraction of read samples are bad
+    ledger: bool = False          # write OUT/ledger/: one line per sample whose gradient is in the model
 
 
 @dataclass
@@ -81,13 +82,16 @@ class ScalingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0           # 0 keeps optimizer state whole, so a run can resume on any world size
+    zero_stage: int = 0           # only 0: optimizer state whole, so a run resumes on any world size
     bf16: bool = False
 
 
 @dataclass
 class CheckpointConfig:
     storage: str | None = None    # Ray Train storage for the run's checkpoints; default OUT/checkpoints
+    every: int = 100              # steps between checkpoints (0: only the final one)
+    keep: int = 2                 # checkpoints kept in storage
+    max_failures: int = 3         # worker failures Ray Train recovers from by resuming
 
 
 @dataclass
@@ -191,10 +195,15 @@ def _check(cfg: Config) -> None:
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
     need(0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
     need(cfg.eval.every >= 0, "eval.every", "must be 0 (end only) or a number of steps")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be 0 (end only) or a number of steps")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
+    need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be 0 or more")
+    need(cfg.deepspeed.zero_stage == 0, "deepspeed.zero_stage",
+         "only 0 is supported: its checkpoints resume on any number of workers (stages 1-3 would "
+         "need an offline universal-checkpoint conversion), and LESA's head fits every GPU whole")
     need(len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k), "eval.k",
          "must be a non-empty list of positive integers")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     for name in ("rank", "dist", "rel", "div"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be non-negative")
     # Registries are checked here too so that a typo fails before Ray starts.

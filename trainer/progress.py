@@ -11,15 +11,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, samples_per_step: int):
+    def __init__(self, total_steps: int, samples_per_step: int, first_step: int = 0):
         self.total, self.samples_per_step = total_steps, samples_per_step
         self.start = time.time()
-        self.step = 0
+        self.first = self.step = first_step
 
     def update(self, step: int, row: dict[str, float]) -> None:
         self.step = step
         elapsed = time.time() - self.start
-        eta = elapsed / step * (self.total - step)
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
         print(f"step {step}/{self.total} loss {row['loss']:.4f} ({losses}) "
               f"{row['samples_per_s']:.0f} samples/s data-wait {100 * row['data_wait_fraction']:.0f}% "
@@ -27,8 +27,8 @@ class Progress:
 
     def summary(self) -> dict[str, float]:
         elapsed = time.time() - self.start
-        return {"steps": self.step, "seconds": elapsed,
-                "samples_per_s": self.step * self.samples_per_step / max(elapsed, 1e-9)}
+        return {"steps": self.step - self.first, "seconds": elapsed,
+                "samples_per_s": (self.step - self.first) * self.samples_per_step / max(elapsed, 1e-9)}
 
 
 def format_table(metrics: dict, ks) -> str:

@@ -48,13 +48,23 @@ def open_run(tracking_uri: str, artifact_location: str | None, experiment: str,
 
 
 class RunLogger:
-    """Buffers metrics and writes them in batches (one DB round trip per flush)."""
+    """Buffers metrics and writes them in batches (one DB round trip per flush).
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    A resumed run passes `after_step`: steps up to the last one already in the run are dropped,
+    so each metric's steps stay strictly increasing across restarts.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, after_step: int = 0):
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self.pending: list[Metric] = []
+        self.floor = after_step
+        if after_step:
+            logged = self.client.get_metric_history(run_id, "loss")
+            self.floor = max([after_step] + [m.step for m in logged])
 
     def log(self, metrics: dict[str, float], step: int, flush: bool = True) -> None:
+        if step <= self.floor:
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()]
         if flush:
@@ -67,6 +77,9 @@ class RunLogger:
 
     def artifact(self, path: str | Path, subdir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def reopen(self) -> None:
+        self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def finish(self, ok: bool) -> None:
         self.flush()

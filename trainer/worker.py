@@ -20,9 +20,12 @@ import torch.distributed as dist
 
 from datasets.contract import read_dataset
 from datasets.stream import StreamSpec, make_loader
+from datasets.position import DataPosition
 from trainer.bad_samples import BadSampleLog
+from trainer.checkpointing import restore, rng_state, save, set_rng_state, state_digest
 from trainer.config import Config, config_from_dict
 from trainer.evaluation import evaluate, settings_of
+from trainer.ledger import Ledger
 from trainer.losses import total_loss
 from trainer.model import build_model
 from trainer.optim import build_optimizer
@@ -85,9 +88,20 @@ def setup_worker(payload: dict):
     return cfg, ctx.get_world_rank(), ctx.get_world_size(), device
 
 
-def publish(rank: int, metrics: dict, results: dict, info, model=None) -> None:
-    """Hand the final results to the driver through a Ray Train checkpoint written by rank 0:
-    metrics.json, one per-label TSV per setting and, after training, model.pt (a state dict)."""
+def result_files(metrics: dict, results: dict, info, model=None) -> dict:
+    """Files rank 0 hands to the driver in the final checkpoint: metrics.json, one per-label TSV
+    per setting and, after training, model.pt (a plain state dict)."""
+    files = {"metrics.json": lambda path: path.write_text(json.dumps(metrics, indent=1))}
+    for name, cols in settings_of(info).items():
+        files[f"per_label_{name}.tsv"] = \
+            lambda path, cols=cols: write_per_label(path, info, results["per_label"], cols)
+    if model is not None:
+        files["model.pt"] = lambda path: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return files
+
+
+def publish(rank: int, metrics: dict, results: dict, info) -> None:
+    """Report evaluation results to the driver (rank 0 through a checkpoint of result files)."""
     import ray.train
 
     flat = flat_eval_metrics(results)
@@ -95,11 +109,8 @@ def publish(rank: int, metrics: dict, results: dict, info, model=None) -> None:
         ray.train.report(flat)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "metrics.json").write_text(json.dumps(metrics, indent=1))
-        for name, cols in settings_of(info).items():
-            write_per_label(Path(tmp, f"per_label_{name}.tsv"), info, results["per_label"], cols)
-        if model is not None:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(tmp, "model.pt"))
+        for name, write in result_files(metrics, results, info).items():
+            write(Path(tmp, name))
         ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -113,23 +124,57 @@ def flat_eval_metrics(results: dict) -> dict[str, float]:
     return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
 
 
+def gather_used(used: list, position: DataPosition) -> None:
+    """Merge every worker's used positions since the last checkpoint into `position` (the same on
+    every rank afterwards)."""
+    parts = [used]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, used)
+    for part in parts:
+        position.mark(part)
+    used.clear()
+
+
 def train_worker(payload: dict) -> None:
     cfg, rank, world, device = setup_worker(payload)
+    out = payload["out"]
     info = read_dataset(cfg.data.url)
     engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings), world)
     model = engine.module
-    logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
-
     shards = info.shards(cfg.data.train_split)
+
+    restored = restore(engine)
+    step = restored["step"] if restored else 0
+    sizes = [s.samples for s in shards]
+    position = DataPosition.from_json(restored["position"]) if restored else DataPosition(sizes)
+    if position.sizes != sizes:
+        raise RuntimeError(f"the checkpoint was written for other {cfg.data.train_split} shards than "
+                           f"{cfg.data.url} lists now; resume on the same dataset")
+    eval_history = restored["eval_history"] if restored else []
+    if restored:
+        set_rng_state(restored["rng"])
+        if rank == 0:
+            print(f"resumed from step {step} on {world} workers: model digest {state_digest(model)}, "
+                  f"data at epoch {position.completed_epochs} (+{len(position.used)} in flight)", flush=True)
+    ledger_dir = Path(out, "ledger")
+    if cfg.data.ledger and rank == 0:
+        Ledger.discard_after(ledger_dir, step)  # entries past the restored checkpoint never happened
+    if dist.is_initialized():
+        dist.barrier()
+    ledger = Ledger(ledger_dir, rank) if cfg.data.ledger else None
+    logger = RunLogger(payload["tracking_uri"], payload["run_id"], after_step=step) if rank == 0 else None
+
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
                       batch_size=cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
-                      train=True, shuffle_buffer=cfg.data.shuffle_buffer)
+                      train=True, shuffle_buffer=cfg.data.shuffle_buffer, position=position if restored else None)
     loader_workers = min(cfg.data.loader_workers, len(shards) // world)
     batches = iter(make_loader(spec, loader_workers, pin_memory=device.type == "cuda"))
     bad = BadSampleLog(rank, cfg.data.max_bad_fraction)
+    used: list = []
     seen_ids = torch.as_tensor(info.seen, device=device)
     weights = {name: getattr(cfg.loss, name) for name in ("rank", "dist", "rel", "div")}
-    progress = Progress(cfg.train.max_steps, cfg.data.batch_size * world) if rank == 0 else None
+    progress = Progress(cfg.train.max_steps, cfg.data.batch_size * world, first_step=step) if rank == 0 else None
 
     def next_batch():
         while True:
@@ -139,21 +184,35 @@ def train_worker(payload: dict) -> None:
                 raise RuntimeError(f"rank {rank}: the training stream ended; no readable samples in "
                                    f"its shards (skipped: {dict(bad.by_kind)})") from None
             bad.add(batch)
+            used.extend(batch["positions"])
             if batch["images"] is not None:
                 return batch
 
-    eval_history = []
+    def checkpoint(metrics: dict, extra_files=None) -> None:
+        gather_used(used, position)
+        state = {"position": position.to_json(), "eval_history": eval_history, "rng": rng_state(),
+                 "mlflow_run_id": payload["run_id"], "tracking_uri": payload["tracking_uri"]}
+        if ledger:
+            ledger.commit(step)
+        save(engine, rank, step, state, metrics, out, extra_files)
+        if rank == 0:
+            logger.flush()  # MLflow gets a step's metrics only once a checkpoint holds that step
+            print(f"checkpoint at step {step}: model digest {state_digest(model)}", flush=True)
+
     window: dict[str, float] = {}
-    for step in range(1, cfg.train.max_steps + 1):
+    while step < cfg.train.max_steps:
+        step += 1
         t0 = time.perf_counter()
         batch = next_batch()
         t_data = time.perf_counter() - t0
         images = batch["images"].to(device, non_blocking=True)
         y = batch["labels"].to(device, non_blocking=True)[:, seen_ids]
-        out = engine(images, seen_ids)
-        loss, parts = total_loss(out, y, weights)
+        out_ = engine(images, seen_ids)
+        loss, parts = total_loss(out_, y, weights)
         engine.backward(loss)
         engine.step()
+        if ledger:
+            ledger.record(batch["epochs"], batch["keys"])
         step_time = time.perf_counter() - t0
         for name, value in {"loss": float(loss.detach()), **{f"loss/{k}": v for k, v in parts.items()},
                             "time/step": step_time, "time/data": t_data}.items():
@@ -170,24 +229,31 @@ def train_worker(payload: dict) -> None:
                 row["samples_per_s"] = cfg.data.batch_size * world / avg["time/step"]
                 row["data_wait_fraction"] = avg["time/data"] / avg["time/step"]
                 progress.update(step, row)
-                logger.log(row, step)
+                logger.log(row, step, flush=False)
 
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
             results = evaluate(model, info, cfg, rank, world, device)
             eval_history.append({"step": step, **flat_eval_metrics(results)})
             if rank == 0:
                 print(f"[eval @ step {step}]\n{format_table(results, cfg.eval.k)}", flush=True)
-                logger.log(flat_eval_metrics(results), step)
+                logger.log(flat_eval_metrics(results), step, flush=False)
 
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+            checkpoint({"step": step})
+
+    gather_used(used, position)
     results = evaluate(model, info, cfg, rank, world, device)
     bad_train = bad.summary()
-    metrics = final_metrics(results, cfg.train.max_steps,
+    metrics = final_metrics(results, step,
                             bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
+                            epochs_completed=position.completed_epochs,
                             history=eval_history, throughput=progress.summary() if rank == 0 else None)
     if rank == 0:
         logger.log({**flat_eval_metrics(results), "bad_samples/train": bad_train["count"],
-                    "bad_samples/eval": results["eval_bad_samples"]["count"]}, cfg.train.max_steps)
-    publish(rank, metrics, results, info, model)
+                    "bad_samples/eval": results["eval_bad_samples"]["count"]}, step, flush=False)
+    checkpoint(flat_eval_metrics(results), extra_files=result_files(metrics, results, info, model))
+    if ledger:
+        ledger.close()
 
 
 def load_model_state(model: torch.nn.Module, url: str) -> None:
