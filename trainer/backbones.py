@@ -26,9 +26,13 @@ class Backbone(nn.Module):
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, H, W] in the backbone's input statistics."""
+        """uint8 [B, H, W, 3] -> [B, 3, H, W] in the backbone's input statistics and weight dtype.
+
+        Computed in float32 (bf16 cannot hold 255 - 123.68 exactly), then cast. The permuted
+        view of HWC images is already channels_last in memory, which convolutions prefer."""
         x = images.permute(0, 3, 1, 2).float()
-        return (x - self._mean) / self._std
+        x = (x - self._mean.float()) / self._std.float()
+        return x.to(next(self.parameters()).dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalise(images))
