@@ -27,6 +27,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from launch.submit import submit
+
+    return submit(args.config, args.set, out=args.out, address=args.address, wait=not args.no_wait,
+                  stop_on_interrupt=args.stop_on_interrupt)
+
+
 def cmd_evaluate(args) -> int:
     from launch.driver import run_evaluation
     from trainer.config import load_config
@@ -78,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint, or from a checkpoint folder; "
                         "the number of workers may differ")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("submit", help="run `lesa train CONFIG` as a Ray job on a cluster (the YAML's submit: section)")
+    p.add_argument("config", help="experiment YAML inside submit.working_dir")
+    p.add_argument("--address", help="Ray dashboard URL (default: submit.address, $RAY_ADDRESS, http://127.0.0.1:8265)")
+    p.add_argument("--out", help="results folder on the head node (default: submit.out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C stops the job (default: detach)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model.pt on the cluster, any number of workers")
     p.add_argument("config", help="experiment YAML (data.url, model, eval.*, scaling.num_workers)")

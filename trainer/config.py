@@ -103,6 +103,15 @@ class MlflowConfig:
 
 
 @dataclass
+class SubmitConfig:
+    """Read by `lesa submit` only: how the job reaches the cluster (launch/submit.py)."""
+    address: str | None = None    # Ray dashboard URL; default $RAY_ADDRESS, else http://127.0.0.1:8265
+    working_dir: str = "."        # shipped to the cluster with the job; CONFIG must lie inside it
+    out: str | None = None        # --out of `lesa train` on the cluster (a path on the head node)
+    runtime_env: dict = field(default_factory=dict)  # Ray runtime_env: env_vars, excludes, pip, ...
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -114,6 +123,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

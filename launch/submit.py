@@ -1,0 +1,84 @@
+"""`lesa submit CONFIG`: run `lesa train CONFIG` as a Ray job on a cluster, from the YAML alone.
+
+The YAML's `submit:` section says where (address), what to ship (working_dir) and the job's
+runtime environment; the config is validated here first, so a typo fails before anything is
+uploaded. Logs stream back and the exit status is the job's. Ctrl-C detaches and leaves the job
+running, unless --stop-on-interrupt asks to stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from pathlib import Path
+
+from trainer.config import ConfigError, load_config
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Never ship these: virtualenvs, local runs and stores, caches.
+DEFAULT_EXCLUDES = [".venv/", ".git/", "demo_out/", "mlruns/", "mlartifacts/", "mlflow.db",
+                    "**/__pycache__/", ".pytest_cache/", ".whl/"]
+
+
+def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, dict, str]:
+    """(entrypoint, runtime_env, address) for a validated config."""
+    cfg = load_config(config, overrides)
+    sub = cfg.submit
+    working_dir = Path(sub.working_dir).resolve()
+    try:
+        config_in_job = Path(config).resolve().relative_to(working_dir)
+    except ValueError:
+        raise ConfigError(f"submit.working_dir: {config} must lie inside {working_dir}, which is what "
+                          f"the cluster receives") from None
+    out = out or sub.out
+    if not out:
+        raise ConfigError("submit.out: where should the job write its results on the head node? "
+                          "Set submit.out in the YAML or pass --out")
+    runtime_env = {"excludes": DEFAULT_EXCLUDES, **sub.runtime_env, "working_dir": str(working_dir)}
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = env_vars
+    args = ["lesa", "train", str(config_in_job), "--out", out]
+    for item in overrides:
+        args += ["--set", item]
+    if not (cfg.mlflow.tracking_uri or env_vars.get("MLFLOW_TRACKING_URI")):
+        # The job's working directory is a temporary copy: keep the default store with the results.
+        args += ["--set", f"mlflow.tracking_uri=sqlite:///{Path(out).as_posix().rstrip('/')}/mlflow.db"]
+        print(f"note: no mlflow.tracking_uri configured; the run is recorded in {out}/mlflow.db on the head node")
+    address = sub.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    return shlex.join(args), runtime_env, address
+
+
+async def _follow(client, job_id: str) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        print(chunk, end="", flush=True)
+
+
+def submit(config: str, overrides: list[str], out: str | None = None, address: str | None = None,
+           wait: bool = True, stop_on_interrupt: bool = False) -> int:
+    entrypoint, runtime_env, default_address = job_spec(config, overrides, out)
+    address = address or default_address
+    # Ray 2.60 clusters require token auth by default; the token comes from ~/.ray/auth_token
+    # or RAY_AUTH_TOKEN, as for the Ray CLI. Ray reads the mode when it is imported.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
+    if not wait:
+        print(f"follow it with: ray job logs --address {address} -f {job_id}")
+        return 0
+    try:
+        asyncio.run(_follow(client, job_id))
+    except KeyboardInterrupt:
+        if stop_on_interrupt:
+            client.stop_job(job_id)
+            print(f"\nstopped job {job_id}")
+        else:
+            print(f"\ndetached; job {job_id} keeps running (ray job stop --address {address} {job_id})")
+        return 130
+    status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
