@@ -73,6 +73,7 @@ def mean_over_workers(values: dict[str, float], device) -> dict[str, float]:
 
 def setup_worker(payload: dict):
     """(config, rank, world, device) for this Ray Train worker."""
+    import ray
     import ray.train
 
     cfg = config_from_dict(payload["config"])
@@ -85,6 +86,8 @@ def setup_worker(payload: dict):
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed + ctx.get_world_rank())
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[rank {ctx.get_world_rank()}/{ctx.get_world_size()}] on node {node[:12]}, {device}", flush=True)
     return cfg, ctx.get_world_rank(), ctx.get_world_size(), device
 
 
