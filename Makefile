@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export MLFLOW_DISABLE_TELEMETRY = true
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test ui clean
+.PHONY: install demo test bench ui clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# CPU benchmarks, each against a baseline measured in the same run (docs/performance.md).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

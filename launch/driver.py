@@ -13,12 +13,13 @@ import shutil
 import time
 from pathlib import Path
 
-from datasets.contract import read_dataset
+from datasets.contract import join, read_dataset
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
 from trainer.checkpointing import STATE_FILE
 from trainer.report import summarise_per_label
 from trainer.tracking import RunLogger, open_run, resolve_tracking
+from launch.storage import checkpoint_url, model_file, ray_storage, read_text, storage_env
 
 
 def absolute(url: str) -> str:
@@ -47,7 +48,13 @@ def start_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        # On an existing cluster Ray's processes do not inherit this environment, and Train's
+        # controller writes to the checkpoint storage too: the storage variables go to the whole
+        # job. Under `ray job submit` the job's runtime env is set already and this process runs
+        # inside it (Ray refuses to merge the same variable twice), so it is left alone there.
+        env = storage_env()
+        under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for job entrypoints
+        ray.init(runtime_env={"env_vars": env} if env and not under_job else None)
     else:
         needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
@@ -96,17 +103,19 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
         worker_env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("LESA_FAULT"):  # fault injection for the resume tests (trainer/checkpointing.py)
         worker_env["LESA_FAULT"] = os.environ["LESA_FAULT"]
+    worker_env.update(storage_env())  # credentials and endpoints, by name from this environment
+    storage_path, storage_filesystem = ray_storage(cfg.checkpoint.storage)
     start_ray(cfg)
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, "out": str(out), **payload},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=cfg.checkpoint.storage,
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              worker_runtime_env={"env_vars": worker_env}),
-        resume_from_checkpoint=Checkpoint.from_directory(resume_from) if resume_from else None,
+        resume_from_checkpoint=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
     )
     try:
         result = trainer.fit()
@@ -119,7 +128,7 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
         raise
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["mlflow_run_id"] = logger.run_id
-    metrics["checkpoint"] = result.checkpoint.path
+    metrics["checkpoint"] = checkpoint_url(cfg.checkpoint.storage, result.checkpoint.path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if log_metrics:  # training's rank 0 logged them already, with their step
         logger.log({f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()},
@@ -150,16 +159,17 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
         if not run_file.exists():
             raise ConfigError(f"--resume latest: {out} holds no run to resume ({RUN_FILE} is missing)")
         return json.loads(run_file.read_text()), None
-    state_file = Path(resume) / STATE_FILE
-    if not state_file.exists():
+    resume = absolute(resume).rstrip("/")  # a checkpoint folder, local or at a URL
+    state_text = read_text(join(resume, STATE_FILE))
+    if state_text is None:
         raise ConfigError(f"--resume {resume}: not a checkpoint of this system ({STATE_FILE} is missing)")
     if run_file.exists():
         run = json.loads(run_file.read_text())
     else:  # a checkpoint from elsewhere: continue its MLflow run under a new Ray Train run name
-        state = json.loads(state_file.read_text())
+        state = json.loads(state_text)
         run = {"run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}", "mlflow_run_id": state["mlflow_run_id"],
                "tracking_uri": state["tracking_uri"], "storage": None}
-    return run, str(Path(resume).resolve())
+    return run, resume
 
 
 def run_training(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
@@ -185,11 +195,9 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
     from trainer.worker import evaluate_worker
 
     out, info = prepare(cfg, out, [cfg.eval.split])
-    checkpoint = absolute(checkpoint)
-    if "://" not in checkpoint and Path(checkpoint).is_dir():
-        checkpoint = str(Path(checkpoint) / "model.pt")
-    if "://" not in checkpoint and not Path(checkpoint).is_file():
-        raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
+    checkpoint, given = model_file(absolute(checkpoint)), checkpoint
+    if checkpoint is None:
+        raise ConfigError(f"--checkpoint: {given} is not a model.pt nor a folder holding one")
     tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
     metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger,
                           log_metrics=True)

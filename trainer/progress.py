@@ -15,9 +15,14 @@ class Progress:
         self.total, self.samples_per_step = total_steps, samples_per_step
         self.start = time.time()
         self.first = self.step = first_step
+        self.data_wait: list[float] = []
+        self.window_start: tuple[int, float] | None = None
 
     def update(self, step: int, row: dict[str, float]) -> None:
         self.step = step
+        if self.window_start is None:  # throughput counts from the first window on: no start-up
+            self.window_start = (step, time.time())
+        self.data_wait.append(row["data_wait_fraction"])
         elapsed = time.time() - self.start
         eta = elapsed / max(step - self.first, 1) * (self.total - step)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
@@ -26,9 +31,14 @@ class Progress:
               f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}", flush=True)
 
     def summary(self) -> dict[str, float]:
+        """Steps and time of the whole run; samples/s from the end of the first logging window."""
         elapsed = time.time() - self.start
+        first_step, first_time = self.window_start or (self.first, self.start)
+        steady = (self.step - first_step) / max(time.time() - first_time, 1e-9) if self.step > first_step else \
+            (self.step - self.first) / max(elapsed, 1e-9)
         return {"steps": self.step - self.first, "seconds": elapsed,
-                "samples_per_s": (self.step - self.first) * self.samples_per_step / max(elapsed, 1e-9)}
+                "samples_per_s": steady * self.samples_per_step,
+                "data_wait_fraction": sum(self.data_wait) / max(len(self.data_wait), 1)}
 
 
 def format_table(metrics: dict, ks) -> str:

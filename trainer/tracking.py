@@ -4,6 +4,10 @@ the workers logs per-step losses, throughput and evaluation metrics into the sam
 Default store: sqlite in the working directory with artifacts in ./mlartifacts (the experiment
 is created with an explicit artifact location; a relative default would land in Ray's ephemeral
 worker directory). `MLFLOW_TRACKING_URI` or `mlflow.tracking_uri` overrides it.
+
+Artifacts may go to an object store (`mlflow.artifact_location: s3://bucket/prefix`); MLflow's S3
+client takes its credentials from the AWS environment and its endpoint from MLFLOW_S3_ENDPOINT_URL,
+which `s3_endpoint_for_mlflow` defaults from the endpoint the other S3 clients use.
 """
 
 from __future__ import annotations
@@ -17,8 +21,18 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 
+def s3_endpoint_for_mlflow() -> None:
+    """The one place MLflow learns of a custom S3 endpoint (MinIO, Ceph, a test server): unless
+    MLFLOW_S3_ENDPOINT_URL is set, it is taken from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, which
+    s3fs and pyarrow read. The driver passes the result on to the workers with the AWS variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint
+
+
 def resolve_tracking(mlflow_cfg) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment), absolute so Ray workers agree."""
+    s3_endpoint_for_mlflow()
     uri = mlflow_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"

@@ -244,13 +244,14 @@ def train_worker(payload: dict) -> None:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
             checkpoint({"step": step})
 
+    throughput = progress.summary() if rank == 0 else None  # training only, before the final evaluation
     gather_used(used, position)
     results = evaluate(model, info, cfg, rank, world, device)
     bad_train = bad.summary()
     metrics = final_metrics(results, step,
                             bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
                             epochs_completed=position.completed_epochs,
-                            history=eval_history, throughput=progress.summary() if rank == 0 else None)
+                            history=eval_history, throughput=throughput)
     if rank == 0:
         logger.log({**flat_eval_metrics(results), "bad_samples/train": bad_train["count"],
                     "bad_samples/eval": results["eval_bad_samples"]["count"]}, step, flush=False)

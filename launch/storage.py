@@ -1,0 +1,74 @@
+"""Remote storage for the driver: datasets, checkpoints and MLflow artifacts may live at any fsspec
+URL (`s3://`, `gs://`, ...) once the filesystem package is installed (`pip install 'lesa[s3]'`,
+`'lesa[gcs]'`).
+
+Credentials and endpoints come from the environment, as each store's own client reads it, never
+from the YAML: s3fs (datasets, `model.pt`) and pyarrow (Ray Train's checkpoint storage) both
+honour AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL and the rest of the AWS chain;
+MLflow's S3 artifact store reads MLFLOW_S3_ENDPOINT_URL, which `trainer/tracking.py` defaults from
+AWS_ENDPOINT_URL. Ray Train workers on other machines do not inherit the driver's environment, so
+the driver hands them the variables named here (`storage_env`), values straight from its own
+environment; nothing here prints or logs a value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+
+# Variables passed from the driver's environment to the Ray Train workers, when set.
+STORAGE_ENV_PREFIXES = ("AWS_", "MLFLOW_S3_")
+STORAGE_ENV_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS",)
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def storage_env() -> dict[str, str]:
+    """The storage variables set in this process, for the workers' runtime env (not for printing)."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith(STORAGE_ENV_PREFIXES) or name in STORAGE_ENV_NAMES}
+
+
+def ray_storage(url: str) -> tuple[str, object | None]:
+    """(path, filesystem) for Ray Train (RunConfig's storage_path/storage_filesystem, Checkpoint's
+    path/filesystem). Ray resolves local paths and the URLs pyarrow knows (s3, gs, abfs, hdfs,
+    file) itself, so those come back unchanged with no filesystem; any other fsspec URL is served
+    through pyarrow's fsspec handler, with the path stripped of its protocol as Ray then expects."""
+    if not is_url(url):
+        return url, None
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(url)
+        return url, None
+    except pyarrow.ArrowInvalid:  # "Unrecognized filesystem type in URI"
+        pass
+    fs, path = fsspec.core.url_to_fs(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def checkpoint_url(storage: str, path: str) -> str:
+    """A Ray Train checkpoint's location as a URL to pass back to `--resume` or `lesa evaluate`:
+    Ray reports paths on remote storage without their scheme (`bucket/ckpt/...`)."""
+    if not is_url(storage) or is_url(path):
+        return path
+    return f"{storage.split('://', 1)[0]}://{path}"
+
+
+def read_text(url: str) -> str | None:
+    """A small file's text at a path or URL, or None if it does not exist."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.cat_file(path).decode("utf-8") if fs.isfile(path) else None
+
+
+def model_file(checkpoint: str) -> str | None:
+    """`lesa evaluate --checkpoint`: a `model.pt` itself or a folder holding one, at a path or URL;
+    the file's path or URL, or None if there is none."""
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    if fs.isdir(path):
+        checkpoint, path = f"{checkpoint.rstrip('/')}/model.pt", f"{path.rstrip('/')}/model.pt"
+    return checkpoint if fs.isfile(path) else None
