@@ -442,11 +442,17 @@ def test_local_multinode_cluster_runs_two_nodes_with_token_auth(two_node_cluster
     seen = json.loads(client.stdout.strip().splitlines()[-1])
     assert seen["alive"] == 2 and seen["task_nodes"] == 2, seen
 
-    # `status` shows both nodes as active.
-    status = subprocess.run([two_node_cluster["script"], "status", str(two_node_cluster["state"])],
-                            env=two_node_cluster["script_env"], capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
-    active = status.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+    # `status` shows both nodes as active; it reads the autoscaler's view, which lags the GCS by
+    # a few seconds, so it is asked again until it catches up.
+    deadline = time.monotonic() + 45
+    while True:
+        status = subprocess.run([two_node_cluster["script"], "status", str(two_node_cluster["state"])],
+                                env=two_node_cluster["script_env"], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        active = status.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+        if len(re.findall(r"node_[0-9a-f]+", active)) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert len(re.findall(r"node_[0-9a-f]+", active)) == 2, status.stdout
 
     # A job driver reaches the cluster the way `lesa train` does under `ray job submit`:
