@@ -108,14 +108,16 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
     start_ray(cfg)
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, "out": str(out), **payload},
+        # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
+        # while the run has no checkpoint of its own.
+        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, "out": str(out), **payload,
+                           "resume_from": Checkpoint(*ray_storage(resume_from)) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              worker_runtime_env={"env_vars": worker_env}),
-        resume_from_checkpoint=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
     )
     try:
         result = trainer.fit()

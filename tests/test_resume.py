@@ -169,3 +169,16 @@ def test_sigkilled_worker_mid_epoch_run_completes_like_an_uninterrupted_one(tmp_
     # data orders do, not more: on this 30-step toy run both stay within 10 points of mAP.
     for setting in ("zsl", "gzsl"):
         assert abs(ours[setting]["mAP"] - theirs[setting]["mAP"]) <= 10.0, (ours[setting], theirs[setting])
+
+
+def test_resume_from_a_checkpoint_folder_into_a_new_output(tmp_path, data):
+    first = train(tmp_path, data, "--set", "train.max_steps=4", "--set", "checkpoint.every=0")
+    folder = next((tmp_path / "run" / "checkpoints").glob("*/checkpoint_*/"))
+    other = tmp_path / "other"
+    other.mkdir()
+    log = train(other, data, "--resume", str(folder), "--set", "train.max_steps=6",
+                "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "resumed from step 4 on 2 workers" in log
+    assert digest_at(log, "resumed from step 4") == digest_at(first, "checkpoint at step 4")
+    assert json.loads((other / "run" / "metrics.json").read_text())["step"] == 6
+    assert mlflow_steps(tmp_path) == [2, 4, 6], "the checkpoint's MLflow run continues"

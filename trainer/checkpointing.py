@@ -65,11 +65,12 @@ def save(engine, rank: int, step: int, state: dict, metrics: dict, out: str, ext
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(engine) -> dict | None:
-    """Load the run's latest checkpoint into the engine; its state, or None on a fresh start."""
+def restore(engine, fallback=None) -> dict | None:
+    """Load the run's latest checkpoint (else `fallback`, the one `--resume PATH` named) into the
+    engine; its state, or None on a fresh start."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or fallback
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:

@@ -147,7 +147,7 @@ def train_worker(payload: dict) -> None:
     model = engine.module
     shards = info.shards(cfg.data.train_split)
 
-    restored = restore(engine)
+    restored = restore(engine, fallback=payload.get("resume_from"))
     step = restored["step"] if restored else 0
     sizes = [s.samples for s in shards]
     position = DataPosition.from_json(restored["position"]) if restored else DataPosition(sizes)
