@@ -88,20 +88,21 @@ def random_labels(batch: int, labels: int, device) -> torch.Tensor:
     return y
 
 
+def head_step(head, vectors, opt, feats, y) -> None:
+    """One optimizer step of the LESA head on a feature batch: bf16 autocast, fp32 losses."""
+    with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=feats.device.type == "cuda"):
+        out = head(feats, vectors)
+    loss, _ = total_loss({k: v.float() for k, v in out.items()}, y, WEIGHTS)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def head_training(device, batch: int, labels: int, iters: int) -> float:
     head, vectors, opt = make_head(device, labels)
     feats = torch.randn(batch, 512, 14, 14, device=device).relu()
     y = random_labels(batch, labels, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = head(feats, vectors)
-        loss, _ = total_loss({k: v.float() for k, v in out.items()}, y, WEIGHTS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return 1.0 / timed(step, iters, device)
+    return 1.0 / timed(lambda: head_step(head, vectors, opt, feats, y), iters, device)
 
 
 def write_shards(root: str, images: int, side: int, labels: int) -> list[Shard]:
@@ -140,12 +141,7 @@ def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: f
         y = b["labels"].to(device, non_blocking=True)
         with torch.no_grad():
             feats = vgg(images).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = head(feats, vectors)
-        loss, _ = total_loss({k: v.float() for k, v in out.items()}, y, WEIGHTS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        head_step(head, vectors, opt, feats, y)
         return len(b["keys"])
 
     for _ in range(3):
