@@ -402,3 +402,16 @@ def test_cli_metrics_error_exit_status_and_stderr(tmp_path):
     assert proc.returncode != 0
     assert str(y) in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("shape,ks", [((300, 7586), [10, 20]), ((200, 40), [3, 5]), ((130, 7), [3, 7]),
+                                      ((70, 400), [1, 400])])
+def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
+    from trainer.metrics import kth_largest
+
+    rng = np.random.default_rng(sum(shape))
+    scores = rng.standard_normal(shape).astype(np.float16).astype(np.float32)  # many ties
+    scores[::7, : shape[1] // 2] = 0.5                                          # whole runs of ties
+    scores[3, :] = -np.inf
+    expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
+    np.testing.assert_array_equal(kth_largest(scores, ks), expected)
