@@ -405,7 +405,8 @@ def test_cli_metrics_error_exit_status_and_stderr(tmp_path):
 
 
 @pytest.mark.parametrize("shape,ks", [((300, 7586), [10, 20]), ((200, 40), [3, 5]), ((130, 7), [3, 7]),
-                                      ((70, 400), [1, 400])])
+                                      ((70, 400), [1, 400]),
+                                      ((40, 64), [3, 5]), ((33, 65), [5]), ((20, 7587), [10, 20])])
 def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
     from trainer.metrics import kth_largest
 

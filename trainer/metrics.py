@@ -121,8 +121,7 @@ def kth_largest(scores: np.ndarray, ks) -> np.ndarray:
         block = np.ascontiguousarray(scores[start:start + KTH_CHUNK])
         rows = len(block)
         group_max = block[:, :width].copy()
-        for g in range(1, groups):
-            lo = g * width
+        for lo in range(width, num_labels, width):
             hi = min(lo + width, num_labels)
             np.maximum(group_max[:, :hi - lo], block[:, lo:hi], out=group_max[:, :hi - lo])
         lb = np.partition(group_max, width - kmax, axis=1)[:, width - kmax]
