@@ -416,3 +416,15 @@ def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
     scores[3, :] = -np.inf
     expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
     np.testing.assert_array_equal(kth_largest(scores, ks), expected)
+
+
+def test_kth_largest_every_small_width():
+    """Every row width 1..90 with K up to the width: the group layout changes with each."""
+    from trainer.metrics import kth_largest
+
+    rng = np.random.default_rng(5)
+    for width in range(1, 91):
+        scores = rng.integers(0, 6, (9, width)).astype(np.float32)  # ties everywhere
+        ks = sorted({1, min(3, width), width, int(rng.integers(1, width + 1))})
+        expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
+        np.testing.assert_array_equal(kth_largest(scores, ks), expected, err_msg=f"width {width}, ks {ks}")
