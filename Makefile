@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586
 
 ui: $(STAMP)

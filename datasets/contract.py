@@ -35,6 +35,40 @@ class Shard:
     samples: int
 
 
+KINDS = ("image", "feature")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How a feature dataset (`kind: "feature"`) was made: every sample's `feat.npy` is the frozen
+    `backbone` applied to its image at `image_size`, stored float16 as [regions, channels] with
+    regions row-major over the `grid` (r = row * width + col), as LESA's extractor stores them."""
+    backbone: str
+    weights: str | None
+    image_size: int
+    grid: tuple[int, int]              # (height, width) of the feature map
+    channels: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.grid[0] * self.grid[1], self.channels)
+
+    def to_json(self) -> dict:
+        return {"backbone": self.backbone, "weights": self.weights, "image_size": self.image_size,
+                "grid": list(self.grid), "channels": self.channels, "shape": list(self.shape),
+                "dtype": "float16"}
+
+    @classmethod
+    def from_json(cls, entry: dict, where: str) -> "FeatureSpec":
+        try:
+            return cls(backbone=str(entry["backbone"]), weights=entry.get("weights"),
+                       image_size=int(entry["image_size"]), grid=(int(entry["grid"][0]), int(entry["grid"][1])),
+                       channels=int(entry["channels"]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise DatasetError(f"{where}: a feature dataset needs features: {{backbone, image_size, grid: "
+                               f"[h, w], channels}} ({exc!r})") from None
+
+
 @dataclass
 class DatasetInfo:
     root: str
@@ -43,6 +77,7 @@ class DatasetInfo:
     labels: list[Label]
     embeddings: np.ndarray             # float32 [num_labels, dim], raw (the model normalises)
     splits: dict[str, list[Shard]] = field(default_factory=dict)
+    features: FeatureSpec | None = None  # how the features were made, for kind "feature"
 
     @property
     def num_labels(self) -> int:
@@ -114,8 +149,12 @@ def read_dataset(root: str) -> DatasetInfo:
             splits[split] = [Shard(join(root, s["path"]), int(s["samples"])) for s in entry["shards"]]
         except (KeyError, TypeError) as exc:
             raise DatasetError(f"{meta_url}: split '{split}' needs shards: [{{path, samples}}] ({exc!r})") from None
-    return DatasetInfo(root=root, name=meta.get("name", root), kind=meta.get("kind", "image"),
-                       labels=labels, embeddings=embeddings.astype(np.float32), splits=splits)
+    kind = meta.get("kind", "image")
+    if kind not in KINDS:
+        raise DatasetError(f"{meta_url}: kind {kind!r}, expected one of {', '.join(KINDS)}")
+    features = FeatureSpec.from_json(meta.get("features") or {}, meta_url) if kind == "feature" else None
+    return DatasetInfo(root=root, name=meta.get("name", root), kind=kind, labels=labels,
+                       embeddings=embeddings.astype(np.float32), splits=splits, features=features)
 
 
 def write_metadata(root: str, name: str, kind: str, labels: list[Label], embeddings: np.ndarray,

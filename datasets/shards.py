@@ -33,6 +33,36 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class ShardFile:
+    """One tar shard at `url` (any fsspec URL), written sample by sample; `samples` counts them."""
+
+    def __init__(self, url: str):
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.url, self.samples = url, 0
+        self._file = fsspec.open(url, "wb").open()
+        self._tar = wds.TarWriter(self._file)
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        for ext, value in fields.items():
+            if not isinstance(value, bytes):
+                raise TypeError(f"sample {key}: field {ext} must be encoded to bytes first")
+        self._tar.write({"__key__": key, **fields})
+        self.samples += 1
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tar = self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class SplitWriter:
     """Writes one split's samples into numbered shards of at most `maxcount` samples.
 
@@ -42,32 +72,24 @@ class SplitWriter:
     def __init__(self, root: str, split: str, maxcount: int = 1000):
         self.root, self.split, self.maxcount = root, split, maxcount
         self.shards: list[tuple[str, int]] = []
-        self._file = self._tar = None
-        fs, path = fsspec.core.url_to_fs(join(root, split))
-        fs.makedirs(path, exist_ok=True)
+        self._shard: ShardFile | None = None
 
     def _rotate(self) -> None:
         self._finish()
         relpath = f"{self.split}/{self.split}-{len(self.shards):06d}.tar"
-        self._file = fsspec.open(join(self.root, relpath), "wb").open()
-        self._tar = wds.TarWriter(self._file)
+        self._shard = ShardFile(join(self.root, relpath))
         self.shards.append((relpath, 0))
 
     def _finish(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._file.close()
-            self._tar = self._file = None
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
-        if self._tar is None or self.shards[-1][1] >= self.maxcount:
+        if self._shard is None or self.shards[-1][1] >= self.maxcount:
             self._rotate()
-        for ext, value in fields.items():
-            if not isinstance(value, bytes):
-                raise TypeError(f"sample {key}: field {ext} must be encoded to bytes first")
-        self._tar.write({"__key__": key, **fields})
-        path, count = self.shards[-1]
-        self.shards[-1] = (path, count + 1)
+        self._shard.write(key, fields)
+        self.shards[-1] = (self.shards[-1][0], self._shard.samples)
 
     def close(self) -> list[tuple[str, int]]:
         self._finish()

@@ -9,9 +9,13 @@ Training streams are endless (epoch after epoch, the shard order reshuffled from
 so every worker can run the same number of steps and nobody waits at an epoch's end. Evaluation
 streams make one pass over a disjoint share of the shards with no padding.
 
-Bad input never stops the stream: a corrupt image, a missing or malformed `labels.json`, a label
-index out of range or a truncated shard is skipped, and a record (shard, key, kind, detail)
-travels with the next batch (`batch["skipped"]`) so the trainer can count and report it.
+Decode reads the image (`jpg`), or in a feature dataset (`lesa extract`) the cached backbone
+output (`feat.npy`, float16 [regions, channels]); nothing else changes for the stages around it.
+
+Bad input never stops the stream: a corrupt image or feature array, a missing or malformed
+`labels.json`, a label index out of range or a truncated shard is skipped, and a record (shard,
+key, kind, detail) travels with the next batch (`batch["skipped"]`) so the trainer can count and
+report it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import io
 import itertools
 import json
 import random
-import tarfile
 from dataclasses import dataclass, field
 
 import fsspec
@@ -29,10 +32,12 @@ import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from datasets.contract import Shard
+from datasets.contract import FeatureSpec, Shard
 from datasets.position import DataPosition
+from datasets.tar import TruncatedMember, iter_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+FEATURE_EXTENSION = "feat.npy"   # feature shards (`lesa extract`): float16 [regions, channels]
 TRUNCATED_SHARD = "unreadable or truncated shard"
 
 
@@ -56,6 +61,7 @@ class StreamSpec:
     train: bool = True
     shuffle_buffer: int = 1000
     position: DataPosition | None = None   # training resumed: samples already used are skipped
+    features: FeatureSpec | None = None    # a feature dataset: decode feat.npy instead of the image
 
 
 @dataclass
@@ -124,9 +130,9 @@ def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
             return None
 
         try:
-            with fsspec.open(shard.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
+            with fsspec.open(shard.url, "rb") as stream:
+                for name, data in iter_tar(stream):
+                    key, ext = base_plus_ext(name)
                     if key is None:
                         continue
                     if current is not None and current["__key__"] != key:
@@ -137,15 +143,19 @@ def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
                         if count >= shard.samples:
                             raise ValueError(f"more samples than the {shard.samples} dataset.json lists")
                         current = {"__key__": key, "__shard__": shard.url, "__pos__": (epoch, index, count)}
-                    current[ext.lower()] = tar.extractfile(member).read()
-                    tar.members = []  # stream mode would otherwise keep every header in memory
+                    current[ext.lower()] = data
             if current is not None and (sample := finished(current)) is not None:
                 yield sample
             current = None
             if count < shard.samples:
                 raise EOFError(f"ended after {count} of the {shard.samples} samples dataset.json lists")
         except Exception as exc:  # noqa: BLE001 - any read failure of one shard is recorded, not fatal
-            where = current["__key__"] if current else "-"
+            cut_key = base_plus_ext(exc.name)[0] if isinstance(exc, TruncatedMember) else None
+            if current is not None and cut_key is not None and cut_key != current["__key__"]:
+                if (sample := finished(current)) is not None:  # the cut is in the next sample
+                    yield sample
+                current = None
+            where = cut_key or (current["__key__"] if current else "-")
             pending.skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
             pending.used += [(epoch, index, i) for i in range(count, shard.samples)
                              if unused is None or unused[i]]
@@ -184,6 +194,34 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def decode_feature(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """float16 [regions, channels] from a `feat.npy` field, loaded without unpickling."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises several types for a damaged .npy
+        raise BadSample("corrupt feature", f"{type(exc).__name__}: {exc}") from None
+    if array.dtype.kind != "f":
+        raise BadSample("corrupt feature", f"dtype {array.dtype}, expected float16")
+    if array.shape != tuple(shape):
+        raise BadSample("feature shape mismatch",
+                        f"{list(array.shape)}, expected {list(shape)} as dataset.json's features say")
+    if not np.isfinite(array).all():
+        raise BadSample("corrupt feature", "non-finite values")
+    return array.astype(np.float16, copy=False)
+
+
+def decode_input(sample: dict, spec: StreamSpec) -> np.ndarray:
+    """The model's input of one sample: its feature rows in a feature dataset, else its image."""
+    if spec.features is not None:
+        if FEATURE_EXTENSION not in sample:
+            raise BadSample("missing feature", f"no {FEATURE_EXTENSION} field")
+        return decode_feature(sample[FEATURE_EXTENSION], spec.features.shape)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise BadSample("missing image", f"no field of {', '.join(IMAGE_EXTENSIONS)}")
+    return decode_image(sample[ext], spec.image_size)
+
+
 def decode_labels(data: bytes, num_labels: int) -> np.ndarray:
     """+1 present / -1 absent / 0 unknown, as int8 [num_labels]."""
     try:
@@ -211,11 +249,7 @@ def decode(samples, spec: StreamSpec, pending: Pending):
         try:
             if "labels.json" not in sample:
                 raise BadSample("missing labels.json")
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext is None:
-                raise BadSample("missing image", f"no field of {', '.join(IMAGE_EXTENSIONS)}")
-            yield {"key": key, "pos": sample["__pos__"],
-                   "image": decode_image(sample[ext], spec.image_size),
+            yield {"key": key, "pos": sample["__pos__"], "image": decode_input(sample, spec),
                    "labels": decode_labels(sample["labels.json"], spec.num_labels)}
         except BadSample as exc:
             pending.skipped.append((shard, key, exc.kind, exc.detail))
@@ -235,7 +269,8 @@ def skip_report(pending: Pending) -> dict:
 
 def batched(samples, batch_size: int, pending: Pending, keep_partial: bool):
     """Batches of decoded samples; each carries the positions it uses (its samples' and those of
-    the bad samples skipped since the last batch), so the trainer can mark them used."""
+    the bad samples skipped since the last batch), so the trainer can mark them used. `images` is
+    the model's input: uint8 [B, H, W, 3] images, or float16 [B, R, C] rows of a feature dataset."""
     def collate(items):
         skipped, used = pending.drain()
         return {"images": torch.from_numpy(np.stack([s["image"] for s in items])),

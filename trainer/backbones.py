@@ -3,6 +3,10 @@
 Each backbone normalises its own input (it knows the statistics it was trained with) and says
 whether it is trainable. `vgg19` is LESA's frozen conv5_4 (14x14x512 at 224); `small_cnn` is a
 trainable four-layer CNN sized so the synthetic demo trains in minutes on two CPU cores.
+
+A frozen backbone's output can be cached once (`lesa extract`, a dataset of kind "feature");
+training and evaluation on such a dataset put `FeatureInput` in the backbone's place, chosen by
+`build_backbone` from the dataset, so the head sees the same map either way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import io
 import fsspec
 import torch
 from torch import nn
+
+from trainer.config import ConfigError
 
 
 class Backbone(nn.Module):
@@ -36,6 +42,10 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalise(images))
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "Backbone":
+        return cls()
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -78,12 +88,16 @@ class VGG19Conv54(Backbone):
     def __init__(self, weights: str | None):
         super().__init__()
         layers, cin = [], 3
-        for item in VGG19_LAYERS:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU(inplace=True)]
-                cin = item
+        # The random init is overwritten by the weights; drawing it from a forked RNG leaves the
+        # global stream as it was, so the head is initialised the same whether this backbone runs
+        # or its cached features stand in for it (FeatureInput).
+        with torch.random.fork_rng(devices=[]):
+            for item in VGG19_LAYERS:
+                if item == "M":
+                    layers.append(nn.MaxPool2d(2, 2))
+                else:
+                    layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU(inplace=True)]
+                    cin = item
         self.features = nn.Sequential(*layers)
         if weights is not None:
             self.load_weights(weights)
@@ -106,12 +120,48 @@ class VGG19Conv54(Backbone):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always inference mode
 
-
-BACKBONES = {
-    "small_cnn": lambda cfg: SmallCNN(),
-    "vgg19": lambda cfg: VGG19Conv54(cfg.backbone_weights),
-}
+    @classmethod
+    def from_config(cls, model_cfg) -> "VGG19Conv54":
+        return cls(model_cfg.backbone_weights)
 
 
-def build_backbone(model_cfg) -> Backbone:
-    return BACKBONES[model_cfg.backbone](model_cfg)
+class FeatureInput(nn.Module):
+    """Stands in for a frozen backbone when the dataset holds its cached output: float16 rows
+    [B, R, C] in, the map [B, C, h, w] the backbone would have produced out (r = row * w + col)."""
+
+    trainable = False
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.out_channels = spec.channels
+        # No parameters, but the head may run in bf16 (DeepSpeed casts modules): this empty buffer
+        # follows the model's dtype and device, so the map comes out in what the head expects.
+        self.register_buffer("_like", torch.empty(0), persistent=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        (h, w), (b, r, c) = self.spec.grid, rows.shape
+        if (r, c) != self.spec.shape:
+            raise ValueError(f"feature rows {list(rows.shape[1:])}, expected {list(self.spec.shape)}")
+        return rows.to(self._like.dtype).transpose(1, 2).reshape(b, c, h, w)
+
+
+BACKBONES: dict[str, type[Backbone]] = {"small_cnn": SmallCNN, "vgg19": VGG19Conv54}
+
+
+def check_features(model_cfg, image_size: int, spec, where: str) -> None:
+    """A feature dataset can stand in only for the backbone, at the image size, it was made with."""
+    if spec.backbone != model_cfg.backbone:
+        raise ConfigError(f"model.backbone: {where} holds features of {spec.backbone!r}, but the config asks "
+                          f"for {model_cfg.backbone!r}; set model.backbone={spec.backbone} or train on images")
+    if spec.image_size != image_size:
+        raise ConfigError(f"data.image_size: {where} holds features of images at {spec.image_size}, "
+                          f"but the config says {image_size}; set data.image_size={spec.image_size}")
+
+
+def build_backbone(model_cfg, features=None) -> nn.Module:
+    """The config's backbone, or FeatureInput in its place when `features` (the FeatureSpec of a
+    feature dataset, already checked with `check_features`) says the inputs are its output."""
+    if features is not None:
+        return FeatureInput(features)
+    return BACKBONES[model_cfg.backbone].from_config(model_cfg)

@@ -1,0 +1,133 @@
+"""The feature cache: a frozen backbone's output for every image, as a dataset of kind "feature".
+
+LESA never fine-tunes its VGG-19 (lesa_spec §1.1): running it on every image in every epoch
+repeats the same work, so the official code extracts conv5_4 once and trains the head on that.
+Here `lesa extract` (launch/extract.py) deals the image shards out to Ray actors; each actor holds
+the backbone on its device and turns one image shard into one feature shard at the same relative
+path, with the same keys in the same order and the same labels:
+
+    image shard -> the streaming reader (read, decode, batch; bad samples skipped and recorded)
+        -> backbone -> float16 rows [regions, channels] -> `feat.npy` + `labels.json`
+
+A feature root holds the dataset contract (dataset.json with kind "feature" and how the features
+were made, labels.tsv, embeddings.npy, the shards) plus `extract/`: one JSON record per finished
+shard (samples written, samples skipped and why). A shard is done once its record exists; the
+record is written after the shard is closed, so a rerun redoes exactly the shards that a crash
+or a stop left unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import fsspec
+import numpy as np
+import torch
+
+from datasets.contract import FeatureSpec, Shard, join
+from datasets.shards import ShardFile, encode_labels, encode_npy
+from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader
+
+RECORDS_DIR = "extract"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def relative_path(root: str, shard: Shard) -> str:
+    """The shard's path inside its dataset root (read_dataset made its URL as root/path)."""
+    return shard.url[len(root.rstrip("/")) + 1:]
+
+
+def record_url(out: str, relpath: str) -> str:
+    return join(out, RECORDS_DIR, relpath + ".json")
+
+
+def read_record(url: str) -> dict | None:
+    """A finished shard's record, or None when the shard still has to be extracted."""
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def write_json(url: str, value: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fsspec.open(url, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def same_source(spec: dict, backbone: str, weights: str | None, image_size: int) -> bool:
+    """Whether a record's features were made the way the config asks now."""
+    return (spec.get("backbone"), spec.get("weights"), spec.get("image_size")) == (backbone, weights, image_size)
+
+
+def feature_rows(fmap: torch.Tensor) -> np.ndarray:
+    """[B, C, h, w] -> float32 [B, h * w, C], regions row-major (r = row * w + col) as LESA stores them."""
+    return fmap.float().flatten(2).transpose(1, 2).cpu().numpy()
+
+
+class ShardExtractor:
+    """The work of one Ray actor: the config's frozen backbone on this actor's device, applied to
+    one image shard per `extract` call."""
+
+    def __init__(self, config: dict, precision: str = "fp32"):
+        from trainer.backbones import build_backbone
+        from trainer.config import config_from_dict
+
+        cfg = config_from_dict(config)
+        self.cfg, self.autocast_dtype = cfg, PRECISIONS[precision]
+        if cfg.scaling.use_gpu:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(cfg.scaling.cpus_per_worker)
+        self.backbone = build_backbone(cfg.model).to(self.device).eval()
+        if self.device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        size = cfg.data.image_size
+        probe = self.features(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+        self.spec = FeatureSpec(backbone=cfg.model.backbone, weights=cfg.model.backbone_weights,
+                                image_size=size, grid=(probe.shape[2], probe.shape[3]), channels=probe.shape[1])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return self.backbone(images)
+
+    def made_with(self) -> dict:
+        return self.spec.to_json()
+
+    def extract(self, job: dict) -> dict:
+        """Image shard `job["source"]` -> feature shard `job["out"]`, then its record: what was
+        written, and every sample skipped with its key, kind and detail."""
+        cfg, start = self.cfg, time.time()
+        stream = StreamSpec(shards=[Shard(job["source"], job["samples"])], num_labels=job["num_labels"],
+                            image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size, train=False)
+        loader = make_loader(stream, min(cfg.data.loader_workers, 1), pin_memory=self.device.type == "cuda")
+        skipped, read = [], 0
+        with ShardFile(job["out"]) as shard:
+            for batch in loader:
+                read += len(batch["keys"]) + len(batch["skipped"])
+                skipped += [{"key": key, "kind": kind, "detail": detail} for _, key, kind, detail in batch["skipped"]]
+                if batch["images"] is None:
+                    continue
+                rows = feature_rows(self.features(batch["images"]))
+                if np.abs(rows).max() > FLOAT16_MAX or not np.isfinite(rows).all():
+                    # Not a bad image but wrong weights or inputs: every later shard would fail too.
+                    raise ValueError(f"{job['source']}: features of keys {batch['keys'][:3]}... are not finite "
+                                     f"or exceed float16's range; check model.backbone_weights")
+                rows = rows.astype(np.float16)
+                for key, x, y in zip(batch["keys"], rows, batch["labels"].numpy()):
+                    shard.write(key, {FEATURE_EXTENSION: encode_npy(np.ascontiguousarray(x)),
+                                      "labels.json": encode_labels(np.flatnonzero(y == 1), np.flatnonzero(y == -1))})
+            written = shard.samples
+        record = {"source": job["source"], "shard": job["relpath"], "split": job["split"], "samples": written,
+                  "read": read, "skipped": skipped, "made_with": self.made_with(),
+                  "seconds": round(time.time() - start, 3)}
+        write_json(job["record"], record)
+        return record
