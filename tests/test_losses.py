@@ -242,7 +242,7 @@ def test_total_loss_skips_zero_weights():
     assert parts["rank"] == pytest.approx(0.45, rel=1e-5)
     assert parts["rel"] == pytest.approx(1.0, rel=1e-6)
     assert total.item() == pytest.approx(1.4, rel=1e-5)
-    assert set(LOSSES) == {"rank", "dist", "rel", "div"}
+    assert set(LOSSES) == {"rank", "dist", "rel", "div", "seen_logistic"}
 
 
 # ----------------------------------------------------------------------------------------- RMSprop

@@ -2,11 +2,14 @@
 
 Labels y are +1 present, -1 verified absent, 0 unknown; unknowns take part in no loss. Each loss
 takes the head's outputs and y over the scored labels; `total_loss` weighs them by the config.
+`seen_logistic_loss` trains the CONSE baseline (trainer/baselines.py); each model's terms and
+weights are chosen in trainer/model.py.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def ranking_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,22 @@ def diversity_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
     return (off_diagonal ** 2).sum().clamp_min(1e-12).sqrt()
 
 
-LOSSES = {"rank": ranking_loss, "dist": distribution_loss, "rel": relevance_loss, "div": diversity_loss}
+def seen_logistic_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
+    """CONSE's seen-label classifier: mean over annotated (i, j) of log(1 + exp(-y_ij l_ij)).
+
+    `seen_logits` are the classifier's logits for all seen labels in their dataset order, which
+    is the order of y's columns in training."""
+    logits = out["seen_logits"]
+    if logits.shape != y.shape:
+        raise ValueError(f"seen_logistic_loss: logits {tuple(logits.shape)} but labels {tuple(y.shape)}; "
+                         f"train on the seen labels, in the dataset's order")
+    annotated = (y != 0).float()
+    per_cell = F.binary_cross_entropy_with_logits(logits, (y > 0).float(), reduction="none")
+    return (per_cell * annotated).sum() / annotated.sum().clamp_min(1)
+
+
+LOSSES = {"rank": ranking_loss, "dist": distribution_loss, "rel": relevance_loss, "div": diversity_loss,
+          "seen_logistic": seen_logistic_loss}
 
 
 def total_loss(out: dict, y: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:

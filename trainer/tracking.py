@@ -50,11 +50,14 @@ def metric_key(name: str) -> str:
 
 
 def open_run(tracking_uri: str, artifact_location: str | None, experiment: str,
-             run_name: str | None, params: dict) -> str:
+             run_name: str | None, params: dict, parent_run_id: str | None = None) -> str:
+    """A new run; with `parent_run_id` it is nested under that run (`lesa compare`), which is
+    what MLflow's tag mlflow.parentRunId means to its UI and search."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
-    run = client.create_run(exp_id, run_name=run_name)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])

@@ -1,0 +1,133 @@
+"""`lesa compare`: LESA and the baselines of its tables, trained on the same data, budget and seed.
+
+Each model is one ordinary `lesa train` run (launch/driver.run_training) into DIR/<name>, its
+MLflow run nested under one parent run of the comparison. The results become one table in the
+paper's format (lesa_spec §6.2): rows are methods, columns P/R/F1 at each K and mAP, for ZSL and
+GZSL; DIR/table.md for people, DIR/table.json for scripts. A model that fails is a row saying
+why, and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import Config, ConfigError, load_config
+
+TITLES = {"lesa": "LESA", "fast0tag": "Fast0Tag", "labelem": "LabelEM", "conse": "CONSE",
+          "one_attention_per_label": "One Attention per Label"}
+PAPER_ORDER = ["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"]
+
+
+@dataclass
+class Variant:
+    name: str                     # folder under DIR and MLflow run name
+    title: str                    # row of the table
+    overrides: list[str] = field(default_factory=list)
+
+
+def model_variants(models: list[str], num_attentions: int) -> list[Variant]:
+    return [Variant(m, TITLES.get(m, m) + (f" (M={num_attentions})" if m == "lesa" else ""),
+                    [f"model.name={m}"]) for m in models]
+
+
+# LESA's ablations: one loss term off, or fewer shared attentions.
+ABLATIONS = [
+    Variant("lesa_no_dist", "LESA without L_dist", ["model.name=lesa", "loss.dist=0"]),
+    Variant("lesa_no_rel", "LESA without L_rel", ["model.name=lesa", "loss.rel=0"]),
+    Variant("lesa_no_div", "LESA without L_div", ["model.name=lesa", "loss.div=0"]),
+    Variant("lesa_m1", "LESA (M=1)", ["model.name=lesa", "model.num_attentions=1"]),
+    Variant("lesa_m5", "LESA (M=5)", ["model.name=lesa", "model.num_attentions=5"]),
+]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: Ray wraps a worker's error in its traceback, whose last line names the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = lines[-1] if lines else ""
+    reason = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def run_compare(config: str, variants: list[Variant], out: str | Path, overrides: list[str] = ()) -> dict:
+    """Train every variant in turn; write DIR/table.md and DIR/table.json; return the table."""
+    from launch.driver import run_training
+    from trainer.tracking import RunLogger, open_run, resolve_tracking
+
+    out = Path(out).resolve()
+    configs = {v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"])
+               for v in variants}  # every config checked before anything trains
+    for v in variants:
+        if (out / v.name / "run.json").exists():
+            raise ConfigError(f"--out {out}: {v.name}/ already holds a training run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(config, list(overrides))
+    tracking_uri, artifact_location = resolve_tracking(base.mlflow)
+    parent_name = base.mlflow.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = RunLogger(tracking_uri, open_run(tracking_uri, artifact_location, base.mlflow.experiment, parent_name,
+                                              {"compare.config": config, "compare.variants": " ".join(configs),
+                                               **base.flat()}))
+    print(f"MLflow parent run {parent.run_id} ({parent_name}) in {tracking_uri}; "
+          f"{len(variants)} models: {', '.join(configs)}", flush=True)
+
+    rows = []
+    for v in variants:
+        cfg = configs[v.name]
+        print(f"\n##### lesa compare: {v.title} ({v.name}) #####", flush=True)
+        row = {"name": v.name, "title": v.title, "overrides": v.overrides, "out": str(out / v.name)}
+        try:
+            metrics = run_training(cfg, out / v.name, parent_run_id=parent.run_id)
+        except Exception as exc:  # reported in the table; the next model still runs
+            traceback.print_exc()
+            row.update(status="failed", reason=failure_reason(exc))
+            print(f"##### {v.name} failed: {row['reason']}", flush=True)
+        else:
+            row.update(status="ok", zsl=metrics["zsl"], gzsl=metrics["gzsl"], chance_mAP=metrics["chance_mAP"],
+                       step=metrics["step"], num_test_images=metrics["num_test_images"],
+                       mlflow_run_id=metrics["mlflow_run_id"])
+            parent.log({f"{v.name}/{setting}/{k}": value for setting in ("zsl", "gzsl")
+                        for k, value in metrics[setting].items()}, metrics["step"])
+        rows.append(row)
+
+    table = {"config": str(config), "overrides": list(overrides), "k": base.eval.k, "data": base.data.url,
+             "steps": base.train.max_steps, "seed": base.train.seed, "workers": base.scaling.num_workers,
+             "date": time.strftime("%Y-%m-%d"), "mlflow_parent_run_id": parent.run_id,
+             "tracking_uri": tracking_uri, "rows": rows}
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    (out / "table.md").write_text(format_table_md(table))
+    for name in ("table.md", "table.json"):
+        parent.artifact(out / name)
+    parent.finish(ok=any(row["status"] == "ok" for row in rows))
+    print("\n" + (out / "table.md").read_text() + f"\nresults in {out} (table.md, table.json, one folder per model)")
+    return table
+
+
+def prf(metrics: dict, k: int) -> str:
+    return "/".join(f"{metrics[f'{m}@{k}']:.1f}" for m in ("P", "R", "F1"))
+
+
+def format_table_md(table: dict) -> str:
+    """The paper's layout: P/R/F1 at each K, then mAP, for ZSL and then GZSL (percent)."""
+    ks = table["k"]
+    header = ["method", *(f"ZSL K={k}" for k in ks), "ZSL mAP", *(f"GZSL K={k}" for k in ks), "GZSL mAP"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ok = [row for row in table["rows"] if row["status"] == "ok"]
+    for row in table["rows"]:
+        if row["status"] != "ok":
+            reason = row["reason"].replace("|", "\\|")
+            cells = [f"{row['title']}: **failed**: {reason}", *["—"] * (len(header) - 1)]
+        else:
+            cells = [row["title"]]
+            for setting in ("zsl", "gzsl"):
+                cells += [prf(row[setting], k) for k in ks] + [f"{row[setting]['mAP']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"P/R/F1 at K and mAP in percent, {table['steps']} steps on {table['workers']} workers, "
+             f"seed {table['seed']}, data {table['data']}."]
+    if ok:
+        chance = ok[0]["chance_mAP"]
+        notes.append(f"{ok[0]['num_test_images']} test images; chance mAP (mean label frequency): "
+                     f"ZSL {chance['zsl']:.1f}, GZSL {chance['gzsl']:.1f}.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"

@@ -1,0 +1,152 @@
+"""`lesa compare`: the table in the paper's format, failures reported in it, and the MLflow parent
+run with one nested run per model. The end-to-end test trains every model for a few steps on a
+real local Ray cluster with DeepSpeed, tar shards and an MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import launch.compare
+import launch.driver
+from datasets.synthetic import write_synthetic
+from launch.cli import main
+from launch.compare import ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare
+from trainer.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "launch" / "synthetic.yaml")
+ALL_MODELS = ["lesa", "fast0tag", "labelem", "conse", "one_attention_per_label"]
+
+
+def fake_metrics(mAP: float) -> dict:
+    setting = {f"{m}@{k}": mAP / 2 for m in ("P", "R", "F1") for k in (3, 5)} | {"mAP": mAP}
+    return {"zsl": setting, "gzsl": setting, "chance_mAP": {"zsl": 9.0, "gzsl": 20.0}, "step": 4,
+            "num_test_images": 64, "mlflow_run_id": "child"}
+
+
+def test_table_in_the_papers_layout_with_a_failed_row():
+    table = {"k": [3, 5], "steps": 400, "workers": 2, "seed": 0, "data": "d", "rows": [
+        {"title": "Fast0Tag", "status": "ok", **fake_metrics(41.25)},
+        {"title": "CONSE", "status": "failed", "reason": "ValueError: a | b"},
+    ]}
+    lines = format_table_md(table).splitlines()
+    assert lines[0] == "| method | ZSL K=3 | ZSL K=5 | ZSL mAP | GZSL K=3 | GZSL K=5 | GZSL mAP |"
+    assert lines[2] == "| Fast0Tag | 20.6/20.6/20.6 | 20.6/20.6/20.6 | 41.2 | 20.6/20.6/20.6 | 20.6/20.6/20.6 | 41.2 |"
+    assert lines[3].startswith("| CONSE: **failed**: ValueError: a \\| b | — |")
+    assert lines[3].count(" | ") == 6
+    assert "chance mAP (mean label frequency): ZSL 9.0, GZSL 20.0" in lines[-1]
+
+
+def test_failure_reason_is_the_last_line_of_the_error():
+    exc = RuntimeError("Training failed:\n  File 'x.py'\n    boom()\nValueError: shapes (3,) (4,)\n")
+    assert failure_reason(exc) == "RuntimeError: ValueError: shapes (3,) (4,)"
+    assert len(failure_reason(RuntimeError("x" * 1000))) == 300
+
+
+def test_rows_are_the_models_then_the_ablations(monkeypatch):
+    asked = {}
+    monkeypatch.setattr(launch.compare, "run_compare",
+                        lambda config, variants, out, sets: asked.update(variants=variants, sets=sets) or {"rows": []})
+    main(["compare", CONFIG, "--models", "conse", "lesa", "--ablations", "--out", "unused",
+          "--set", "data.url=unused", "--set", "model.num_attentions=7"])
+    assert [v.title for v in asked["variants"]] == ["CONSE", "LESA (M=7)", "LESA without L_dist", "LESA without L_rel",
+                                                    "LESA without L_div", "LESA (M=1)", "LESA (M=5)"]
+    assert asked["variants"][5].overrides == ["model.name=lesa", "model.num_attentions=1"]
+    assert asked["sets"] == ["data.url=unused", "model.num_attentions=7"]
+
+
+def test_a_failed_model_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_training(cfg, out, parent_run_id=None):
+        trained.append((cfg.model.name, cfg.loss.dist, Path(out).name, parent_run_id))
+        if cfg.model.name == "labelem":
+            raise RuntimeError("worker died\nMemoryError: out of memory")
+        return fake_metrics(50.0 if cfg.model.name == "lesa" else 30.0)
+
+    monkeypatch.setattr(launch.driver, "run_training", fake_training)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    variants = model_variants(["labelem", "lesa"], 10) + ABLATIONS[:1]
+    table = run_compare(CONFIG, variants, tmp_path / "cmp", ["data.url=unused", f"mlflow.tracking_uri={uri}"])
+
+    parent_id = table["mlflow_parent_run_id"]
+    assert trained == [("labelem", 0.1, "labelem", parent_id), ("lesa", 0.1, "lesa", parent_id),
+                       ("lesa", 0.0, "lesa_no_dist", parent_id)]
+    saved = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert [(r["name"], r["status"]) for r in saved["rows"]] == [("labelem", "failed"), ("lesa", "ok"),
+                                                                 ("lesa_no_dist", "ok")]
+    assert saved["rows"][0]["reason"] == "RuntimeError: MemoryError: out of memory"
+    assert "LabelEM: **failed**: RuntimeError: MemoryError: out of memory" in (tmp_path / "cmp" / "table.md").read_text()
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["lesa/zsl/mAP"] == 50.0 and "labelem/zsl/mAP" not in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent_id)} == {"table.md", "table.json"}
+
+
+def test_compare_refuses_an_out_folder_that_holds_runs(tmp_path):
+    (tmp_path / "lesa").mkdir()
+    (tmp_path / "lesa" / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match="lesa/ already holds a training run"):
+        run_compare(CONFIG, [Variant("lesa", "LESA", ["model.name=lesa"])], tmp_path, ["data.url=unused"])
+
+
+def test_a_bad_override_fails_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError, match="model.name: unknown model"):
+        run_compare(CONFIG, model_variants(["lesa", "fast1tag"], 10), tmp_path, ["data.url=unused"])
+    assert not (tmp_path / "table.json").exists()
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+@pytest.mark.integration
+def test_compare_trains_every_model_and_nests_their_runs(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic(str(data), seed=1, sizes={"train": 128, "test": 64}, image_size=48, shard_size=32, workers=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    # The ablations are LESA with other config values (test_rows_are_the_models_then_the_ablations,
+    # test_baselines.py::test_lesa_ablations_are_config_only); five models keep this at ~2 minutes.
+    cmd = [sys.executable, "-m", "launch.cli", "compare", CONFIG, "--models", *ALL_MODELS,
+           "--out", str(tmp_path / "cmp"), "--set", f"data.url={data}", "--set", "data.image_size=48",
+           "--set", "train.max_steps=4", "--set", "checkpoint.every=0", "--set", "checkpoint.max_failures=0",
+           "--set", f"mlflow.tracking_uri={uri}", "--set", "mlflow.experiment=compare"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+
+    table = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    names = ALL_MODELS
+    assert [r["name"] for r in table["rows"]] == names
+    assert all(r["status"] == "ok" for r in table["rows"]), [r.get("reason") for r in table["rows"]]
+    for row in table["rows"]:
+        assert row["step"] == 4 and row["num_test_images"] == 64
+        assert 0 <= row["zsl"]["mAP"] <= 100 and 0 <= row["gzsl"]["F1@3"] <= 100
+        assert (tmp_path / "cmp" / row["name"] / "metrics.json").exists()
+    text = (tmp_path / "cmp" / "table.md").read_text()
+    for title in ("LESA (M=10)", "Fast0Tag", "LabelEM", "CONSE", "One Attention per Label"):
+        assert f"| {title} | " in text
+
+    client = MlflowClient(uri)
+    parent_id = table["mlflow_parent_run_id"]
+    exp = client.get_experiment_by_name("compare")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted(run.info.run_name for run in children) == sorted(names)
+    by_name = {run.info.run_name: run for run in children}
+    for row in table["rows"]:
+        child = by_name[row["name"]]
+        assert child.info.run_id == row["mlflow_run_id"] and child.info.status == "FINISHED"
+        assert child.data.params["model.name"] == row["name"]
+        assert child.data.metrics["zsl/mAP"] == pytest.approx(row["zsl"]["mAP"])
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
+    assert parent.data.metrics["conse/gzsl/mAP"] == pytest.approx(table["rows"][3]["gzsl"]["mAP"])
