@@ -42,7 +42,8 @@ def add_bad_shard(root: Path) -> None:
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     data = work / "data"
-    write_synthetic(str(data), seed=1, sizes={"train": 256, "test": 96}, image_size=48, shard_size=64)
+    # eval.every validates on the val split (trainer/schedule.py): the best model comes back too
+    write_synthetic(str(data), seed=1, sizes={"train": 256, "val": 32, "test": 96}, image_size=48, shard_size=64)
     add_bad_shard(data)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
@@ -70,6 +71,7 @@ def test_train_writes_metrics_for_zsl_and_gzsl(trained):
     assert "Started training worker group of size 2" in log
     assert "ZSL" in log and "GZSL" in log and "mAP" in log
     assert (work / "run" / "model.pt").stat().st_size > 0
+    assert metrics["best"]["step"] == 16 and (work / "run" / "model_best.pt").stat().st_size > 0
 
 
 @pytest.mark.integration

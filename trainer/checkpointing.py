@@ -65,9 +65,10 @@ def save(engine, rank: int, step: int, state: dict, metrics: dict, out: str, ext
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(engine, fallback=None) -> dict | None:
+def restore(engine, fallback=None, read_files=None) -> dict | None:
     """Load the run's latest checkpoint (else `fallback`, the one `--resume PATH` named) into the
-    engine; its state, or None on a fresh start."""
+    engine; its state, or None on a fresh start. `read_files(state, folder)` may read more files
+    of the checkpoint while its folder is open (the best model, trainer/schedule.py)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint() or fallback
@@ -78,7 +79,10 @@ def restore(engine, fallback=None) -> dict | None:
                                          load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"{folder}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
-        return json.loads(Path(folder, STATE_FILE).read_text())
+        state = json.loads(Path(folder, STATE_FILE).read_text())
+        if read_files is not None:
+            read_files(state, Path(folder))
+        return state
 
 
 def rng_state() -> list[int]:

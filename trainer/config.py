@@ -40,6 +40,7 @@ class ModelConfig:
     backbone_weights: str | None = None  # path or fsspec URL of a state dict (vgg19)
     num_attentions: int = 10      # M of lesa_spec §1.2
     adapter: bool = True          # the 2x2 conv + BN + ReLU adapter of the official code
+    conse_top: int = 10           # conse only: T, the most probable seen labels an image embedding mixes
 
 
 @dataclass
@@ -56,6 +57,14 @@ class OptimConfig:
     name: str = "rmsprop_tf"      # registry in trainer/optim.py: rmsprop_tf | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # LESA's adaptive lr (lesa_spec §3, trainer/schedule.py) at every validation (eval.every):
+    # ema = lr_ema * ema + (1 - lr_ema) * metric; when ema falls, lr >= lr_floor and no cooldown:
+    # lr *= lr_decay and a cooldown of lr_patience evaluations. Inert when eval.every is 0.
+    adaptive_lr: bool = True
+    lr_patience: int = 2          # the official code: 2 on Open Images, 5 on NUS-WIDE
+    lr_decay: float = 0.8
+    lr_ema: float = 0.7           # weight of the previous EMA (the official signal strength is 0.3)
+    lr_floor: float = 1e-6        # no decay once lr is below this
 
 
 @dataclass
@@ -63,6 +72,10 @@ class TrainConfig:
     max_steps: int = 400
     seed: int = 0
     log_every: int = 10           # console + MLflow cadence, in steps
+    early_stopping: bool = False  # stop once the validation metric stalls (the official code trains to
+                                  # the end and only keeps the best model, which we always do)
+    early_stopping_patience: int = 10     # validations in a row without improvement before stopping
+    early_stopping_min_delta: float = 0.0  # an improvement must exceed this (metric units, percent)
 
 
 @dataclass
@@ -71,6 +84,12 @@ class EvalConfig:
     k: list[int] = field(default_factory=lambda: [3, 5])
     split: str = "test"
     batch_size: int = 64
+    overlays: int = 4             # attention overlay PNGs of eval images at the end (OUT/attention/); 0: none
+    # Validation every `every` steps: val_metric on the seen labels of val_split drives the adaptive
+    # lr, early stopping and the best model (model_best.pt). null: no validation. Never the test split.
+    val_split: str | None = "val"
+    val_metric: str = "mAP"       # mAP (Open Images), or P@K / R@K / F1@K (F1@5 on NUS-WIDE)
+    test_during_training: bool = True  # also evaluate `split` every `every` steps (metrics.json history)
 
 
 @dataclass
@@ -198,13 +217,14 @@ def _check(cfg: Config) -> None:
     need(bool(cfg.data.url), "data.url", "is required (the dataset root, see DESIGN.md)")
     for key in ("data.image_size", "data.batch_size", "train.max_steps", "train.log_every",
                 "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
-                "model.num_attentions"):
+                "model.num_attentions", "model.conse_top"):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, key, "must be at least 1")
     need(cfg.data.loader_workers >= 0, "data.loader_workers", "must be 0 or more")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
     need(0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
     need(cfg.eval.every >= 0, "eval.every", "must be 0 (end only) or a number of steps")
+    need(cfg.eval.overlays >= 0, "eval.overlays", "must be 0 (none) or a number of images")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be 0 (end only) or a number of steps")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be 0 or more")
@@ -214,6 +234,7 @@ def _check(cfg: Config) -> None:
     need(len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k), "eval.k",
          "must be a non-empty list of positive integers")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    _check_schedule(cfg, need)
     for name in ("rank", "dist", "rel", "div"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be non-negative")
     # Registries are checked here too so that a typo fails before Ray starts.
@@ -228,6 +249,27 @@ def _check(cfg: Config) -> None:
          f"unknown optimizer (known: {', '.join(OPTIMIZERS)})")
     need(cfg.model.backbone != "vgg19" or cfg.model.backbone_weights is not None, "model.backbone_weights",
          "vgg19 is frozen, so it needs pretrained weights: a state dict path or URL")
+
+
+def _check_schedule(cfg: Config, need) -> None:
+    """Validation, adaptive lr and early stopping (trainer/schedule.py)."""
+    from trainer.schedule import VAL_METRIC
+
+    o, t, e = cfg.optim, cfg.train, cfg.eval
+    need(o.lr_patience >= 0, "optim.lr_patience", "must be 0 or more")
+    need(0 < o.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
+    need(0 <= o.lr_ema < 1, "optim.lr_ema", "must be in [0, 1)")
+    need(o.lr_floor >= 0, "optim.lr_floor", "must be 0 or more")
+    need(t.early_stopping_patience >= 1, "train.early_stopping_patience", "must be at least 1")
+    need(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be 0 or more")
+    need(VAL_METRIC.fullmatch(e.val_metric) is not None, "eval.val_metric",
+         f"expected mAP, P@K, R@K or F1@K (K a positive integer), got {e.val_metric!r}")
+    need(e.val_split != e.split, "eval.val_split",
+         f"must differ from eval.split ({e.split}): the schedule and the best model never see the test split")
+    need(not t.early_stopping or e.every > 0, "train.early_stopping",
+         "stops on validations, which run every eval.every steps: set eval.every > 0")
+    need(not (t.early_stopping or o.adaptive_lr) or e.every == 0 or bool(e.val_split), "eval.val_split",
+         "is null, but optim.adaptive_lr or train.early_stopping needs a validation split")
 
 
 def parse_override(item: str) -> tuple[list[str], object]:

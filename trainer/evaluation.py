@@ -31,25 +31,29 @@ def settings_of(info: DatasetInfo) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int, device,
-                bad: BadSampleLog) -> tuple[np.ndarray, Annotations]:
-    """Scores [n_local, num_labels] and the annotated cells of this worker's share of `split`."""
+                bad: BadSampleLog, label_ids: np.ndarray | None = None) -> tuple[np.ndarray, Annotations]:
+    """Scores [n_local, labels] and the annotated cells of this worker's share of `split`, for all
+    labels or only `label_ids` (columns then in that order)."""
     shards = info.shards(split)
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
-                      batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False)
+                      batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False,
+                      features=info.features)
     mine = len(shards[rank::world])
     loader = make_loader(spec, min(cfg.data.loader_workers, mine), pin_memory=device.type == "cuda")
-    all_ids = torch.arange(info.num_labels, device=device)
+    if label_ids is None:
+        label_ids = np.arange(info.num_labels)
+    ids = torch.as_tensor(label_ids, device=device)
     scores, annotations, num_images = [], [], 0
     for batch in loader:
         bad.add(batch)
         if batch["images"] is None:
             continue
-        out = model(batch["images"].to(device, non_blocking=True), all_ids)
+        out = model(batch["images"].to(device, non_blocking=True), ids)
         scores.append(out["scores"].float().cpu().numpy())
-        annotations.append(Annotations.from_dense(batch["labels"].numpy(), row_offset=num_images))
+        annotations.append(Annotations.from_dense(batch["labels"].numpy()[:, label_ids], row_offset=num_images))
         num_images += len(batch["keys"])
     if not scores:  # a worker with no shards still takes part in the collectives
-        return np.zeros((0, info.num_labels), np.float32), Annotations.concatenate([])
+        return np.zeros((0, len(label_ids)), np.float32), Annotations.concatenate([])
     return np.concatenate(scores), Annotations.concatenate(annotations)
 
 
@@ -77,3 +81,23 @@ def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, avera
     results["eval_bad_samples"] = bad.summary()
     results["num_images"] = results["eval_bad_samples"]["read"] - results["eval_bad_samples"]["count"]
     return results
+
+
+def validation_metric(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> float:
+    """`eval.val_metric` over the seen labels of `eval.val_split` (lesa_spec §3: validation uses
+    seen labels only), computed exactly over all workers; rank 0's value on every rank, so the
+    schedule's decisions (trainer/schedule.py) cannot differ between ranks. A collective."""
+    from trainer.schedule import metric_k
+
+    average_buffers(model)
+    was_training = model.training
+    model.eval()
+    scores, labels = score_split(model, info, cfg.eval.val_split, cfg, rank, world, device,
+                                 BadSampleLog(rank), label_ids=info.seen)
+    model.train(was_training)
+    k = metric_k(cfg.eval.val_metric)
+    results, _ = evaluate_labels(scores, labels, {"seen": np.arange(len(info.seen))}, [k or 1], device)
+    value = torch.tensor(results["seen"][cfg.eval.val_metric], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(value, src=0)
+    return float(value)
