@@ -1,0 +1,255 @@
+"""`lesa predict`: tag image files with a model that `lesa train --out DIR` wrote.
+
+One process, plain torch, no Ray. DIR/config.json rebuilds the model, DIR/model.pt (a tensor
+state dict, read with weights_only=True: nothing is unpickled) fills it, and every image is decoded
+exactly as the training stream decodes it (`decode_image`: short side resized, centre crop), so
+the model sees what it was trained on.
+
+Which labels are scored:
+- by default every label of the dataset in the config (seen and unseen), with the dataset's vectors;
+- with `--labels NAME ...` only those names, instead: a name the dataset has (case-insensitive)
+  keeps the dataset's vector, the one the model was trained or evaluated with; any other name
+  gets a vector from `--label-vectors` (datasets/embeddings.py: GloVe/word2vec text, or a .npy
+  with `--label-vector-names`; multi-word names average their known words).
+An unreadable image and a name with no vector are reported on stderr by name, and the rest is
+still predicted; the exit status is 1 only when nothing could be predicted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+
+from datasets.contract import DatasetError, DatasetInfo, join, read_dataset
+from datasets.stream import BadSample, decode_image
+from launch.storage import model_file
+from trainer.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
+from trainer.config import Config, ConfigError, config_from_dict
+from trainer.model import build_model
+
+BATCH = 16              # images per forward pass
+MAX_SHEET_LABELS = 10   # labels captioned on an overlay sheet, whatever --top-k is
+
+
+@dataclass
+class Vocabulary:
+    """The labels scored: rows `ids` of `table`, the label-vector table the model is built over
+    (the dataset's vectors first, so models that need the seen labels, CONSE, still find them;
+    then the vectors of names the dataset does not have)."""
+    names: list[str]
+    roles: list[str]         # seen / unseen (the dataset's), or "new" (from --label-vectors)
+    ids: np.ndarray          # int64 [n]
+    table: np.ndarray        # float32 [rows, dim], raw: the model normalises
+
+
+def warn(message: str) -> None:
+    print(f"lesa predict: {message}", file=sys.stderr, flush=True)
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def locate(checkpoint: str) -> tuple[str, str]:
+    """(model.pt, config.json) for DIR or DIR/model.pt."""
+    model_url = model_file(checkpoint)
+    if model_url is None:
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
+    return model_url, join(model_url.rsplit("/", 1)[0], "config.json")
+
+
+def read_config(url: str) -> Config:
+    try:
+        with fsspec.open(url, "rt") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: missing; predict needs the config.json that `lesa train --out` "
+                          f"writes next to model.pt") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{url}: not valid JSON ({exc})") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{url}: {exc}") from None
+
+
+def read_state(url: str) -> dict[str, torch.Tensor]:
+    with fsspec.open(url, "rb") as f:
+        try:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+            raise ConfigError(f"{url}: not a model.pt of this system ({type(exc).__name__}: {exc})") from None
+
+
+def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str) -> bool:
+    """Whether model.pt holds the backbone's weights. A model trained on cached features (a dataset
+    of kind "feature") has none: predict then runs the frozen backbone the features came from, with
+    model.backbone_weights (or the weights the feature dataset names), on the images."""
+    if any(k.startswith("backbone.") for k in state):
+        cfg.model.backbone_weights = None  # model.pt has them: nothing to fetch
+        return True
+    if cfg.model.backbone_weights is None and info is not None and info.features is not None:
+        cfg.model.backbone_weights = info.features.weights
+    if cfg.model.backbone_weights is None:
+        raise ConfigError(f"{url}: holds no backbone weights (trained on cached features?); set "
+                          f"model.backbone_weights in its config.json to the {cfg.model.backbone} weights")
+    return False
+
+
+def load_model(cfg: Config, state: dict, vocabulary: Vocabulary, seen: np.ndarray | None,
+               with_backbone: bool, url: str, device: torch.device):
+    """The model of `cfg` (with its image backbone) and the weights of `state`, over `vocabulary`."""
+    model = build_model(cfg, vocabulary.table, seen)
+    weights = {k: v for k, v in state.items() if k != "label_vectors"}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "label_vectors" and (with_backbone or not k.startswith("backbone."))]
+    if missing or unexpected:
+        raise ConfigError(f"{url}: does not match model.name/model.backbone of its config.json "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+def vector_dim(state: dict, info: DatasetInfo | None) -> int | None:
+    """The label-vector size the model scores: from the saved vocabulary, else the dataset's."""
+    if "label_vectors" in state:
+        return int(state["label_vectors"].shape[1])
+    return int(info.embeddings.shape[1]) if info is not None else None
+
+
+# --- the labels ---------------------------------------------------------------------------------
+
+def dataset_vocabulary(info: DatasetInfo) -> Vocabulary:
+    return Vocabulary([lab.name for lab in info.labels], [lab.role for lab in info.labels],
+                      np.arange(info.num_labels), info.embeddings)
+
+
+def requested_vocabulary(names: list[str], info: DatasetInfo | None, encoder, dim: int | None) -> Vocabulary:
+    """The labels named on the command line, in that order, each once; a name with no vector is
+    reported and left out."""
+    known = {}
+    for lab in info.labels if info is not None else []:
+        known.setdefault(lab.name.casefold(), lab)
+    unique = list(dict.fromkeys(names))
+    new = [n for n in unique if n.casefold() not in known]
+    encoded = {}
+    if new and encoder is not None:
+        if dim is not None and encoder.dim != dim:
+            raise ConfigError(f"--label-vectors {encoder.source}: {encoder.dim}-d vectors, but the "
+                              f"model scores {dim}-d label vectors")
+        vectors, absent = encoder.encode(new)
+        encoded = {n: v for n, v in zip(new, vectors) if n not in set(absent)}
+    width = dim or (encoder.dim if encoder is not None else 0)
+    base = info.embeddings if info is not None else np.zeros((0, width), np.float32)
+    chosen, roles, ids, extra = [], [], [], []
+    for name in unique:
+        if name.casefold() in known:
+            lab = known[name.casefold()]
+            chosen.append(name)
+            roles.append(lab.role)
+            ids.append(lab.index)
+        elif name in encoded:
+            chosen.append(name)
+            roles.append("new")
+            ids.append(len(base) + len(extra))
+            extra.append(encoded[name])
+        else:
+            where = f"nor in {encoder.source}" if encoder is not None else "(pass --label-vectors to embed new names)"
+            warn(f"label {name!r}: no vector: not a label of the dataset {where}; not scored")
+    table = np.concatenate([base, np.stack(extra)]) if extra else base
+    return Vocabulary(chosen, roles, np.array(ids, dtype=np.int64), table.astype(np.float32))
+
+
+def open_dataset(url: str, needed: bool) -> DatasetInfo | None:
+    """The dataset whose labels the model knows; without --labels it must be readable."""
+    try:
+        return read_dataset(url)
+    except DatasetError as exc:
+        if needed:
+            raise
+        warn(f"dataset {url} not readable, so --labels get vectors from --label-vectors only ({exc})")
+        return None
+
+
+# --- the images ---------------------------------------------------------------------------------
+
+def read_image(path: str, size: int) -> np.ndarray | None:
+    """uint8 [size, size, 3] as training decodes it, or None after reporting why not."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as exc:
+        warn(f"{path}: cannot read ({type(exc).__name__}: {exc}); skipped")
+        return None
+    try:
+        return decode_image(data, size)
+    except BadSample as exc:
+        warn(f"{path}: not a readable image ({exc.detail}); skipped")
+        return None
+
+
+def print_prediction(path: str, scores: np.ndarray, vocabulary: Vocabulary, top_k: int) -> None:
+    print(path)
+    for rank, k in enumerate(top_labels(scores, top_k), start=1):
+        print(f"  {rank:>3}  {scores[k]:9.4f}  {vocabulary.names[k]}  [{vocabulary.roles[k]}]")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def predict(checkpoint: str, images: list[str], labels: list[str] | None = None,
+            label_vectors: str | None = None, label_vector_names: str | None = None, top_k: int = 10,
+            overlays: str | None = None, device: str = "cpu", data: str | None = None) -> int:
+    """Print the top-K labels of every readable image; the exit status (0, or 1 if nothing was predicted)."""
+    from datasets.embeddings import load_label_encoder
+
+    if top_k < 1:
+        raise ConfigError(f"--top-k: must be at least 1, got {top_k}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available")
+    model_url, config_url = locate(checkpoint)
+    cfg = read_config(config_url)
+    state = read_state(model_url)
+    info = open_dataset(data or cfg.data.url, needed=not labels)
+    encoder = load_label_encoder(label_vectors, label_vector_names) if label_vectors else None
+    vocabulary = (requested_vocabulary(labels, info, encoder, vector_dim(state, info)) if labels
+                  else dataset_vocabulary(info))
+    if not vocabulary.names:
+        warn("no label has a vector: nothing to predict")
+        return 1
+    with_backbone = backbone_source(cfg, state, info, model_url)
+    model = load_model(cfg, state, vocabulary, info.seen if info is not None else None, with_backbone,
+                       model_url, torch.device(device))
+    label_ids = torch.as_tensor(vocabulary.ids, device=device)
+
+    predicted, taken, no_attention = 0, set(), False
+    for start in range(0, len(images), BATCH):
+        good = [(p, a) for p in images[start:start + BATCH] if (a := read_image(p, cfg.data.image_size)) is not None]
+        if not good:
+            continue
+        batch = torch.from_numpy(np.stack([a for _, a in good])).to(device)
+        with torch.no_grad():
+            out = model(batch, label_ids)
+        scores = out["scores"].float().cpu().numpy()
+        for (path, _), row in zip(good, scores):
+            print_prediction(path, row, vocabulary, min(top_k, len(vocabulary.names)))
+        predicted += len(good)
+        if overlays:
+            items = attention_items(out, batch)
+            if items is None:
+                no_attention = True
+                continue
+            for (path, _), item in zip(good, items):
+                sheet = render_sheet(item, vocabulary.names, Path(path).name, min(top_k, MAX_SHEET_LABELS))
+                write_sheet(sheet, Path(overlays, file_name(Path(path).stem, taken)))
+    if no_attention:
+        warn(f"model.name {cfg.model.name} has no attention maps; no overlays written")
+    elif overlays and predicted:
+        print(f"attention overlays in {overlays}/", file=sys.stderr)
+    if predicted == 0:
+        warn("no image could be read: nothing predicted")
+        return 1
+    return 0
