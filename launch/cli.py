@@ -34,12 +34,39 @@ def cmd_submit(args) -> int:
                   stop_on_interrupt=args.stop_on_interrupt)
 
 
+def cmd_compare(args) -> int:
+    from launch.compare import ABLATIONS, model_variants, run_compare
+    from trainer.config import load_config
+
+    base = load_config(args.config, args.set)
+    variants = model_variants(args.models, base.model.num_attentions) + (ABLATIONS if args.ablations else [])
+    table = run_compare(args.config, variants, args.out, args.set)
+    return 0 if any(row["status"] == "ok" for row in table["rows"]) else 1
+
+
 def cmd_evaluate(args) -> int:
     from launch.driver import run_evaluation
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
     run_evaluation(cfg, args.checkpoint, args.out)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from launch.predict import predict
+
+    return predict(args.checkpoint, args.images, labels=args.labels, label_vectors=args.label_vectors,
+                   label_vector_names=args.label_vector_names, top_k=args.top_k, overlays=args.overlays,
+                   device=args.device, data=args.data)
+
+
+def cmd_extract(args) -> int:
+    from launch.extract import run_extract
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    run_extract(cfg, args.out, splits=args.splits, precision=args.precision)
     return 0
 
 
@@ -101,6 +128,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_label_*.tsv")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("extract", help="cache a frozen backbone's features of every image (a feature dataset "
+                                       "that lesa train and lesa evaluate read in place of the images)")
+    p.add_argument("config", help="experiment YAML: data.url (image dataset), data.image_size, model.backbone "
+                                  "(frozen, e.g. vgg19) and its weights, scaling.*")
+    p.add_argument("--out", required=True, help="feature dataset root to write (path or fsspec URL); "
+                                                "a rerun skips the shards already done")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", help="splits to extract (default: all)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="run the backbone under autocast (features are stored float16 either way)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("compare", help="train LESA and the baselines on the same data, budget and seed; "
+                                       "write the paper's table")
+    p.add_argument("config", help="experiment YAML, e.g. launch/synthetic.yaml")
+    p.add_argument("--models", nargs="+", default=["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"],
+                   help="model.name of each row, in order (default: the paper's five)")
+    p.add_argument("--ablations", action="store_true",
+                   help="add LESA without L_dist, without L_rel, without L_div, with M=1 and M=5")
+    p.add_argument("--out", required=True, help="output folder: table.md, table.json, one folder per model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every model (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="top-K labels of image files with a trained model (plain torch, no Ray)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (paths or fsspec URLs)")
+    p.add_argument("--checkpoint", required=True, help="the --out folder of lesa train, or its model.pt "
+                                                       "(config.json must lie beside it)")
+    p.add_argument("--labels", nargs="+", metavar="NAME",
+                   help="score only these names instead of the dataset's labels; names the dataset lacks "
+                        "need --label-vectors")
+    p.add_argument("--label-vectors", metavar="SPEC",
+                   help="word vectors for new names: a GloVe/word2vec text file, or a .npy matrix")
+    p.add_argument("--label-vector-names", metavar="FILE", help="the row names of a .npy --label-vectors, one per line")
+    p.add_argument("--top-k", type=int, default=10, help="labels printed per image (default 10)")
+    p.add_argument("--overlays", metavar="DIR", help="also write one attention overlay PNG per image here")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--data", metavar="URL", help="dataset root for the label vocabulary (default: data.url of the config)")
+    p.set_defaults(func=cmd_predict)
+
+    from launch.convert_cli import add_convert_parser
+
+    add_convert_parser(sub)   # lesa convert openimages|nuswide|lesa-split
 
     p = sub.add_parser("metrics", help="LESA's metrics for a score matrix and a label matrix")
     p.add_argument("--scores", required=True, help=".npy float [images, labels]")

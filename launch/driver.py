@@ -29,6 +29,15 @@ def absolute(url: str) -> str:
 
 def check_data(cfg: Config, splits: list[str]):
     info = read_dataset(cfg.data.url)
+    if info.features is not None:  # a feature cache stands in only for the backbone that made it
+        from trainer.backbones import check_features
+
+        check_features(cfg.model, cfg.data.image_size, info.features, cfg.data.url)
+    if cfg.eval.val_split in splits and cfg.eval.val_split not in info.splits:
+        raise ConfigError(f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
+                          f"every eval.every steps (has: {', '.join(info.splits)}); name another, write one "
+                          f"(lesa synth --val N), or run without validation: --set eval.val_split=null "
+                          f"--set optim.adaptive_lr=false")
     for split in splits:
         info.shards(split)
     train = info.shards(cfg.data.train_split) if cfg.data.train_split in splits else None
@@ -66,9 +75,11 @@ def start_ray(cfg: Config) -> None:
 RUN_FILE = "run.json"  # what `--resume latest` needs: the Ray Train run name and the MLflow run
 
 
-def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None = None) -> tuple[str, str, RunLogger]:
-    """A new MLflow run, or on resume the run of the job being continued (params not re-logged:
-    MLflow refuses changed values, and a resume may change the number of workers)."""
+def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None = None,
+                  parent_run_id: str | None = None) -> tuple[str, str, RunLogger]:
+    """A new MLflow run (nested under `parent_run_id` if given), or on resume the run of the job
+    being continued (params not re-logged: MLflow refuses changed values, and a resume may change
+    the number of workers)."""
     tracking_uri, artifact_location = resolve_tracking(cfg.mlflow)
     if resume:
         tracking_uri, run_name = resume["tracking_uri"], resume["run_name"]
@@ -77,7 +88,7 @@ def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None
         print(f"resuming MLflow run {logger.run_id} ({run_name}) in {tracking_uri}")
         return tracking_uri, run_name, logger
     run_name = cfg.mlflow.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat())
+    run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat(), parent_run_id)
     logger = RunLogger(tracking_uri, run_id)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     logger.artifact(out / "config.json")
@@ -85,7 +96,8 @@ def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None
     return tracking_uri, run_name, logger
 
 
-RESULT_FILES = ("metrics.json", "per_label_zsl.tsv", "per_label_gzsl.tsv", "model.pt")
+RESULT_FILES = ("metrics.json", "per_label_zsl.tsv", "per_label_gzsl.tsv", "model.pt", "model_best.pt")
+OVERLAYS_DIR = "attention"
 
 
 def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, logger: RunLogger,
@@ -125,6 +137,9 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
             for name in RESULT_FILES:
                 if Path(ckpt, name).exists():
                     shutil.copy(Path(ckpt, name), out / name)
+            if Path(ckpt, OVERLAYS_DIR).is_dir():  # eval.overlays: attention PNGs (trainer/attention_maps.py)
+                shutil.rmtree(out / OVERLAYS_DIR, ignore_errors=True)
+                shutil.copytree(Path(ckpt, OVERLAYS_DIR), out / OVERLAYS_DIR)
     except BaseException:
         logger.finish(ok=False)
         raise
@@ -137,6 +152,8 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
                    metrics["step"])
     for name in ("metrics.json", *SETTINGS_FILES):
         logger.artifact(out / name)
+    for picture in sorted((out / OVERLAYS_DIR).glob("*.png")):
+        logger.artifact(picture, OVERLAYS_DIR)
     logger.finish(ok=True)
     return metrics
 
@@ -174,16 +191,18 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
     return run, resume
 
 
-def run_training(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
+def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent_run_id: str | None = None) -> dict:
+    """`lesa train`; `parent_run_id` nests its MLflow run under another (`lesa compare`)."""
     from trainer.worker import train_worker
 
-    out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split])
+    validating = cfg.eval.every > 0 and cfg.eval.val_split  # trainer/schedule.py
+    out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split] + ([cfg.eval.val_split] if validating else []))
     run, resume_from = resume_target(out, resume)
     print(f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
           f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images")
     if run is not None and run["storage"]:
         cfg.checkpoint.storage = run["storage"]
-    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name, resume=run)
+    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id)
     (out / RUN_FILE).write_text(json.dumps({"run_name": run_name, "mlflow_run_id": logger.run_id,
                                             "tracking_uri": tracking_uri, "storage": cfg.checkpoint.storage}))
     metrics = run_workers(cfg, out, train_worker, {"tracking_uri": tracking_uri}, run_name, logger,
@@ -214,6 +233,13 @@ def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
     print(f"\n=== {title}, {metrics['num_test_images']} {cfg.eval.split} images "
           f"on {cfg.scaling.num_workers} workers (percent) ===")
     print(format_table(metrics, cfg.eval.k))
+    if metrics.get("best"):  # the best validated model (model_best.pt), on the same split
+        best, schedule = metrics["best"], metrics["schedule"]
+        print(f"best model (step {best['step']}, {schedule['val_split']} seen {schedule['val_metric']} "
+              f"{best['val_metric']:.2f}) on {cfg.eval.split}:\n{format_table(best, cfg.eval.k)}")
+    if metrics.get("schedule", {}).get("stopped_early"):
+        print(f"stopped early at step {metrics['step']}: no improvement on {metrics['schedule']['val_split']} "
+              f"for train.early_stopping_patience={cfg.train.early_stopping_patience} validations")
     print("chance level (mean label frequency): " + ", ".join(
         f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items()))
     for name in SETTINGS_FILES:
@@ -225,4 +251,6 @@ def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
         print(f"throughput: {metrics['throughput']['samples_per_s']:.0f} samples/s over "
               f"{metrics['throughput']['seconds']:.0f} s")
     print(f"results in {out} (metrics.json, per_label_*.tsv"
-          + (", model.pt" if (out / "model.pt").exists() else "") + f"); MLflow run {metrics['mlflow_run_id']}")
+          + (", model.pt" if (out / "model.pt").exists() else "")
+          + (", model_best.pt" if metrics.get("best") else "")
+          + (f", {OVERLAYS_DIR}/*.png" if (out / OVERLAYS_DIR).is_dir() else "") + f"); MLflow run {metrics['mlflow_run_id']}")

@@ -21,16 +21,18 @@ import torch.distributed as dist
 from datasets.contract import read_dataset
 from datasets.stream import StreamSpec, make_loader
 from datasets.position import DataPosition
+from trainer.attention_maps import eval_overlay_files
 from trainer.bad_samples import BadSampleLog
 from trainer.checkpointing import restore, rng_state, save, set_rng_state, state_digest
 from trainer.config import Config, config_from_dict
-from trainer.evaluation import evaluate, settings_of
+from trainer.evaluation import evaluate, settings_of, validation_metric
 from trainer.ledger import Ledger
 from trainer.losses import total_loss
-from trainer.model import build_model
+from trainer.model import build_model, loss_weights
 from trainer.optim import build_optimizer
 from trainer.progress import Progress, format_table
 from trainer.report import write_per_label
+from trainer.schedule import ValidationSchedule, current_lr
 from trainer.tracking import RunLogger
 
 
@@ -41,6 +43,9 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "train_batch_size": cfg.data.batch_size * world,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
+        # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; LESA's optimizer
+        # (lesa_spec §3) and the baselines take the raw gradient.
+        "gradient_clipping": 0.0,
         "steps_per_print": 10 ** 9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
@@ -103,7 +108,7 @@ def result_files(metrics: dict, results: dict, info, model=None) -> dict:
     return files
 
 
-def publish(rank: int, metrics: dict, results: dict, info) -> None:
+def publish(rank: int, metrics: dict, results: dict, info, extra_files: dict | None = None) -> None:
     """Report evaluation results to the driver (rank 0 through a checkpoint of result files)."""
     import ray.train
 
@@ -112,7 +117,7 @@ def publish(rank: int, metrics: dict, results: dict, info) -> None:
         ray.train.report(flat)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        for name, write in result_files(metrics, results, info).items():
+        for name, write in {**result_files(metrics, results, info), **(extra_files or {})}.items():
             write(Path(tmp, name))
         ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -125,6 +130,14 @@ def final_metrics(results: dict, step: int, **extra) -> dict:
 
 def flat_eval_metrics(results: dict) -> dict[str, float]:
     return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
+
+
+def add_to_history(history: list[dict], step: int, values: dict) -> None:
+    """One entry per evaluated step: validation and test results of a step share it."""
+    if history and history[-1]["step"] == step:
+        history[-1].update(values)
+    else:
+        history.append({"step": step, **values})
 
 
 def gather_used(used: list, position: DataPosition) -> None:
@@ -143,11 +156,14 @@ def train_worker(payload: dict) -> None:
     cfg, rank, world, device = setup_worker(payload)
     out = payload["out"]
     info = read_dataset(cfg.data.url)
-    engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings), world)
+    engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings, info.seen, info.features), world)
     model = engine.module
     shards = info.shards(cfg.data.train_split)
 
-    restored = restore(engine, fallback=payload.get("resume_from"))
+    schedule = ValidationSchedule(cfg)  # adaptive lr, early stopping, best model (trainer/schedule.py)
+    restored = restore(engine, fallback=payload.get("resume_from"),
+                       read_files=lambda state, folder: schedule.load(state.get("schedule"), folder))
+    schedule.apply_lr(optimizer)  # the checkpoint's lr, not optim.lr
     step = restored["step"] if restored else 0
     sizes = [s.samples for s in shards]
     position = DataPosition.from_json(restored["position"]) if restored else DataPosition(sizes)
@@ -160,6 +176,7 @@ def train_worker(payload: dict) -> None:
         if rank == 0:
             print(f"resumed from step {step} on {world} workers: model digest {state_digest(model)}, "
                   f"data at epoch {position.completed_epochs} (+{len(position.used)} in flight)", flush=True)
+            print(f"resumed schedule: {json.dumps(schedule.to_json())}", flush=True)
     ledger_dir = Path(out, "ledger")
     if cfg.data.ledger and rank == 0:
         Ledger.discard_after(ledger_dir, step)  # entries past the restored checkpoint never happened
@@ -170,13 +187,14 @@ def train_worker(payload: dict) -> None:
 
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
                       batch_size=cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
-                      train=True, shuffle_buffer=cfg.data.shuffle_buffer, position=position if restored else None)
+                      train=True, shuffle_buffer=cfg.data.shuffle_buffer, position=position if restored else None,
+                      features=info.features)
     loader_workers = min(cfg.data.loader_workers, len(shards) // world)
     batches = iter(make_loader(spec, loader_workers, pin_memory=device.type == "cuda"))
     bad = BadSampleLog(rank, cfg.data.max_bad_fraction)
     used: list = []
     seen_ids = torch.as_tensor(info.seen, device=device)
-    weights = {name: getattr(cfg.loss, name) for name in ("rank", "dist", "rel", "div")}
+    weights = loss_weights(cfg)  # each model.name brings its own loss terms (trainer/model.py)
     progress = Progress(cfg.train.max_steps, cfg.data.batch_size * world, first_step=step) if rank == 0 else None
 
     def next_batch():
@@ -194,16 +212,17 @@ def train_worker(payload: dict) -> None:
     def checkpoint(metrics: dict, extra_files=None) -> None:
         gather_used(used, position)
         state = {"position": position.to_json(), "eval_history": eval_history, "rng": rng_state(),
-                 "mlflow_run_id": payload["run_id"], "tracking_uri": payload["tracking_uri"]}
+                 "mlflow_run_id": payload["run_id"], "tracking_uri": payload["tracking_uri"],
+                 "schedule": schedule.to_json()}
         if ledger:
             ledger.commit(step)
-        save(engine, rank, step, state, metrics, out, extra_files)
+        save(engine, rank, step, state, metrics, out, {**schedule.files(), **(extra_files or {})})
         if rank == 0:
             logger.flush()  # MLflow gets a step's metrics only once a checkpoint holds that step
             print(f"checkpoint at step {step}: model digest {state_digest(model)}", flush=True)
 
     window: dict[str, float] = {}
-    while step < cfg.train.max_steps:
+    while step < cfg.train.max_steps and not schedule.should_stop:
         step += 1
         t0 = time.perf_counter()
         batch = next_batch()
@@ -234,28 +253,43 @@ def train_worker(payload: dict) -> None:
                 progress.update(step, row)
                 logger.log(row, step, flush=False)
 
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+        if schedule.due(step):  # validation: seen labels of eval.val_split, never the test split
+            logged = schedule.observe(step, validation_metric(model, info, cfg, rank, world, device), model, optimizer)
+            eval_history.append({"step": step, **logged, "lr": current_lr(optimizer)})
+            if rank == 0:
+                print(schedule.report, flush=True)
+                logger.log(logged, step, flush=False)
+        last = step == cfg.train.max_steps or schedule.should_stop  # the final evaluation follows
+
+        if cfg.eval.every and cfg.eval.test_during_training and step % cfg.eval.every == 0 and not last:
             results = evaluate(model, info, cfg, rank, world, device)
-            eval_history.append({"step": step, **flat_eval_metrics(results)})
+            add_to_history(eval_history, step, flat_eval_metrics(results))
             if rank == 0:
                 print(f"[eval @ step {step}]\n{format_table(results, cfg.eval.k)}", flush=True)
                 logger.log(flat_eval_metrics(results), step, flush=False)
 
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not last:
             checkpoint({"step": step})
 
     throughput = progress.summary() if rank == 0 else None  # training only, before the final evaluation
     gather_used(used, position)
     results = evaluate(model, info, cfg, rank, world, device)
+    best = schedule.best_on_test(model, step, results, lambda: evaluate(model, info, cfg, rank, world, device))
     bad_train = bad.summary()
     metrics = final_metrics(results, step,
                             bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
                             epochs_completed=position.completed_epochs,
-                            history=eval_history, throughput=throughput)
+                            history=eval_history, throughput=throughput,
+                            best=best, schedule=schedule.summary(optimizer))
     if rank == 0:
         logger.log({**flat_eval_metrics(results), "bad_samples/train": bad_train["count"],
-                    "bad_samples/eval": results["eval_bad_samples"]["count"]}, step, flush=False)
-    checkpoint(flat_eval_metrics(results), extra_files=result_files(metrics, results, info, model))
+                    "bad_samples/eval": results["eval_bad_samples"]["count"],
+                    **({f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {})},
+                   step, flush=False)
+    files = result_files(metrics, results, info, model)
+    if rank == 0:  # attention overlays next to the numbers; a model without attention gives none
+        files.update(eval_overlay_files(model, info, cfg, device))
+    checkpoint(flat_eval_metrics(results), extra_files=files)
     if ledger:
         ledger.close()
 
@@ -266,8 +300,13 @@ def load_model_state(model: torch.nn.Module, url: str) -> None:
     with fsspec.open(url, "rb") as f:
         state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     state.pop("label_vectors", None)
+    # A frozen backbone's weights come from model.backbone_weights (or were cached as the
+    # features): a model trained on images evaluates on features and the other way round.
+    frozen = not getattr(model.backbone, "trainable", True)
+    if frozen:
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "label_vectors"]
+    missing = [k for k in missing if k != "label_vectors" and not (frozen and k.startswith("backbone."))]
     if missing or unexpected:
         raise ValueError(f"{url}: does not match model.name/model.backbone of the config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -277,10 +316,10 @@ def evaluate_worker(payload: dict) -> None:
     """`lesa evaluate`: score a trained model on any number of workers, no optimizer or engine."""
     cfg, rank, world, device = setup_worker(payload)
     info = read_dataset(cfg.data.url)
-    model = build_model(cfg, info.embeddings)
+    model = build_model(cfg, info.embeddings, info.seen, info.features)
     load_model_state(model, payload["checkpoint"])
     model.to(device)
     results = evaluate(model, info, cfg, rank, world, device, average_bn=False)
     metrics = final_metrics(results, step=payload.get("step", 0),
                             bad_samples={"eval": results["eval_bad_samples"]}, checkpoint=payload["checkpoint"])
-    publish(rank, metrics, results, info)
+    publish(rank, metrics, results, info, eval_overlay_files(model, info, cfg, device) if rank == 0 else None)
