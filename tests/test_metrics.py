@@ -418,9 +418,14 @@ def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
     np.testing.assert_array_equal(kth_largest(scores, ks), expected)
 
 
-def test_kth_largest_every_small_width():
-    """Every row width 1..90 with K up to the width: the group layout changes with each."""
+@pytest.mark.parametrize("sort_below", [0, 2048], ids=["filter", "sort"])
+def test_kth_largest_every_small_width(monkeypatch, sort_below):
+    """Every row width 1..90 with K up to the width, through both paths: the filter's group
+    layout changes with each width."""
+    import trainer.metrics
     from trainer.metrics import kth_largest
+
+    monkeypatch.setattr(trainer.metrics, "SORT_BELOW", sort_below)
 
     rng = np.random.default_rng(5)
     for width in range(1, 91):
