@@ -113,6 +113,17 @@ def _read_bytes(url: str) -> bytes:
         raise DatasetError(f"{url}: missing (is data.url the dataset root?)") from None
 
 
+def read_npy(url: str) -> np.ndarray:
+    """A plain `.npy` array from any fsspec URL; never unpickled; errors name the file."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{url}: not found") from None
+    except ValueError as exc:
+        raise DatasetError(f"{url}: not a plain .npy array ({exc})") from None
+
+
 def read_dataset(root: str) -> DatasetInfo:
     """Read and cross-check a dataset root's metadata; every inconsistency names its file."""
     meta_url = join(root, "dataset.json")

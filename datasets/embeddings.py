@@ -21,13 +21,12 @@ when two entries lowercase to the same key the first wins (word2vec files list f
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 
 import fsspec
 import numpy as np
 
-from datasets.contract import DatasetError
+from datasets.contract import DatasetError, read_npy
 
 MISSING_POLICIES = ("error", "zero", "random")
 _SPLIT = re.compile(r"[\s_\-/]+")
@@ -145,13 +144,7 @@ class NpyWordVectors(WordVectors):
 
     def __init__(self, npy_url: str, names_url: str):
         self.source = f"{npy_url} + {names_url}"
-        try:
-            with fsspec.open(npy_url, "rb") as f:
-                matrix = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        except FileNotFoundError:
-            raise DatasetError(f"{npy_url}: vector matrix not found") from None
-        except ValueError as exc:
-            raise DatasetError(f"{npy_url}: not a plain .npy array ({exc})") from None
+        matrix = read_npy(npy_url)
         if matrix.ndim != 2:
             raise DatasetError(f"{npy_url}: shape {matrix.shape}, expected [names, dim]")
         try:
@@ -296,13 +289,7 @@ def label_vectors(names: list[str], vectors, vector_names, embeddings: str | Non
         raise DatasetError("give exactly one of --vectors (word vectors) or --embeddings (a precomputed "
                            ".npy aligned with the seen + unseen label order)")
     if embeddings is not None:
-        try:
-            with fsspec.open(embeddings, "rb") as f:
-                matrix = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        except FileNotFoundError:
-            raise DatasetError(f"{embeddings}: not found") from None
-        except ValueError as exc:
-            raise DatasetError(f"{embeddings}: not a plain .npy array ({exc})") from None
+        matrix = read_npy(embeddings)
         if matrix.ndim != 2 or matrix.shape[0] != len(names):
             raise DatasetError(f"{embeddings}: shape {matrix.shape}, expected [{len(names)}, dim] "
                                f"(seen labels, then unseen)")

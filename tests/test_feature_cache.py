@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.feature_cache import random_vgg19  # torchvision's init and key names
 from datasets.contract import Shard, read_dataset, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels, encode_npy
 from datasets.stream import BadSample, ShardStream, StreamSpec, decode_feature, decode_image
@@ -36,18 +37,6 @@ from trainer.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 SIZE, GRID, CHANNELS = 64, (4, 4), 512           # VGG-19 conv5_4 at 64 px: 4 x 4 x 512
 STEPS = 6
-
-
-def random_vgg19(path: Path) -> None:
-    """Random VGG-19 weights with torchvision's init and key names (features.N.weight/bias):
-    activations of order 1-50, like trained ones, not the vanishing ones of PyTorch's default init."""
-    torch.manual_seed(0)
-    vgg = VGG19Conv54(weights=None)
-    for m in vgg.features:
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            torch.nn.init.zeros_(m.bias)
-    torch.save({f"features.{k}": v for k, v in vgg.features.state_dict().items()}, path)
 
 
 def add_corrupt_test_shard(root: Path) -> None:
