@@ -12,11 +12,14 @@ Measured in the same run on the same machine:
 - baseline: one process holding the dense matrices, AP per label with sklearn's
   average_precision_score over the annotated images (labels without positives: 0), columns
   pre-transposed so each label's scores are contiguous (its best case);
-- ours: on W gloo processes, each holding only its rows' scores and annotated cells, the
-  label-sharded AP alone (label_statistics) and the whole evaluation (evaluate_labels: AP plus
-  top-K P/R/F1 at K = 10, 20, which needs one partial sort of every score row).
-Peak memory is the peak RSS of each process (ru_maxrss), next to its RSS once its data is loaded
-and the dense score matrix's size.
+- ours: W gloo processes, each handed its rows' scores one evaluation batch (--batch rows) at a
+  time on --device, as the model produces them: the label-sharded AP alone (label_statistics
+  over the annotated cells) and the whole evaluation (StreamingMetrics: per batch the K-th
+  scores of every row for top-K P/R/F1 at K = 10, 20 and the annotated cells' scores, then AP).
+  With --device cuda the scores are put on the GPU before the clock starts, where a model
+  would have produced them.
+Memory: what the evaluation adds to a worker (its peak RSS during the evaluation, VmHWM reset
+just before, minus its RSS holding the scores), next to 1/W of the dense matrix.
 """
 
 from __future__ import annotations
@@ -77,6 +80,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM), so evaluation's own peak can be read."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_since_reset_gb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2 ** 20
+
+
 def sklearn_baseline(num_images, num_labels, seed, out):
     from sklearn.metrics import average_precision_score
 
@@ -97,32 +112,49 @@ def sklearn_baseline(num_images, num_labels, seed, out):
     out.put({"seconds": seconds, "mAP": 100 * ap.mean(), "peak_rss_gb": peak_rss_gb()})
 
 
-def our_worker(rank, world, num_images, num_labels, seed, store_path, out):
+def our_worker(rank, world, num_images, num_labels, seed, store_path, batch, device_name, out):
     import torch
     import torch.distributed as dist
 
-    from trainer.metrics import evaluate_labels, label_statistics
+    from trainer.metrics import Annotations, Entries, StreamingMetrics, label_statistics
 
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    device = torch.device(device_name)
     num_blocks = (num_images + BLOCK - 1) // BLOCK
     mine = range(rank * num_blocks // world, (rank + 1) * num_blocks // world)
-    # The evaluator collects labels batch by batch as Annotations, never as a dense matrix.
-    scores, annotations = make_rows(mine, num_images, num_labels, seed)
+    scores, ann = make_rows(mine, num_images, num_labels, seed)
+    # The scores as the model hands them over, one evaluation batch at a time, on its device.
+    batches = []
+    for start in range(0, len(scores), batch):
+        lo, hi = np.searchsorted(ann.rows, [start, start + batch])
+        batches.append((torch.from_numpy(scores[start:start + batch]).to(device),
+                        Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi])))
+    entries = Entries(ann.cols, scores[ann.rows, ann.cols], ann.values > 0)
     before_gb = rss_gb()
+
+    def whole():
+        metrics = StreamingMetrics({"all": np.arange(num_labels)}, num_labels, KS)
+        for block_scores, cells in batches:
+            metrics.add(block_scores, cells)
+        return metrics.result()
+
     timings = {}
-    for name, run in (("ap", lambda: label_statistics(scores, annotations, num_labels)),
-                      ("all", lambda: evaluate_labels(scores, annotations, {"all": np.arange(num_labels)}, KS))):
+    for name, run in (("ap", lambda: label_statistics(entries, num_labels)), ("all", whole)):
         if world > 1:
             dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        reset_peak_rss()
         start = time.perf_counter()
         result = run()
         if world > 1:
             dist.barrier()
         timings[name] = time.perf_counter() - start
     out.put({"rank": rank, "seconds": timings["all"], "ap_seconds": timings["ap"], "metrics": result[0]["all"],
-             "rows": len(scores), "peak_rss_gb": peak_rss_gb(), "data_gb": before_gb})
+             "rows": len(scores), "peak_rss_gb": peak_rss_gb(), "data_gb": before_gb,
+             "eval_gb": peak_rss_since_reset_gb() - before_gb})
     if world > 1:
         dist.destroy_process_group()
 
@@ -149,6 +181,9 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=int, nargs="+", default=[400, 7586])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=512, help="evaluation batch: rows handed over at once")
+    parser.add_argument("--device", default="cpu",
+                        help="where the scores are produced, and so where the K-th scores are found: cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -162,25 +197,28 @@ def main(argv=None) -> int:
         for world in args.workers:
             with tempfile.TemporaryDirectory() as tmp:
                 parts = run_processes(our_worker, [(r, world, args.images, num_labels, args.seed,
-                                                    os.path.join(tmp, "store")) for r in range(world)])
+                                                    os.path.join(tmp, "store"), args.batch, args.device)
+                                                   for r in range(world)])
             parts.sort(key=lambda p: p["rank"])
             seconds = max(p["seconds"] for p in parts)
             ap_seconds = max(p["ap_seconds"] for p in parts)
             ours = parts[0]["metrics"]
             assert all(p["metrics"] == ours for p in parts), "ranks disagree"
             exact = abs(ours["mAP"] - base["mAP"])
-            row = {"images": args.images, "labels": num_labels, "workers": world, "seconds": seconds,
+            row = {"images": args.images, "labels": num_labels, "workers": world, "device": args.device,
+                   "batch": args.batch, "seconds": seconds,
                    "ap_seconds": ap_seconds, "sklearn_ap_seconds": base["seconds"],
                    "ap_speedup": base["seconds"] / ap_seconds, "speedup": base["seconds"] / seconds,
                    "peak_rss_gb_per_worker": [p["peak_rss_gb"] for p in parts],
                    "rss_before_eval_gb_per_worker": [p["data_gb"] for p in parts], "dense_gb": dense_gb,
+                   "eval_peak_extra_gb_per_worker": [p["eval_gb"] for p in parts],
                    "sklearn_peak_rss_gb": base["peak_rss_gb"], "mAP_abs_diff": exact, "metrics": ours}
             rows.append(row)
             print(f"  ours, {world} worker(s): AP {ap_seconds:.2f} s = {row['ap_speedup']:.1f}x the sklearn loop's speed; "
                   f"whole evaluation (AP + P/R/F1@{KS}) {seconds:.2f} s = {row['speedup']:.1f}x; "
-                  f"|mAP - sklearn| = {exact:.1e}; peak RSS per worker "
-                  + ", ".join(f"{p['peak_rss_gb']:.2f} (holding its data: {p['data_gb']:.2f})" for p in parts)
-                  + " GiB", flush=True)
+                  f"|mAP - sklearn| = {exact:.1e}; memory the evaluation adds per worker (peak RSS during it "
+                  "- RSS holding the scores) " + ", ".join(f"{p['eval_gb']:.3f}" for p in parts)
+                  + f" GiB, against {dense_gb / world:.2f} GiB for 1/W of the dense matrix", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

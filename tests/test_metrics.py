@@ -433,3 +433,80 @@ def test_kth_largest_every_small_width(monkeypatch, sort_below):
         ks = sorted({1, min(3, width), width, int(rng.integers(1, width + 1))})
         expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
         np.testing.assert_array_equal(kth_largest(scores, ks), expected, err_msg=f"width {width}, ks {ks}")
+
+
+def test_ascending_key_orders_and_ties_exactly_as_the_floats():
+    from trainer.metrics import ascending_key
+
+    rng = np.random.default_rng(3)
+    special = np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, np.finfo(np.float32).max,
+                        np.finfo(np.float32).min, 1.0, -1.0], dtype=np.float32)
+    values = np.concatenate([special, rng.standard_normal(500).astype(np.float16).astype(np.float32)])
+    key = ascending_key(values)
+    assert key.dtype == np.uint64 and key.max() < 2 ** 32
+    i, j = np.meshgrid(np.arange(len(values)), np.arange(len(values)))
+    np.testing.assert_array_equal(key[i] < key[j], values[i] < values[j])
+    np.testing.assert_array_equal(key[i] == key[j], values[i] == values[j])  # -0.0 ties with 0.0
+    wide = rng.integers(0, 5, 50).astype(np.float64)   # other dtypes: their rank
+    np.testing.assert_array_equal(np.argsort(ascending_key(wide), kind="stable"), np.argsort(wide, kind="stable"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_metrics_equal_the_reference_for_any_batching(seed):
+    """Batches of any size, empty ones included, fed as they would come from the model."""
+    import torch
+
+    from trainer.metrics import Annotations, StreamingMetrics
+
+    rng = np.random.default_rng(seed)
+    n, c = 90, int(rng.integers(3, 30))
+    scores, labels = random_problem(rng, n, c, levels=int(rng.integers(2, 5)))
+    scores = scores.astype(np.float32)
+    zsl = np.sort(rng.choice(c, max(1, c // 3), replace=False))
+    ks = [1, 3, c + 2]
+    metrics = StreamingMetrics({"zsl": zsl, "gzsl": np.arange(c)}, c, ks)
+    cuts = np.unique(np.r_[0, rng.integers(0, n, 6), 40, 40, n])  # 40 twice: an empty batch
+    for lo, hi in zip(np.r_[cuts[:-1], 40], np.r_[cuts[1:], 40]):
+        metrics.add(torch.from_numpy(scores[lo:hi]), Annotations.from_dense(labels[lo:hi]))
+    results, stats = metrics.result()
+    assert results["gzsl"] == pytest.approx(compute_metrics(scores, labels, ks), abs=1e-12)
+    assert results["zsl"] == pytest.approx(compute_metrics(scores[:, zsl], labels[:, zsl], ks), abs=1e-12)
+    np.testing.assert_array_equal(stats.positives, (labels > 0).sum(0))
+    np.testing.assert_array_equal(stats.annotated, (labels != 0).sum(0))
+
+
+def test_streaming_metrics_take_bf16_scores_as_the_model_gives_them():
+    import torch
+
+    from trainer.metrics import Annotations, StreamingMetrics
+
+    rng = np.random.default_rng(11)
+    scores, labels = random_problem(rng, 40, 9)
+    half = torch.from_numpy(scores.astype(np.float32) / 7).to(torch.bfloat16)
+    metrics = StreamingMetrics({"all": np.arange(9)}, 9, [2])
+    metrics.add(half, Annotations.from_dense(labels))
+    expected = compute_metrics(half.float().numpy(), labels, [2])
+    assert metrics.result()[0]["all"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_k_th_scores_on_the_gpu_equal_the_cpu_filter():
+    """The GPU path (torch.topk) against the CPU filter, wide rows with ties; run on the lent GPU."""
+    import torch
+
+    from trainer.metrics import Annotations, StreamingMetrics, kth_largest_rows
+
+    rng = np.random.default_rng(2)
+    scores = rng.standard_normal((700, 7586)).astype(np.float16).astype(np.float32)
+    scores[::5, :3000] = 0.25
+    for ks in ([10, 20], [1, 7586]):
+        np.testing.assert_array_equal(kth_largest_rows(torch.from_numpy(scores).cuda(), ks).cpu().numpy(),
+                                      kth_largest_rows(torch.from_numpy(scores), ks).numpy())
+    labels = rng.choice(np.array([1, -1, 0], dtype=np.int8), size=scores.shape, p=[0.01, 0.01, 0.98])
+    results = []
+    for device in ("cuda", "cpu"):
+        metrics = StreamingMetrics({"all": np.arange(7586)}, 7586, [10, 20])
+        for lo in range(0, 700, 128):
+            metrics.add(torch.from_numpy(scores[lo:lo + 128]).to(device), Annotations.from_dense(labels[lo:lo + 128]))
+        results.append(metrics.result()[0])
+    assert results[0] == results[1]

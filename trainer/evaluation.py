@@ -11,7 +11,7 @@ import torch.distributed as dist
 from datasets.contract import DatasetInfo
 from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
-from trainer.metrics import Annotations, LabelStats, evaluate_labels
+from trainer.metrics import Annotations, LabelStats, StreamingMetrics
 
 
 def average_buffers(model: torch.nn.Module) -> None:
@@ -31,9 +31,9 @@ def settings_of(info: DatasetInfo) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int, device,
-                bad: BadSampleLog, label_ids: np.ndarray | None = None) -> tuple[np.ndarray, Annotations]:
-    """Scores [n_local, labels] and the annotated cells of this worker's share of `split`, for all
-    labels or only `label_ids` (columns then in that order)."""
+                bad: BadSampleLog, metrics: StreamingMetrics, label_ids: np.ndarray | None = None) -> None:
+    """Scores this worker's share of `split`, for all labels or only `label_ids` (columns then in
+    that order), batch by batch into `metrics`, on the model's device."""
     shards = info.shards(split)
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
                       batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False,
@@ -43,18 +43,11 @@ def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int
     if label_ids is None:
         label_ids = np.arange(info.num_labels)
     ids = torch.as_tensor(label_ids, device=device)
-    scores, annotations, num_images = [], [], 0
     for batch in loader:
         bad.add(batch)
-        if batch["images"] is None:
-            continue
-        out = model(batch["images"].to(device, non_blocking=True), ids)
-        scores.append(out["scores"].float().cpu().numpy())
-        annotations.append(Annotations.from_dense(batch["labels"].numpy()[:, label_ids], row_offset=num_images))
-        num_images += len(batch["keys"])
-    if not scores:  # a worker with no shards still takes part in the collectives
-        return np.zeros((0, len(label_ids)), np.float32), Annotations.concatenate([])
-    return np.concatenate(scores), Annotations.concatenate(annotations)
+        if batch["images"] is not None:
+            out = model(batch["images"].to(device, non_blocking=True), ids)
+            metrics.add(out["scores"], Annotations.from_dense(batch["labels"].numpy()[:, label_ids]))
 
 
 def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, float]:
@@ -72,10 +65,11 @@ def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, avera
     was_training = model.training
     model.eval()
     bad = BadSampleLog(rank)
-    scores, labels = score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad)
-    model.train(was_training)
     settings = settings_of(info)
-    results, stats = evaluate_labels(scores, labels, settings, cfg.eval.k, device)
+    metrics = StreamingMetrics(settings, info.num_labels, cfg.eval.k)
+    score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad, metrics)
+    model.train(was_training)
+    results, stats = metrics.result(device)  # a worker with no samples still joins the collectives
     results["chance_mAP"] = chance_map(stats, settings)
     results["per_label"] = stats
     results["eval_bad_samples"] = bad.summary()
@@ -92,11 +86,12 @@ def validation_metric(model, info: DatasetInfo, cfg, rank: int, world: int, devi
     average_buffers(model)
     was_training = model.training
     model.eval()
-    scores, labels = score_split(model, info, cfg.eval.val_split, cfg, rank, world, device,
-                                 BadSampleLog(rank), label_ids=info.seen)
-    model.train(was_training)
     k = metric_k(cfg.eval.val_metric)
-    results, _ = evaluate_labels(scores, labels, {"seen": np.arange(len(info.seen))}, [k or 1], device)
+    metrics = StreamingMetrics({"seen": np.arange(len(info.seen))}, len(info.seen), [k or 1])
+    score_split(model, info, cfg.eval.val_split, cfg, rank, world, device, BadSampleLog(rank), metrics,
+                label_ids=info.seen)
+    model.train(was_training)
+    results, _ = metrics.result(device)
     value = torch.tensor(results["seen"][cfg.eval.val_metric], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(value, src=0)

@@ -6,10 +6,11 @@
 - mAP: per label, sklearn's non-interpolated AP over the images annotated for it (y != 0); a label
   without a positive gets AP 0 and stays in the mean. All values in percent.
 
-Distributed: every worker holds the scores of a disjoint part of the images. Top-K counts are
-summed. AP is label-sharded: each worker receives, from every worker, the annotated cells of the
-labels it owns, so it never holds the whole matrix. `per_label_ap` is the plain reference, one
-label at a time; `grouped_average_precision` is the fast path, all labels in one sort.
+Distributed (StreamingMetrics): every worker scores a disjoint part of the images and keeps, batch
+by batch, only its top-K hit counts and the annotated cells' scores. Top-K counts are summed. AP
+is label-sharded: each worker receives, from every worker, the annotated cells of the labels it
+owns. `compute_metrics` / `per_label_ap` are the plain single-process reference, one label at a
+time; `grouped_average_precision` is the fast path, all labels in one sort.
 """
 
 from __future__ import annotations
@@ -104,29 +105,48 @@ KTH_GROUPS = 16     # columns per group in the group-maximum filter of kth_large
 SORT_BELOW = 2048   # rows narrower than this are fully sorted instead (measured: docs/performance.md)
 
 
+def ascending_key(values: np.ndarray) -> np.ndarray:
+    """uint64 keys that sort as the scores do, equal exactly where the scores are equal.
+
+    float32 maps bit-wise (flip the sign bit of positives, every bit of negatives), so a key fits
+    in 32 bits and can share one integer sort with a label or row id in the high bits; numpy's
+    vectorised integer sort is ~10x faster than a lexsort over (id, score). Other dtypes, rarer,
+    take their rank.
+    """
+    if values.dtype != np.float32:
+        return np.unique(values, return_inverse=True)[1].astype(np.uint64).reshape(values.shape)
+    bits = (values + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into 0.0: one tie, one key
+    return (bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))).astype(np.uint64)
+
+
+def _key_to_float32(key: np.ndarray) -> np.ndarray:
+    bits = key.astype(np.uint32)
+    return (bits ^ np.where(bits >> 31, np.uint32(0x80000000), np.uint32(0xFFFFFFFF))).view(np.float32)
+
+
 def kth_largest(scores: np.ndarray, ks) -> np.ndarray:
     """[rows, len(ks)]: the k-th largest score of every row for each k in `ks` (all <= columns).
 
-    Wide rows (GZSL's 7,586 labels) go through a filter about 2x cheaper than a partial sort of
-    every row; narrow ones through numpy's vectorised sort. The filter: fold each row into
-    G = ceil(C / KTH_GROUPS) strided groups (column j belongs to group j mod G) and take every
-    group's maximum: k groups have a maximum >= the k-th largest group maximum `lb`, so
-    lb <= the k-th largest score, and every score that ranks in the top k is >= lb. Only the
-    few scores >= lb of each row (about k) are then sorted.
+    Wide float32 rows (GZSL's 7,586 labels) go through a filter about 2x cheaper than a partial
+    sort of every row; others through numpy's vectorised sort. The filter: fold each row into
+    W = ceil(C / KTH_GROUPS) strided groups (columns g, g + W, g + 2W, ...) and take every
+    group's maximum: k groups have a maximum >= the k-th largest group maximum `lb`, so lb <= the
+    k-th largest score, and every score in the top k is >= lb. Only the few scores >= lb of each
+    row (about k) are then sorted, by (row, descending score) in one integer sort.
     """
     n, num_labels = scores.shape
-    kmax = max(ks)
-    if num_labels < SORT_BELOW:  # short rows: numpy's vectorised full sort beats any selection
-        out = np.empty((n, len(ks)), dtype=scores.dtype)
+    ks = np.asarray(ks)
+    kmax = int(ks.max())
+    out = np.empty((n, len(ks)), dtype=scores.dtype)
+    if num_labels < SORT_BELOW or scores.dtype != np.float32:
         for start in range(0, n, ROW_CHUNK):
             ordered = np.sort(scores[start:start + ROW_CHUNK], axis=1)
-            out[start:start + len(ordered)] = ordered[:, num_labels - np.asarray(ks)]
+            out[start:start + len(ordered)] = ordered[:, num_labels - ks]
         return out
-    groups = max(1, min(KTH_GROUPS, num_labels // kmax))
-    width = -(-num_labels // groups)
-    out = np.empty((n, len(ks)), dtype=scores.dtype)
+    width = -(-num_labels // max(1, min(KTH_GROUPS, num_labels // kmax)))
+    low_bits = np.uint64(0xFFFFFFFF)
     for start in range(0, n, KTH_CHUNK):
-        block = np.ascontiguousarray(scores[start:start + KTH_CHUNK])
+        block = scores[start:start + KTH_CHUNK]
         rows = len(block)
         group_max = block[:, :width].copy()
         for lo in range(width, num_labels, width):
@@ -134,76 +154,80 @@ def kth_largest(scores: np.ndarray, ks) -> np.ndarray:
             np.maximum(group_max[:, :hi - lo], block[:, lo:hi], out=group_max[:, :hi - lo])
         lb = np.partition(group_max, width - kmax, axis=1)[:, width - kmax]
         flat = np.flatnonzero(block >= lb[:, None])
-        row, value = flat // num_labels, block.reshape(-1)[flat]
-        order = np.lexsort((-value, row))                     # by row, then descending score
-        first = np.searchsorted(row[order], np.arange(rows))  # every row has >= kmax candidates
-        out[start:start + rows] = value[order][first[:, None] + np.asarray(ks)[None, :] - 1]
+        row = (flat // num_labels).astype(np.uint64)
+        key = np.sort((row << np.uint64(32)) | (low_bits - ascending_key(block.reshape(-1)[flat])))
+        first = np.searchsorted(key >> np.uint64(32), np.arange(rows, dtype=np.uint64))  # >= kmax each
+        out[start:start + rows] = _key_to_float32(low_bits - (key[first[:, None] + ks[None, :] - 1] & low_bits))
     return out
 
 
-def topk_hits(scores: np.ndarray, pos_rows: np.ndarray, pos_cols: np.ndarray, ks) -> list[int]:
+def kth_largest_rows(scores: torch.Tensor, ks) -> torch.Tensor:
+    """`kth_largest` on the scores' device: torch.topk on a GPU, where it is nearly free; on the
+    CPU the filter above, 2x cheaper than torch.topk (docs/performance.md)."""
+    if scores.device.type == "cpu":
+        return torch.from_numpy(kth_largest(scores.numpy(), ks))
+    return torch.topk(scores, max(ks), dim=1).values[:, torch.as_tensor(ks, device=scores.device) - 1]
+
+
+TIE_ROWS = 1024  # rows compared at once when positives tie with the K-th score
+
+
+def topk_hits(scores: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Tensor, ks) -> list[int]:
     """TP at each K from the positive cells only, with ties broken by label order.
 
     The K-th largest score v of each row: a positive above v is predicted; one equal to v is
     predicted if the scores above v plus the ties at lower label indices leave it a place,
-    exactly the set a stable sort by descending score gives. Cost: `kth_largest` plus
-    O(positives).
+    exactly the set a stable sort by descending score gives. Cost: the K-th scores plus
+    O(positives), and one row scan per positive that ties with v.
     """
     num_labels = scores.shape[1]
-    ks_clipped = [min(k, num_labels) for k in ks]
-    order = np.argsort(pos_rows, kind="stable")
-    pos_rows, pos_cols = pos_rows[order], pos_cols[order]
-    tps = [0] * len(ks)
-    for start in range(0, len(scores), ROW_CHUNK):
-        block = scores[start:start + ROW_CHUNK]
-        kth_all = kth_largest(block, ks_clipped)
-        lo, hi = np.searchsorted(pos_rows, [start, start + len(block)])
-        r, c = pos_rows[lo:hi] - start, pos_cols[lo:hi]
-        value = block[r, c]
-        for i, k in enumerate(ks_clipped):
-            kth = kth_all[r, i]
-            hit = value > kth
-            for t in np.flatnonzero(value == kth):  # rare: a positive scored exactly the K-th score
-                row = block[r[t]]
-                hit[t] = (row > kth[t]).sum() + (row[:c[t]] == kth[t]).sum() < k
-            tps[i] += int(hit.sum())
-    return tps
+    ks = [min(k, num_labels) for k in ks]
+    if len(scores) == 0 or num_labels == 0:
+        return [0] * len(ks)
+    kth = kth_largest_rows(scores, ks)
+    value = scores[pos_rows, pos_cols]
+    label_index = torch.arange(num_labels, device=scores.device)
+    hits = []
+    for i, k in enumerate(ks):
+        kth_k = kth[pos_rows, i]
+        hit = value > kth_k
+        for tied in torch.nonzero(value == kth_k).flatten().split(TIE_ROWS):
+            rows, v = scores[pos_rows[tied]], kth_k[tied, None]
+            ahead = (rows > v).sum(1) + ((rows == v) & (label_index < pos_cols[tied, None])).sum(1)
+            hit[tied] = ahead < k
+        hits.append(int(hit.sum()))
+    return hits
 
 
 def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np.ndarray,
                               num_labels: int) -> np.ndarray:
     """AP of every label at once from its annotated entries (label id, score, is-positive).
 
-    One lexsort orders the entries by label, then by descending score; runs of equal (label,
-    score) form one threshold, exactly as sklearn groups ties. Labels without entries or without
-    a positive get 0.
+    One integer sort orders the entries by label, then by descending score: the key packs the
+    label, the score's order key and the positive bit. Runs of equal (label, score) form one
+    threshold, exactly as sklearn groups ties. Labels without entries or a positive get 0.
     """
     ap = np.zeros(num_labels)
     if len(label) == 0:
         return ap
-    order = np.lexsort((-score, label))
-    label, score, positive = label[order], score[order], positive[order]
+    descending = np.uint64(0xFFFFFFFF) - ascending_key(score)
+    key = np.sort((label.astype(np.uint64) << np.uint64(33)) | (descending << np.uint64(1))
+                  | positive.astype(np.uint64))
+    label, threshold, positive = key >> np.uint64(33), key >> np.uint64(1), (key & np.uint64(1)).astype(np.int64)
     starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
     group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(label)]))
     tp = np.cumsum(positive)
     tp = tp - (tp - positive)[starts][group]                 # true positives within the label
     seen = np.arange(len(label)) - starts[group] + 1          # entries within the label so far
-    ends = np.flatnonzero(np.r_[(label[1:] != label[:-1]) | (score[1:] != score[:-1]), True])
+    ends = np.flatnonzero(np.r_[threshold[1:] != threshold[:-1], True])  # (label, score) changes
     num_pos = np.bincount(group, weights=positive)
     g = group[ends]
     recall = tp[ends] / np.maximum(num_pos[g], 1)
     step_start = np.r_[True, g[1:] != g[:-1]]
     recall_gain = recall - np.where(step_start, 0.0, np.r_[0.0, recall[:-1]])
     per_group = np.bincount(g, weights=recall_gain * tp[ends] / seen[ends], minlength=len(starts))
-    ap[label[starts]] = per_group
+    ap[label[starts].astype(np.int64)] = per_group
     return ap
-
-
-def annotated_entries(scores: np.ndarray, ann: Annotations, keep: np.ndarray | None = None):
-    """(label id, score, is-positive) of the annotated cells, or of those selected by `keep`."""
-    rows, cols, values = (ann.rows, ann.cols, ann.values) if keep is None else \
-        (ann.rows[keep], ann.cols[keep], ann.values[keep])
-    return cols, scores[rows, cols], values > 0
 
 
 @dataclass
@@ -214,22 +238,22 @@ class LabelStats:
     annotated: np.ndarray
 
 
-def label_statistics(scores: np.ndarray, ann: Annotations, num_labels: int, device="cpu") -> LabelStats:
+def label_statistics(entries: "Entries", num_labels: int, device="cpu") -> LabelStats:
     """Per-label AP and counts; label-sharded when distributed (label j is owned by rank j % W).
 
     Each worker sends every owner only the annotated cells of that owner's labels, so a worker
-    holds its own rows plus the annotated cells of 1/W of the labels, never the whole matrix.
+    holds the annotated cells of its own images plus those of 1/W of the labels.
     """
-    counts = np.stack([np.bincount(ann.cols[ann.values > 0], minlength=num_labels),
-                       np.bincount(ann.cols, minlength=num_labels)]).astype(np.int64)
+    counts = np.stack([np.bincount(entries.labels[entries.positive], minlength=num_labels),
+                       np.bincount(entries.labels, minlength=num_labels)]).astype(np.int64)
     if not _distributed():
-        return LabelStats(grouped_average_precision(*annotated_entries(scores, ann), num_labels), *counts)
+        return LabelStats(grouped_average_precision(*entries.fields(), num_labels), *counts)
     rank, world = dist.get_rank(), dist.get_world_size()
-    owner_of = ann.cols % world
+    owner_of = entries.labels % world
     mine = None
     for owner in range(world):
         received = [None] * world if rank == owner else None
-        dist.gather_object(annotated_entries(scores, ann, owner_of == owner), received, dst=owner)
+        dist.gather_object(entries.select(owner_of == owner).fields(), received, dst=owner)
         if rank == owner:
             mine = [np.concatenate(parts) for parts in zip(*received)]
             del received
@@ -248,33 +272,90 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@dataclass
+class Entries:
+    """The annotated cells as AP needs them: label id, score, is-positive."""
+    labels: np.ndarray
+    scores: np.ndarray
+    positive: np.ndarray
+
+    def fields(self):
+        return self.labels, self.scores, self.positive
+
+    def select(self, keep: np.ndarray) -> "Entries":
+        return Entries(*(f[keep] for f in self.fields()))
+
+    @classmethod
+    def concatenate(cls, parts: list["Entries"]) -> "Entries":
+        if not parts:
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, bool))
+        return cls(*(np.concatenate(f) for f in zip(*(p.fields() for p in parts))))
+
+
+class StreamingMetrics:
+    """One worker's evaluation, fed batch by batch where the scores are produced.
+
+    A batch leaves behind only what the metrics need: per setting, its top-K hit counts (the K-th
+    scores found on the scores' device, see kth_largest_rows) and, for AP, the (label, score,
+    positive) of its annotated cells. No worker ever holds a score matrix: memory follows the
+    annotations (a few per image on Open Images). `result` combines all workers (a collective).
+    """
+
+    def __init__(self, settings: dict[str, np.ndarray], num_labels: int, ks):
+        self.num_labels, self.ks = num_labels, list(ks)
+        self.settings = {}
+        for name, cols in settings.items():
+            position = np.full(num_labels, -1, dtype=np.int64)  # label id -> column in the setting
+            position[cols] = np.arange(len(cols))
+            whole = len(cols) == num_labels and np.array_equal(cols, np.arange(num_labels))
+            self.settings[name] = (None if whole else torch.as_tensor(np.asarray(cols)), position)
+        self.counts = {name: np.zeros(2 + len(self.ks), dtype=np.int64) for name in settings}
+        self.entries: list[Entries] = []
+
+    def add(self, scores: torch.Tensor, cells: Annotations) -> None:
+        """Scores [B, num_labels] of one batch, on any device; its annotated cells (rows 0..B-1)."""
+        if scores.dtype != torch.float64:  # bf16 / fp16 model outputs; float64 stays exact
+            scores = scores.float()
+        rows, cols = (torch.from_numpy(a).to(scores.device) for a in (cells.rows, cells.cols.astype(np.int64)))
+        positive = cells.values > 0
+        self.entries.append(Entries(cells.cols, scores[rows, cols].cpu().numpy(), positive))
+        for name, (columns, position) in self.settings.items():
+            in_setting = positive & (position[cells.cols] >= 0)
+            keep = torch.from_numpy(in_setting).to(scores.device)
+            setting_cols = torch.from_numpy(position[cells.cols[in_setting]]).to(scores.device)
+            part = scores if columns is None else scores.index_select(1, columns.to(scores.device))
+            hits = topk_hits(part, rows[keep], setting_cols, self.ks)
+            self.counts[name] += np.array([len(scores), int(in_setting.sum()), *hits], dtype=np.int64)
+
+    def result(self, device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
+        stats = label_statistics(Entries.concatenate(self.entries), self.num_labels, device)
+        results = {}
+        for name, (columns, position) in self.settings.items():
+            counts = self.counts[name]
+            if _distributed():
+                total = torch.from_numpy(counts.copy()).to(device)
+                dist.all_reduce(total)
+                counts = total.cpu().numpy()
+            cols = np.flatnonzero(position >= 0)[np.argsort(position[position >= 0])]
+            results[name] = _summarise(counts, stats.ap[cols], self.ks, len(cols))
+        return results, stats
+
+
 def evaluate_labels(scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks,
                     device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
-    """Metrics for each setting (name -> column indices) and the per-label statistics.
-
-    `labels` is this worker's dense label matrix or its Annotations. AP is per label, so it is
-    computed once for every column and each setting takes its own; top-K depends on the label
-    set and is counted per setting.
-    """
-    num_labels = scores.shape[1]
+    """Metrics for each setting (name -> column indices) and the per-label statistics of a
+    worker's scores, fed to StreamingMetrics in blocks of ROW_CHUNK rows. `labels`: the dense
+    label matrix or its Annotations."""
     ann = labels if isinstance(labels, Annotations) else Annotations.from_dense(labels)
-    stats = label_statistics(scores, ann, num_labels, device)
-    positive = ann.values > 0
-    results = {}
-    for name, cols in settings.items():
-        whole = len(cols) == num_labels and np.array_equal(cols, np.arange(num_labels))
-        position = np.full(num_labels, -1, dtype=np.int64)
-        position[cols] = np.arange(len(cols))
-        in_setting = positive & (position[ann.cols] >= 0)
-        hits = topk_hits(scores if whole else scores[:, cols], ann.rows[in_setting],
-                         position[ann.cols[in_setting]], ks)
-        counts = np.array([len(scores), int(in_setting.sum()), *hits], dtype=np.int64)
-        if _distributed():
-            total = torch.from_numpy(counts).to(device)
-            dist.all_reduce(total)
-            counts = total.cpu().numpy()
-        results[name] = _summarise(counts, stats.ap[cols], ks, len(cols))
-    return results, stats
+    order = np.argsort(ann.rows, kind="stable")
+    ann = Annotations(ann.rows[order], ann.cols[order], ann.values[order])
+    metrics = StreamingMetrics(settings, scores.shape[1], ks)
+    for start in range(0, len(scores), ROW_CHUNK):
+        block = scores[start:start + ROW_CHUNK]
+        lo, hi = np.searchsorted(ann.rows, [start, start + len(block)])
+        metrics.add(torch.from_numpy(block),
+                    Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]))
+    return metrics.result(device)
 
 
 def evaluate_settings(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
