@@ -5,10 +5,12 @@ Prints, on one GPU (or tiny on the CPU with --tiny, to check the script):
 2. frozen VGG-19 conv5_4 feature extraction at 224: images/s and its fraction of that ceiling
    (VGG-19 is about 39 GFLOP per image), eager and with torch.compile;
 3. LESA head training steps/s on feature batches (14x14x512, 7,186 seen labels, 300-d vectors,
-   all four losses, TF-style RMSprop);
+   all four losses, TF-style RMSprop), eager and compiled;
 4. end-to-end training images/s from JPEG shards: the project's streaming reader in loader
    processes (read, decode, resize, centre crop), pinned memory and non-blocking copies, the
-   frozen VGG-19 and the LESA head in bf16; next to the loader alone, to show which one bounds.
+   frozen VGG-19 and the LESA head in bf16, eager and compiled (model.compile: both modules
+   compiled in place, as trainer/model.py does); next to the loader alone, to show which bounds.
+Compiled figures exclude the compile itself (the warm-up calls pay it).
 The components are the project's own (datasets/stream.py, trainer/backbones.py, trainer/lesa.py,
 trainer/losses.py, trainer/optim.py); Ray and DeepSpeed are left out, which the CPU benchmarks
 of the training path measure.
@@ -98,8 +100,10 @@ def head_step(head, vectors, opt, feats, y) -> None:
     opt.step()
 
 
-def head_training(device, batch: int, labels: int, iters: int) -> float:
+def head_training(device, batch: int, labels: int, iters: int, compiled: bool) -> float:
     head, vectors, opt = make_head(device, labels)
+    if compiled:
+        head.compile()
     feats = torch.randn(batch, 512, 14, 14, device=device).relu()
     y = random_labels(batch, labels, device)
     return 1.0 / timed(lambda: head_step(head, vectors, opt, feats, y), iters, device)
@@ -128,9 +132,12 @@ def loader_rate(shards, labels: int, batch: int, loaders: int, seconds: float, p
     return count / (time.perf_counter() - start)
 
 
-def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: float) -> float:
+def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: float, compiled: bool) -> float:
     vgg = VGG19Conv54(weights=None).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
     head, vectors, opt = make_head(device, labels)
+    if compiled:
+        vgg.compile()
+        head.compile()
     spec = StreamSpec(shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True,
                       shuffle_buffer=256)
     batches = iter(make_loader(spec, loaders, pin_memory=device.type == "cuda"))
@@ -180,10 +187,13 @@ def main(argv=None) -> int:
         say(f"vgg19_images_per_s_{name}", rate,
             f"VGG-19 conv5_4 extraction at 224 ({name}, bf16, channels_last): {rate:.0f} images/s "
             f"= {100 * fraction:.1f}% of the bf16 ceiling at {VGG19_GFLOP:.0f} GFLOP/image")
-    for batch in ([4] if tiny else [32, 256]):
-        rate = head_training(device, batch, labels, 2 if tiny else 50)
-        say(f"head_steps_per_s_b{batch}", rate,
-            f"LESA head training on features, batch {batch}: {rate:.1f} steps/s = {rate * batch:.0f} images/s")
+    modes = [False] if tiny else [False, True]
+    for compiled in modes:
+        name = "compiled" if compiled else "eager"
+        for batch in ([4] if tiny else [32, 256]):
+            rate = head_training(device, batch, labels, 2 if tiny else 50, compiled)
+            say(f"head_steps_per_s_b{batch}_{name}", rate, f"LESA head training on features ({name}), batch "
+                f"{batch}: {rate:.1f} steps/s = {rate * batch:.0f} images/s")
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(tmp, 64 if tiny else 4096, 256, labels)
         batch = 4 if tiny else 128
@@ -191,9 +201,11 @@ def main(argv=None) -> int:
         rate = loader_rate(shards, labels, batch, loaders, seconds, device.type == "cuda")
         say("loader_images_per_s", rate,
             f"loader alone ({loaders} processes: read + JPEG decode + resize/crop to 224): {rate:.0f} images/s")
-        rate = end_to_end(device, shards, labels, batch, loaders, seconds)
-        say("end_to_end_images_per_s", rate,
-            f"end-to-end training from JPEG shards (frozen VGG-19 + LESA head, batch {batch}): {rate:.0f} images/s")
+        for compiled in modes:
+            name = "compiled" if compiled else "eager"
+            rate = end_to_end(device, shards, labels, batch, loaders, seconds, compiled)
+            say(f"end_to_end_images_per_s_{name}", rate, f"end-to-end training from JPEG shards (frozen VGG-19 + "
+                f"LESA head, {name}, batch {batch}): {rate:.0f} images/s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -91,6 +91,8 @@ class ShardExtractor:
         probe = self.features(torch.zeros(1, size, size, 3, dtype=torch.uint8))
         self.spec = FeatureSpec(backbone=cfg.model.backbone, weights=cfg.model.backbone_weights,
                                 image_size=size, grid=(probe.shape[2], probe.shape[3]), channels=probe.shape[1])
+        if cfg.model.compile:  # after the probe: its batch of 1 would be one more shape to compile
+            self.backbone.compile()
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -275,3 +275,27 @@ def test_build_model_from_config():
     assert model.head.W2.out_features == 3 and model.head.W.shape == (128, DIM)
     torch.testing.assert_close(model.label_vectors.norm(dim=1), torch.ones(K))
     assert isinstance(build_backbone(cfg.model), SmallCNN)
+
+
+def test_compiled_model_matches_eager_and_keeps_checkpoint_keys():
+    """model.compile: torch.compile in place (inductor, a C++ build on the CPU), so a compiled
+    run's checkpoint loads into an eager model and back."""
+    base = {"data": {"url": "unused"}, "model": {"backbone": "small_cnn", "num_attentions": 3}}
+    vectors = np.random.default_rng(0).normal(size=(K, DIM)).astype(np.float32)
+    eager = build_model(load_config(base=base), vectors)
+    compiled = build_model(load_config(base=base, overrides=["model.compile=true"]), vectors)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.randint(0, 255, (B, 32, 32, 3), dtype=torch.uint8)
+    y = labels_for(B, K)
+    losses = []
+    for model in (eager, compiled):
+        out = model(images, torch.arange(K))
+        loss, _ = total_loss(out, y, WEIGHTS)
+        loss.backward()
+        losses.append((out, loss, [p.grad.clone() for p in model.head.parameters()]))
+    (out_e, loss_e, grads_e), (out_c, loss_c, grads_c) = losses
+    torch.testing.assert_close(out_c["scores"], out_e["scores"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)

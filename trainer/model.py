@@ -80,6 +80,9 @@ def build_model(cfg, label_vectors: np.ndarray, seen_ids: np.ndarray | None = No
     stand in for the frozen backbone (trainer/backbones.py, FeatureInput)."""
     backbone = build_backbone(cfg.model, features)
     head = MODELS[cfg.model.name].head(cfg, backbone.out_channels, label_vectors, seen_ids)
+    if cfg.model.compile:
+        backbone.compile()
+        head.compile()
     return TaggingModel(backbone, head, label_vectors)
 
 
