@@ -267,26 +267,14 @@ def skip_report(pending: Pending) -> dict:
 
 # --- stage: batch --------------------------------------------------------------------------------
 
-def stacked(arrays: list[np.ndarray]) -> torch.Tensor:
-    """The arrays stacked into one tensor. In a loader process it is built in shared memory:
-    a tensor handed to the trainer has to live there, and torch would otherwise copy the whole
-    batch into it when sending (measured: benchmarks/loader.py, docs/performance.md)."""
-    dtype = torch.from_numpy(np.empty(0, dtype=arrays[0].dtype)).dtype
-    out = torch.empty((len(arrays), *arrays[0].shape), dtype=dtype)
-    if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
-    np.stack(arrays, out=out.numpy())
-    return out
-
-
 def batched(samples, batch_size: int, pending: Pending, keep_partial: bool):
     """Batches of decoded samples; each carries the positions it uses (its samples' and those of
     the bad samples skipped since the last batch), so the trainer can mark them used. `images` is
     the model's input: uint8 [B, H, W, 3] images, or float16 [B, R, C] rows of a feature dataset."""
     def collate(items):
         skipped, used = pending.drain()
-        return {"images": stacked([s["image"] for s in items]),
-                "labels": stacked([s["labels"] for s in items]),
+        return {"images": torch.from_numpy(np.stack([s["image"] for s in items])),
+                "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
                 "keys": [s["key"] for s in items],
                 "epochs": [s["pos"][0] for s in items],
                 "positions": [s["pos"] for s in items] + used,
