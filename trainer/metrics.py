@@ -303,23 +303,25 @@ class StreamingMetrics:
 
     def __init__(self, settings: dict[str, np.ndarray], num_labels: int, ks):
         self.num_labels, self.ks = num_labels, list(ks)
-        self.settings = {}
+        self.settings = {}  # name -> (label ids, the same as a tensor or None for all labels, position)
         for name, cols in settings.items():
+            cols = np.asarray(cols)
             position = np.full(num_labels, -1, dtype=np.int64)  # label id -> column in the setting
             position[cols] = np.arange(len(cols))
             whole = len(cols) == num_labels and np.array_equal(cols, np.arange(num_labels))
-            self.settings[name] = (None if whole else torch.as_tensor(np.asarray(cols)), position)
+            self.settings[name] = (cols, None if whole else torch.as_tensor(cols), position)
         self.counts = {name: np.zeros(2 + len(self.ks), dtype=np.int64) for name in settings}
         self.entries: list[Entries] = []
 
     def add(self, scores: torch.Tensor, cells: Annotations) -> None:
         """Scores [B, num_labels] of one batch, on any device; its annotated cells (rows 0..B-1)."""
+        scores = scores.detach()
         if scores.dtype != torch.float64:  # bf16 / fp16 model outputs; float64 stays exact
             scores = scores.float()
         rows, cols = (torch.from_numpy(a).to(scores.device) for a in (cells.rows, cells.cols.astype(np.int64)))
         positive = cells.values > 0
         self.entries.append(Entries(cells.cols, scores[rows, cols].cpu().numpy(), positive))
-        for name, (columns, position) in self.settings.items():
+        for name, (_, columns, position) in self.settings.items():
             in_setting = positive & (position[cells.cols] >= 0)
             keep = torch.from_numpy(in_setting).to(scores.device)
             setting_cols = torch.from_numpy(position[cells.cols[in_setting]]).to(scores.device)
@@ -330,13 +332,12 @@ class StreamingMetrics:
     def result(self, device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
         stats = label_statistics(Entries.concatenate(self.entries), self.num_labels, device)
         results = {}
-        for name, (columns, position) in self.settings.items():
+        for name, (cols, _, _) in self.settings.items():
             counts = self.counts[name]
             if _distributed():
                 total = torch.from_numpy(counts.copy()).to(device)
                 dist.all_reduce(total)
                 counts = total.cpu().numpy()
-            cols = np.flatnonzero(position >= 0)[np.argsort(position[position >= 0])]
             results[name] = _summarise(counts, stats.ap[cols], self.ks, len(cols))
         return results, stats
 
