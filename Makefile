@@ -28,13 +28,15 @@ test: $(STAMP)
 
 # CPU benchmarks, each against a baseline measured in the same run (docs/performance.md).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/loader.py
-	$(BIN)/python benchmarks/training.py
-	$(BIN)/python benchmarks/feature_cache.py
-	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586
+	mkdir -p bench_results
+	$(BIN)/python benchmarks/loader.py --json bench_results/loader.json
+	$(BIN)/python benchmarks/training.py --json bench_results/training.json
+	$(BIN)/python benchmarks/feature_cache.py --json bench_results/feature_cache.json
+	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586 --json bench_results/eval_metrics.json
+	$(BIN)/python benchmarks/summary.py bench_results
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf $(DEMO) mlflow.db mlartifacts .pytest_cache
+	rm -rf $(DEMO) mlflow.db mlartifacts .pytest_cache bench_results
