@@ -28,11 +28,13 @@ def absolute(url: str) -> str:
 
 
 def check_data(cfg: Config, splits: list[str]):
+    from trainer.backbones import check_features, check_weights
+
     info = read_dataset(cfg.data.url)
     if info.features is not None:  # a feature cache stands in only for the backbone that made it
-        from trainer.backbones import check_features
-
         check_features(cfg.model, cfg.data.image_size, info.features, cfg.data.url)
+    else:
+        check_weights(cfg.model, cfg.data.url)
     if cfg.eval.val_split in splits and cfg.eval.val_split not in info.splits:
         raise ConfigError(f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
                           f"every eval.every steps (has: {', '.join(info.splits)}); name another, write one "

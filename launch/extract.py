@@ -27,13 +27,14 @@ EXAMPLES_PRINTED = 20
 
 def check_extractable(cfg: Config, out: str, info) -> None:
     """Errors that need no cluster: what the backbone is, what the dataset is, where OUT is."""
-    from trainer.backbones import BACKBONES
+    from trainer.backbones import BACKBONES, check_weights
 
     if BACKBONES[cfg.model.backbone].trainable:
         raise ConfigError(f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
                           f"trains and cannot be cached; lesa extract needs a frozen backbone (vgg19)")
     if info.kind != "image":
         raise ConfigError(f"data.url: {cfg.data.url} is a {info.kind} dataset; extract from the image dataset")
+    check_weights(cfg.model, cfg.data.url)
     if out.rstrip("/") == cfg.data.url.rstrip("/"):
         raise ConfigError(f"--out {out}: is data.url itself; write the features to another root")
 

@@ -111,7 +111,9 @@ def trained(work, extracted):
 
     runs = {}
     for name, data in (("images", "images"), ("features", "features")):
-        assert lesa("train", "--out", str(work / f"run_{name}"), *overrides(work, data)) == 0
+        # features stand in for VGG-19, whose weights the feature run therefore does not name
+        weights = {} if name == "images" else {"model.backbone_weights": "null"}
+        assert lesa("train", "--out", str(work / f"run_{name}"), *overrides(work, data, **weights)) == 0
         metrics = json.loads((work / f"run_{name}" / "metrics.json").read_text())
         history = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "loss")
         runs[name] = metrics, [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -243,10 +245,23 @@ def test_a_feature_dataset_needs_the_backbone_and_image_size_it_was_made_with(wo
         check_data(cfg, ["train", "test"])
 
     check()
+    check(**{"model.backbone_weights": "null"})  # the cached features need no backbone weights
     with pytest.raises(ConfigError, match="holds features of 'vgg19'.*small_cnn"):
         check(**{"model.backbone": "small_cnn"})
     with pytest.raises(ConfigError, match="data.image_size=64"):
         check(**{"data.image_size": 224})
+
+
+def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, capsys):
+    from launch.driver import check_data
+
+    args = [a for a in overrides(work, "images", **{"model.backbone_weights": "null"}) if a != "--set"]
+    cfg = load_config(REPO / "launch" / "synthetic.yaml", args)  # the config alone is valid
+    with pytest.raises(ConfigError, match=f"model.backbone_weights: {work / 'images'} holds images"):
+        check_data(cfg, ["train", "test"])
+    assert lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{"model.backbone_weights": "null"})) == 2
+    assert "vgg19 is frozen, so it needs pretrained weights" in capsys.readouterr().err
+    assert not (work / "never").exists()
 
 
 def test_a_model_pt_moves_between_image_and_feature_inputs(work, tmp_path):

@@ -122,6 +122,7 @@ class VGG19Conv54(Backbone):
 
     @classmethod
     def from_config(cls, model_cfg) -> "VGG19Conv54":
+        check_weights(model_cfg, "the input")
         return cls(model_cfg.backbone_weights)
 
 
@@ -147,6 +148,15 @@ class FeatureInput(nn.Module):
 
 
 BACKBONES: dict[str, type[Backbone]] = {"small_cnn": SmallCNN, "vgg19": VGG19Conv54}
+
+
+def check_weights(model_cfg, where: str) -> None:
+    """A frozen backbone that runs on images needs pretrained weights; untrained it would give
+    noise. (On a feature dataset it does not run at all, so nothing is needed there.)"""
+    if not BACKBONES[model_cfg.backbone].trainable and model_cfg.backbone_weights is None:
+        raise ConfigError(f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
+                          f"needs pretrained weights: a state dict path or URL (or train on the feature "
+                          f"dataset `lesa extract` makes, which needs none)")
 
 
 def check_features(model_cfg, image_size: int, spec, where: str) -> None:

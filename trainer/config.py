@@ -250,8 +250,6 @@ def _check(cfg: Config) -> None:
          f"unknown backbone (known: {', '.join(BACKBONES)})")
     need(cfg.optim.name in OPTIMIZERS, "optim.name",
          f"unknown optimizer (known: {', '.join(OPTIMIZERS)})")
-    need(cfg.model.backbone != "vgg19" or cfg.model.backbone_weights is not None, "model.backbone_weights",
-         "vgg19 is frozen, so it needs pretrained weights: a state dict path or URL")
 
 
 def _check_schedule(cfg: Config, need) -> None:
