@@ -342,11 +342,12 @@ class StreamingMetrics:
         return results, stats
 
 
-def evaluate_labels(scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks,
-                    device="cpu") -> tuple[dict[str, dict[str, float]], LabelStats]:
-    """Metrics for each setting (name -> column indices) and the per-label statistics of a
-    worker's scores, fed to StreamingMetrics in blocks of ROW_CHUNK rows. `labels`: the dense
-    label matrix or its Annotations."""
+def evaluate_settings(scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks,
+                      device="cpu") -> dict[str, dict[str, float]]:
+    """Metrics for each setting (name -> column indices) of a worker's score matrix, over all
+    workers if distributed; equals compute_metrics per setting. The matrix is fed to
+    StreamingMetrics in blocks of ROW_CHUNK rows. `labels`: the dense label matrix or its
+    Annotations."""
     ann = labels if isinstance(labels, Annotations) else Annotations.from_dense(labels)
     order = np.argsort(ann.rows, kind="stable")
     ann = Annotations(ann.rows[order], ann.cols[order], ann.values[order])
@@ -356,10 +357,4 @@ def evaluate_labels(scores: np.ndarray, labels: np.ndarray | Annotations, settin
         lo, hi = np.searchsorted(ann.rows, [start, start + len(block)])
         metrics.add(torch.from_numpy(block),
                     Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]))
-    return metrics.result(device)
-
-
-def evaluate_settings(scores: np.ndarray, labels: np.ndarray, settings: dict[str, np.ndarray], ks,
-                      device="cpu") -> dict[str, dict[str, float]]:
-    """Metrics for each setting, over all workers if distributed; equals compute_metrics per setting."""
-    return evaluate_labels(scores, labels, settings, ks, device)[0]
+    return metrics.result(device)[0]
