@@ -134,3 +134,23 @@ def test_config_rejects_negative_overlays():
 
     with pytest.raises(ConfigError, match="eval.overlays"):
         load_config(base={"data": {"url": "x"}, "eval": {"overlays": -1}})
+
+
+def test_scoring_a_split_prints_progress_with_rate_and_eta(tiny_eval, capsys, monkeypatch):
+    """Evaluation's scoring loop reports on rank 0: every SCORING_EVERY_S seconds (0 here) and at
+    the end."""
+    import trainer.progress
+    from trainer.bad_samples import BadSampleLog
+    from trainer.evaluation import score_split
+    from trainer.metrics import StreamingMetrics
+
+    cfg, info, model = tiny_eval
+    cfg.eval.batch_size = 2
+    metrics = StreamingMetrics({"all": np.arange(info.num_labels)}, info.num_labels, [2])
+    monkeypatch.setattr(trainer.progress, "SCORING_EVERY_S", 0.0)
+    score_split(model, info, "test", cfg, 0, 1, torch.device("cpu"), BadSampleLog(0), metrics)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" images")[0] for line in lines] == ["scoring test: 2/5", "scoring test: 4/5",
+                                                             "scoring test: 5/5", "scored test: 5"]
+    assert "images/s, ETA 0:00:00" in lines[-2] and "images/s)" in lines[-1]
+    assert metrics.result()[0]["all"]["mAP"] > 0

@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 
 from datasets.contract import DatasetInfo
-from datasets.stream import StreamSpec, make_loader
+from datasets.stream import StreamSpec, make_loader, split_by_rank
 from trainer.bad_samples import BadSampleLog
 from trainer.metrics import Annotations, LabelStats, StreamingMetrics
+from trainer.progress import ScoringProgress
 
 
 def average_buffers(model: torch.nn.Module) -> None:
@@ -38,16 +39,19 @@ def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int
     spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
                       batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False,
                       features=info.features)
-    mine = len(shards[rank::world])
-    loader = make_loader(spec, min(cfg.data.loader_workers, mine), pin_memory=device.type == "cuda")
+    mine = split_by_rank(shards, rank, world)  # the reader's own split
+    loader = make_loader(spec, min(cfg.data.loader_workers, len(mine)), pin_memory=device.type == "cuda")
     if label_ids is None:
         label_ids = np.arange(info.num_labels)
     ids = torch.as_tensor(label_ids, device=device)
+    progress = ScoringProgress(split, sum(s.samples for s in mine), enabled=rank == 0)
     for batch in loader:
         bad.add(batch)
         if batch["images"] is not None:
             out = model(batch["images"].to(device, non_blocking=True), ids)
             metrics.add(out["scores"], Annotations.from_dense(batch["labels"].numpy()[:, label_ids]))
+            progress.update(len(batch["keys"]))
+    progress.finish()
 
 
 def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Console output: a progress line per logging step and the metric table."""
+"""Console output: a progress line per logging step, progress while a split is scored, the metric table."""
 
 from __future__ import annotations
 
@@ -39,6 +39,34 @@ class Progress:
         return {"steps": self.step - self.first, "seconds": elapsed,
                 "samples_per_s": steady * self.samples_per_step,
                 "data_wait_fraction": sum(self.data_wait) / max(len(self.data_wait), 1)}
+
+
+SCORING_EVERY_S = 30.0
+
+
+class ScoringProgress:
+    """While a worker scores its share of a split: a line every SCORING_EVERY_S seconds and one
+    at the end, with images done, rate and ETA (Open Images' 125k test images take a while)."""
+
+    def __init__(self, split: str, total: int, enabled: bool):
+        self.split, self.total, self.enabled, self.every = split, total, enabled, SCORING_EVERY_S
+        self.done, self.start = 0, time.time()
+        self.last = self.start
+
+    def update(self, images: int) -> None:
+        self.done += images
+        now = time.time()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"scoring {self.split}: {self.done}/{self.total} images of this worker, {rate:.0f} images/s, "
+                  f"ETA {format_duration((self.total - self.done) / max(rate, 1e-9))}", flush=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            elapsed = time.time() - self.start
+            print(f"scored {self.split}: {self.done} images of this worker in {format_duration(elapsed)} "
+                  f"({self.done / max(elapsed, 1e-9):.0f} images/s)", flush=True)
 
 
 def format_table(metrics: dict, ks) -> str:
