@@ -105,12 +105,13 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def _read_bytes(url: str) -> bytes:
+def read_bytes(url: str, hint: str = "is data.url the dataset root?") -> bytes:
+    """The whole file; a missing one is a DatasetError naming it, with `hint` on where to look."""
     try:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise DatasetError(f"{url}: missing (is data.url the dataset root?)") from None
+        raise DatasetError(f"{url}: missing ({hint})") from None
 
 
 def read_npy(url: str) -> np.ndarray:
@@ -128,13 +129,13 @@ def read_dataset(root: str) -> DatasetInfo:
     """Read and cross-check a dataset root's metadata; every inconsistency names its file."""
     meta_url = join(root, "dataset.json")
     try:
-        meta = json.loads(_read_bytes(meta_url))
+        meta = json.loads(read_bytes(meta_url))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{meta_url}: not valid JSON ({exc})") from None
 
     labels_url = join(root, "labels.tsv")
     labels = []
-    lines = _read_bytes(labels_url).decode("utf-8").splitlines()
+    lines = read_bytes(labels_url).decode("utf-8").splitlines()
     if not lines or lines[0].split("\t") != ["index", "id", "name", "role"]:
         raise DatasetError(f"{labels_url}: first line must be the header 'index<TAB>id<TAB>name<TAB>role'")
     for lineno, line in enumerate(lines[1:], start=2):
@@ -147,7 +148,7 @@ def read_dataset(root: str) -> DatasetInfo:
 
     emb_url = join(root, "embeddings.npy")
     try:
-        embeddings = np.load(io.BytesIO(_read_bytes(emb_url)), allow_pickle=False)
+        embeddings = np.load(io.BytesIO(read_bytes(emb_url)), allow_pickle=False)
     except ValueError as exc:
         raise DatasetError(f"{emb_url}: not a plain .npy array ({exc})") from None
     if embeddings.ndim != 2 or embeddings.shape[0] != len(labels):

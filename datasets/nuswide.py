@@ -25,18 +25,14 @@ from dataclasses import asdict
 import fsspec
 import numpy as np
 
-from datasets.contract import DatasetError, Label, join, write_metadata
+from datasets.contract import DatasetError, Label, join, read_bytes, write_metadata
 from datasets.convert import ImageOptions, ShardJob, SplitReport, run_shards, say, write_report
 from datasets.embeddings import label_vectors
 from datasets.shards import encode_labels
 
 
 def _read(url: str) -> bytes:
-    try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DatasetError(f"{url}: not found (is --root the NUS-WIDE release folder?)") from None
+    return read_bytes(url, "is --root the NUS-WIDE release folder?")
 
 
 def _first_existing(root: str, *relpaths: str) -> str:
