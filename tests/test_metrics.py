@@ -418,9 +418,9 @@ def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
     np.testing.assert_array_equal(kth_largest(scores, ks), expected)
 
 
-@pytest.mark.parametrize("sort_below", [0, 2048], ids=["filter", "sort"])
+@pytest.mark.parametrize("sort_below", [0, 2048], ids=["kernel", "sort"])
 def test_kth_largest_every_small_width(monkeypatch, sort_below):
-    """Every row width 1..90 with K up to the width, through both paths: the filter's group
+    """Every row width 1..90 with K up to the width, through both paths: the kernel's group
     layout changes with each width."""
     import trainer.metrics
     from trainer.metrics import kth_largest
@@ -433,6 +433,68 @@ def test_kth_largest_every_small_width(monkeypatch, sort_below):
         ks = sorted({1, min(3, width), width, int(rng.integers(1, width + 1))})
         expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
         np.testing.assert_array_equal(kth_largest(scores, ks), expected, err_msg=f"width {width}, ks {ks}")
+
+
+@pytest.mark.parametrize("width,ks", [(2048, [3, 5]), (4095, [10, 20]), (7586, [1, 64]), (8191, [40, 129]),
+                                      (2048, [32, 33]), (3000, [3000])])
+def test_kth_kernel_around_its_group_layout(width, ks):
+    """Widths that leave a tail past the last fold, K around the group count (2048 / 64 = 32
+    groups: K = 33 scans whole rows) and K = the width; rows of one value, of -inf and +inf."""
+    from trainer.kth_kernel import kth_largest_f32
+
+    rng = np.random.default_rng(width)
+    scores = rng.standard_normal((23, width)).astype(np.float16).astype(np.float32)
+    scores[1] = 0.25
+    scores[2, ::3] = np.inf
+    scores[4] = -np.inf
+    scores[5, -7:] = 99.0                                    # the top sits in the tail
+    expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
+    np.testing.assert_array_equal(kth_largest_f32(scores, ks), expected)
+
+
+def test_kth_kernel_skips_nan_scores():
+    from trainer.kth_kernel import kth_largest_f32
+
+    scores = np.arange(4096, dtype=np.float32)[None].repeat(2, 0)
+    scores[0, 4095] = np.nan
+    scores[1] = np.nan
+    np.testing.assert_array_equal(kth_largest_f32(scores, [1, 2]), [[4094, 4093], [np.nan, np.nan]])
+
+
+def test_kth_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    from trainer import kth_kernel
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kth_kernel._library.cache_clear()
+    try:
+        scores = np.random.default_rng(1).random((8, 3000), dtype=np.float32)
+        np.testing.assert_array_equal(kth_kernel.kth_largest_f32(scores, [2]), -np.sort(-scores, axis=1)[:, [1]])
+        (built,) = (tmp_path / "lesa").iterdir()
+        assert built.name.startswith("kth_largest-") and built.suffix == ".so"
+        kth_kernel._library.cache_clear()
+        stamp = built.stat().st_mtime_ns
+        kth_kernel.kth_largest_f32(scores, [2])
+        assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        kth_kernel._library.cache_clear()
+
+
+def test_kth_largest_sorts_when_no_compiler_builds_the_kernel(monkeypatch, tmp_path):
+    """A machine without a C compiler: one warning naming the source, and the same K-th scores."""
+    from trainer import kth_kernel
+    from trainer.metrics import kth_largest
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kth_kernel._library.cache_clear()
+    try:
+        scores = np.random.default_rng(0).random((50, 5000), dtype=np.float32)
+        with pytest.warns(RuntimeWarning, match="kth_largest.c"):
+            found = kth_largest(scores, [3, 7])
+        np.testing.assert_array_equal(found, -np.sort(-scores, axis=1)[:, [2, 6]])
+        assert kth_kernel.kth_largest_f32(scores, [3]) is None
+    finally:
+        kth_kernel._library.cache_clear()
 
 
 def test_ascending_key_orders_and_ties_exactly_as_the_floats():
@@ -491,7 +553,7 @@ def test_streaming_metrics_take_bf16_scores_as_the_model_gives_them():
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
 def test_k_th_scores_on_the_gpu_equal_the_cpu_filter():
-    """The GPU path (torch.topk) against the CPU filter, wide rows with ties; run on the lent GPU."""
+    """The GPU path (torch.topk) against the CPU kernel, wide rows with ties; run on the lent GPU."""
     import torch
 
     from trainer.metrics import Annotations, StreamingMetrics, kth_largest_rows
