@@ -109,8 +109,8 @@ def ascending_key(values: np.ndarray) -> np.ndarray:
     """uint64 keys that sort as the scores do, equal exactly where the scores are equal.
 
     float32 maps bit-wise (flip the sign bit of positives, every bit of negatives), so a key fits
-    in 32 bits and can share one integer sort with a label or row id in the high bits; numpy's
-    vectorised integer sort is ~10x faster than a lexsort over (id, score). Other dtypes, rarer,
+    in 32 bits and can share one integer sort with the label id in the high bits (AP); numpy's
+    vectorised integer sort is ~10x faster than a lexsort over (label, score). Other dtypes, rarer,
     take their rank.
     """
     if values.dtype != np.float32:
