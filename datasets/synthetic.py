@@ -8,7 +8,9 @@ several small objects, shared attention can, and it transfers to unseen composit
 - Unseen labels are compositions that never occur in training (or validation) images, while each
   of their colours and shapes does occur, in other compositions.
 - A label's vector is its colour vector next to its shape vector, plus noise: the attributes are
-  shared, so a model that binds them can transfer.
+  shared, so a model that binds them can transfer. The noise (`embed_noise`, the noise's norm
+  relative to the attribute part's) is the part of a label's vector its attributes do not
+  predict, as a real word vector of "red car" is not exactly "red" + "car".
 - A fraction of each image's negatives is left unannotated (unknown), as in Open Images.
 Everything is a function of the seed: the vocabulary from the seed, each image from (seed, split, index).
 """
@@ -136,9 +138,9 @@ def _encoded_sample(job) -> tuple[str, dict[str, bytes]]:
 
 
 def write_synthetic(out: str, seed: int, sizes: dict[str, int], image_size: int = 96,
-                    shard_size: int = 250, workers: int = 1, log=print) -> None:
+                    shard_size: int = 250, workers: int = 1, embed_noise: float = 0.15, log=print) -> None:
     """Write the benchmark to `out`; images are generated in `workers` processes, written in order."""
-    bench = SyntheticBenchmark(seed, image_size)
+    bench = SyntheticBenchmark(seed, image_size, embed_noise=embed_noise)
     splits = {}
     with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else nullcontext() as pool:
         for split, count in sizes.items():
@@ -153,6 +155,7 @@ def write_synthetic(out: str, seed: int, sizes: dict[str, int], image_size: int 
             splits[split] = writer.shards
     write_metadata(out, name=f"synthetic-seed{seed}", kind="image", labels=bench.labels,
                    embeddings=bench.embeddings, splits=splits,
-                   extra={"image_size": image_size, "generator": "lesa synth", "seed": seed})
+                   extra={"image_size": image_size, "generator": "lesa synth", "seed": seed,
+                          "embed_noise": embed_noise})
     log(f"wrote {out}: {len(bench.seen)} seen + {len(bench.unseen)} unseen labels, "
         + ", ".join(f"{s} {n} images" for s, n in sizes.items()))

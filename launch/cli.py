@@ -14,7 +14,8 @@ def cmd_synth(args) -> int:
 
     sizes = {"train": args.train, "val": args.val, "test": args.test}
     write_synthetic(args.out, seed=args.seed, sizes={k: v for k, v in sizes.items() if v > 0},
-                    image_size=args.image_size, shard_size=args.shard_size, workers=args.workers)
+                    image_size=args.image_size, shard_size=args.shard_size, workers=args.workers,
+                    embed_noise=args.embed_noise)
     return 0
 
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
+    p.add_argument("--embed-noise", type=float, default=0.15,
+                   help="norm of each label vector's noise relative to its colour+shape part; "
+                        "images do not change with it (default 0.15)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train and evaluate on a Ray cluster (local if RAY_ADDRESS is unset)")

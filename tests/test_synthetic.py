@@ -201,3 +201,24 @@ def test_write_synthetic_is_deterministic(tmp_path):
         assert sa == sb and len(sa) in (4, 2)
     assert (a / "labels.tsv").read_bytes() == (b / "labels.tsv").read_bytes()
     assert (a / "embeddings.npy").read_bytes() == (b / "embeddings.npy").read_bytes()
+
+
+def test_embed_noise_changes_only_the_label_vectors(tmp_path):
+    """`lesa synth --embed-noise`: the same images, label vectors whose part that the colour and
+    shape do not predict has the asked norm relative to the part they do."""
+    from launch import cli
+
+    root = tmp_path / "noisy"
+    assert cli.main(["synth", str(root), "--seed", "3", "--train", "4", "--val", "0", "--test", "0",
+                     "--image-size", "32", "--workers", "1", "--embed-noise", "1.0"]) == 0
+    info = read_dataset(str(root))
+    assert json.loads((root / "dataset.json").read_text())["embed_noise"] == 1.0
+    noisy = SyntheticBenchmark(seed=3, image_size=32, embed_noise=1.0)
+    np.testing.assert_array_equal(info.embeddings, noisy.embeddings)
+
+    clean = SyntheticBenchmark(seed=3, image_size=32, embed_noise=0.0)
+    default = SyntheticBenchmark(seed=3, image_size=32)
+    assert noisy.sample("train", 2)[0].tobytes() == default.sample("train", 2)[0].tobytes()
+    ratio = lambda b: np.linalg.norm(b.embeddings - clean.embeddings, axis=1) / np.linalg.norm(clean.embeddings, axis=1)
+    assert 0.8 < ratio(noisy).mean() < 1.2
+    assert 0.12 < ratio(default).mean() < 0.18
