@@ -31,7 +31,8 @@ def check_extractable(cfg: Config, out: str, info) -> None:
 
     if BACKBONES[cfg.model.backbone].trainable:
         raise ConfigError(f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
-                          f"trains and cannot be cached; lesa extract needs a frozen backbone (vgg19)")
+                          f"trains and cannot be cached; lesa extract needs a frozen backbone "
+                          f"({', '.join(name for name, b in BACKBONES.items() if not b.trainable)})")
     if info.kind != "image":
         raise ConfigError(f"data.url: {cfg.data.url} is a {info.kind} dataset; extract from the image dataset")
     check_weights(cfg.model, cfg.data.url)

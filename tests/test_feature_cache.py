@@ -193,8 +193,38 @@ def test_extract_refuses_an_out_made_with_other_settings(work, extracted, capsys
 def test_extract_refuses_a_trainable_backbone_before_any_cluster_work(work, capsys):
     args = overrides(work, "images", **{"model.backbone": "small_cnn"})
     assert lesa("extract", "--out", str(work / "never"), *args) == 2
-    assert "small_cnn is trainable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "small_cnn is trainable" in err and "(small_cnn_frozen, vgg19)" in err
     assert not (work / "never").exists()
+
+
+def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path):
+    """The synthetic analogue of LESA's frozen features: small_cnn_frozen with a lesa train model.pt
+    (here random), one shard through the extractor that each Ray actor of lesa extract runs."""
+    from datasets.features import ShardExtractor
+    from trainer.backbones import FrozenSmallCNN, SmallCNN
+
+    torch.manual_seed(4)
+    weights = tmp_path / "model.pt"
+    torch.save({f"backbone.{k}": v for k, v in SmallCNN().state_dict().items()} | {"head.W": torch.zeros(1)}, weights)
+    cfg = load_config(str(REPO / "launch" / "synthetic.yaml"), overrides(work, "images", **{
+        "model.backbone": "small_cnn_frozen", "model.backbone_weights": str(weights)})[1::2])
+    extractor = ShardExtractor(cfg.to_dict())
+    shard = read_dataset(str(work / "images")).shards("train")[0]
+    job = {"split": "train", "relpath": "train/0.tar", "source": shard.url, "samples": shard.samples,
+           "num_labels": 64, "out": str(tmp_path / "train-0.tar"), "record": str(tmp_path / "record.json")}
+    record = extractor.extract(job)
+    assert record["samples"] == shard.samples and record["made_with"]["backbone"] == "small_cnn_frozen"
+    assert record["made_with"]["grid"] == [SIZE // 8, SIZE // 8] and record["made_with"]["channels"] == 128
+
+    features = {name: np.load(io.BytesIO(data)) for name, data in tar_members(Path(job["out"])).items()
+                if name.endswith(".feat.npy")}
+    images = {name: data for name, data in tar_members(Path(shard.url)).items() if name.endswith(".jpg")}
+    name = sorted(images)[0]
+    image = torch.from_numpy(decode_image(images[name], SIZE).copy())[None]
+    with torch.no_grad():
+        expected = FrozenSmallCNN(str(weights))(image).flatten(2).transpose(1, 2)[0]
+    np.testing.assert_allclose(features[name.replace(".jpg", ".feat.npy")], expected.numpy(), rtol=1e-2, atol=1e-2)
 
 
 # --- training and evaluation on feature shards -------------------------------------------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.backbones import SmallCNN, VGG19Conv54, build_backbone
-from trainer.config import load_config
+from trainer.backbones import FrozenSmallCNN, SmallCNN, VGG19Conv54, build_backbone
+from trainer.config import ConfigError, load_config
 from trainer.lesa import Adapter, LESAHead
 from trainer.losses import total_loss
 from trainer.model import TaggingModel, build_model
@@ -232,6 +232,53 @@ def test_vgg19_load_weights_missing_keys_names_the_file(tmp_path, vgg):
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not_vgg.pth"):
         VGG19Conv54(weights=str(other))
+
+
+def test_small_cnn_frozen_takes_a_trained_model_pt(tmp_path):
+    """small_cnn_frozen: the backbone of a model.pt that lesa train wrote (head keys and label
+    vectors beside it are ignored), no gradient, BatchNorm on its trained statistics."""
+    torch.manual_seed(3)
+    trained = TaggingModel(SmallCNN(), LESAHead(128, DIM, num_attentions=M), unit_rows(K, DIM).numpy())
+    for bn in (m for m in trained.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)  # statistics a training run would have moved
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+
+    cfg = load_config(base={"data": {"url": "unused"},
+                            "model": {"backbone": "small_cnn_frozen", "backbone_weights": str(path)}})
+    frozen = build_backbone(cfg.model)
+    assert isinstance(frozen, FrozenSmallCNN) and not frozen.trainable
+    assert not any(m.training for m in frozen.modules())  # from the start, not only after train()
+    for k, v in trained.backbone.state_dict().items():
+        torch.testing.assert_close(frozen.state_dict()[k], v, rtol=0, atol=0)
+    frozen.train()
+    assert not any(m.training for m in frozen.modules())
+    images = torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8)
+    trained.backbone.eval()
+    torch.testing.assert_close(frozen(images), trained.backbone(images))
+
+    model = TaggingModel(frozen, LESAHead(128, DIM, num_attentions=M), unit_rows(K, DIM).numpy())
+    model.train()
+    loss, _ = total_loss(model(images, torch.arange(K)), labels_for(B, K), WEIGHTS)
+    loss.backward()
+    assert all(p.grad is None for p in frozen.parameters()) and nonzero_grad(model.head.W)
+
+    # its random init does not move the global stream: the head starts the same with or without it
+    torch.manual_seed(9)
+    FrozenSmallCNN(str(path))
+    after_backbone = torch.rand(1)
+    torch.manual_seed(9)
+    assert torch.equal(after_backbone, torch.rand(1))
+
+
+def test_small_cnn_frozen_needs_weights_of_its_shape(tmp_path):
+    cfg = load_config(base={"data": {"url": "unused"}, "model": {"backbone": "small_cnn_frozen"}})
+    with pytest.raises(ConfigError, match="model.backbone_weights"):
+        build_backbone(cfg.model)
+    vgg_path = tmp_path / "vgg19.pth"
+    torch.save({f"features.{k}": v for k, v in VGG19Conv54(weights=None).features.state_dict().items()}, vgg_path)
+    with pytest.raises(ValueError, match="vgg19.pth: not a small_cnn_frozen state dict"):
+        FrozenSmallCNN(str(vgg_path))
 
 
 def test_label_vectors_are_l2_normalised_buffer():

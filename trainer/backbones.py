@@ -2,7 +2,8 @@
 
 Each backbone normalises its own input (it knows the statistics it was trained with) and says
 whether it is trainable. `vgg19` is LESA's frozen conv5_4 (14x14x512 at 224); `small_cnn` is a
-trainable four-layer CNN sized so the synthetic demo trains in minutes on two CPU cores.
+trainable four-layer CNN sized so the synthetic demo trains in minutes on two CPU cores, and
+`small_cnn_frozen` the same network frozen with the weights of an earlier run.
 
 A frozen backbone's output can be cached once (`lesa extract`, a dataset of kind "feature");
 training and evaluation on such a dataset put `FeatureInput` in the backbone's place, chosen by
@@ -21,6 +22,7 @@ from trainer.config import ConfigError
 
 
 class Backbone(nn.Module):
+    name: str
     out_channels: int
     trainable: bool
     mean: tuple[float, float, float]
@@ -43,6 +45,34 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalise(images))
 
+    def freeze(self, weights: str | None) -> None:
+        """A frozen backbone: pretrained weights (when given), no gradients, always in inference
+        mode (BatchNorm keeps the statistics it was trained with)."""
+        if weights is not None:
+            self.load_weights(weights)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()  # a module starts in training mode, and train() may never be called
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    def load_weights(self, url: str) -> None:
+        """`features.*` from a state dict: torchvision's key names, or `backbone.features.*` of a
+        model.pt that `lesa train` wrote (tensors only: weights_only=True never runs code)."""
+        with fsspec.open(url, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        mine = {key.removeprefix("backbone.").removeprefix("features."): value for key, value in state.items()
+                if key.startswith(("features.", "backbone.features."))}
+        own = self.features.state_dict()
+        missing = sorted(set(own) - set(mine))
+        if missing:
+            raise ValueError(f"{url}: not a {self.name} state dict (missing features.{missing[0]} ...)")
+        try:
+            self.features.load_state_dict({k: mine[k] for k in own})
+        except RuntimeError as exc:
+            raise ValueError(f"{url}: not a {self.name} state dict ({str(exc).splitlines()[-1].strip()})") from None
+
     @classmethod
     def from_config(cls, model_cfg) -> "Backbone":
         return cls()
@@ -55,6 +85,7 @@ def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
 class SmallCNN(Backbone):
     """96x96 -> 12x12 regions (three stride-2 stages), 128 channels."""
 
+    name = "small_cnn"
     out_channels = 128
     trainable = True
     mean = (127.5, 127.5, 127.5)
@@ -66,6 +97,25 @@ class SmallCNN(Backbone):
             *conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 64, 2),
             *conv_bn_relu(64, 64, 1), *conv_bn_relu(64, 128, 2),
         )
+
+
+class FrozenSmallCNN(SmallCNN):
+    """`small_cnn` with the weights of an earlier run's model.pt, frozen: the synthetic analogue of
+    LESA's protocol, where every method is a head on the same frozen, pretrained features
+    (lesa_spec §1.1), so a comparison measures the heads and not how each trained its backbone."""
+
+    name = "small_cnn_frozen"
+    trainable = False
+
+    def __init__(self, weights: str | None):
+        with torch.random.fork_rng(devices=[]):  # as VGG19Conv54: the head's init does not depend on it
+            super().__init__()
+        self.freeze(weights)
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "FrozenSmallCNN":
+        check_weights(model_cfg, "the input")
+        return cls(model_cfg.backbone_weights)
 
 
 VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
@@ -80,6 +130,7 @@ class VGG19Conv54(Backbone):
     Statistics are slim's RGB means with no std division, as the official extractor.
     """
 
+    name = "vgg19"
     out_channels = 512
     trainable = False
     mean = (123.68, 116.78, 103.94)
@@ -99,26 +150,7 @@ class VGG19Conv54(Backbone):
                     layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU(inplace=True)]
                     cin = item
         self.features = nn.Sequential(*layers)
-        if weights is not None:
-            self.load_weights(weights)
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def load_weights(self, url: str) -> None:
-        with fsspec.open(url, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        mine = {k: v for k, v in state.items() if k.startswith("features.")}
-        missing = set(self.features.state_dict()) - {k[len("features."):] for k in mine}
-        if missing:
-            raise ValueError(f"{url}: not a VGG-19 state dict (missing features.{sorted(missing)[0]} ...)")
-        try:
-            self.features.load_state_dict({k[len("features."):]: v for k, v in mine.items()
-                                           if k[len("features."):] in self.features.state_dict()})
-        except RuntimeError as exc:
-            raise ValueError(f"{url}: not a VGG-19 state dict ({str(exc).splitlines()[-1].strip()})") from None
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # frozen: always inference mode
+        self.freeze(weights)
 
     @classmethod
     def from_config(cls, model_cfg) -> "VGG19Conv54":
@@ -147,7 +179,7 @@ class FeatureInput(nn.Module):
         return rows.to(self._like.dtype).transpose(1, 2).reshape(b, c, h, w)
 
 
-BACKBONES: dict[str, type[Backbone]] = {"small_cnn": SmallCNN, "vgg19": VGG19Conv54}
+BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmallCNN, VGG19Conv54)}
 
 
 def check_weights(model_cfg, where: str) -> None:

@@ -37,7 +37,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "lesa"            # registry in trainer/model.py
     backbone: str = "small_cnn"   # registry in trainer/backbones.py
-    backbone_weights: str | None = None  # path or fsspec URL of a state dict (vgg19)
+    backbone_weights: str | None = None  # path or fsspec URL of a state dict (frozen backbones)
     num_attentions: int = 10      # M of lesa_spec §1.2
     adapter: bool = True          # the 2x2 conv + BN + ReLU adapter of the official code
     conse_top: int = 10           # conse only: T, the most probable seen labels an image embedding mixes
