@@ -292,6 +292,12 @@ def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, c
     assert lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{"model.backbone_weights": "null"})) == 2
     assert "vgg19 is frozen, so it needs pretrained weights" in capsys.readouterr().err
     assert not (work / "never").exists()
+    # weights named but absent: said before any actor starts, not by every actor
+    missing = work / "no_such_run" / "model.pt"
+    assert lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{
+        "model.backbone": "small_cnn_frozen", "model.backbone_weights": str(missing)})) == 2
+    assert f"model.backbone_weights: {missing} does not exist" in capsys.readouterr().err
+    assert not (work / "never").exists()
 
 
 def test_a_model_pt_moves_between_image_and_feature_inputs(work, tmp_path):

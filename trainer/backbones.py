@@ -185,10 +185,16 @@ BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmal
 def check_weights(model_cfg, where: str) -> None:
     """A frozen backbone that runs on images needs pretrained weights; untrained it would give
     noise. (On a feature dataset it does not run at all, so nothing is needed there.)"""
-    if not BACKBONES[model_cfg.backbone].trainable and model_cfg.backbone_weights is None:
+    weights = model_cfg.backbone_weights
+    if BACKBONES[model_cfg.backbone].trainable:
+        return
+    if weights is None:
         raise ConfigError(f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
                           f"needs pretrained weights: a state dict path or URL (or train on the feature "
                           f"dataset `lesa extract` makes, which needs none)")
+    fs, path = fsspec.core.url_to_fs(weights)
+    if not fs.exists(path):  # said here, before every worker fails on it
+        raise ConfigError(f"model.backbone_weights: {weights} does not exist")
 
 
 def check_features(model_cfg, image_size: int, spec, where: str) -> None:
