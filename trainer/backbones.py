@@ -75,7 +75,11 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg) -> "Backbone":
-        return cls()
+        """A trainable backbone starts from its random init; a frozen one from its weights."""
+        if cls.trainable:
+            return cls()
+        check_weights(model_cfg, "the input")
+        return cls(model_cfg.backbone_weights)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -112,11 +116,6 @@ class FrozenSmallCNN(SmallCNN):
             super().__init__()
         self.freeze(weights)
 
-    @classmethod
-    def from_config(cls, model_cfg) -> "FrozenSmallCNN":
-        check_weights(model_cfg, "the input")
-        return cls(model_cfg.backbone_weights)
-
 
 VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                 512, 512, 512, 512]  # ends at conv5_4 + ReLU: LESA drops pool5
@@ -151,11 +150,6 @@ class VGG19Conv54(Backbone):
                     cin = item
         self.features = nn.Sequential(*layers)
         self.freeze(weights)
-
-    @classmethod
-    def from_config(cls, model_cfg) -> "VGG19Conv54":
-        check_weights(model_cfg, "the input")
-        return cls(model_cfg.backbone_weights)
 
 
 class FeatureInput(nn.Module):
