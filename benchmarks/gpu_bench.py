@@ -5,12 +5,15 @@ Prints, on one GPU (or tiny on the CPU with --tiny, to check the script):
 2. frozen VGG-19 conv5_4 feature extraction at 224: images/s and its fraction of that ceiling
    (VGG-19 is about 39 GFLOP per image), eager and with torch.compile;
 3. LESA head training steps/s on feature batches (14x14x512, 7,186 seen labels, 300-d vectors,
-   all four losses, TF-style RMSprop), eager and compiled;
+   all four losses, TF-style RMSprop), eager and compiled, with the fraction of each step's wall
+   time the GPU spends in kernels (from torch.profiler): well under 1 means the step waits on the
+   CPU (kernel launches, Python), not on the card;
 4. end-to-end training images/s from JPEG shards: the project's streaming reader in loader
    processes (read, decode, resize, centre crop), pinned memory and non-blocking copies, the
-   frozen VGG-19 and the LESA head in bf16, eager and compiled (model.compile: both modules
-   compiled in place, as trainer/model.py does); next to the loader alone, to show which bounds.
-Compiled figures exclude the compile itself (the warm-up calls pay it).
+   frozen VGG-19 and the LESA head in bf16: eager, the backbone alone compiled, and both compiled
+   in place (what trainer/model.py does with model.compile); next to the loader alone, to show
+   which bounds.
+Compiled figures exclude the compile itself (the warm-up calls pay it). --stages picks a subset.
 The components are the project's own (datasets/stream.py, trainer/backbones.py, trainer/lesa.py,
 trainer/losses.py, trainer/optim.py); Ray and DeepSpeed are left out, which the CPU benchmarks
 of the training path measure.
@@ -100,13 +103,30 @@ def head_step(head, vectors, opt, feats, y) -> None:
     opt.step()
 
 
-def head_training(device, batch: int, labels: int, iters: int, compiled: bool) -> float:
+def head_training(device, batch: int, labels: int, iters: int, compiled: bool) -> tuple[float, float | None]:
+    """Steps/s, and on a GPU the fraction of a step's wall time its kernels keep the card busy."""
     head, vectors, opt = make_head(device, labels)
     if compiled:
         head.compile()
     feats = torch.randn(batch, 512, 14, 14, device=device).relu()
     y = random_labels(batch, labels, device)
-    return 1.0 / timed(lambda: head_step(head, vectors, opt, feats, y), iters, device)
+    seconds = timed(lambda: head_step(head, vectors, opt, feats, y), iters, device)
+    busy = gpu_busy_seconds(lambda: head_step(head, vectors, opt, feats, y), device)
+    return 1.0 / seconds, None if busy is None else busy / seconds
+
+
+def gpu_busy_seconds(fn, device, iters: int = 10) -> float | None:
+    """Kernel time per call on the GPU (None on the CPU), summed over every kernel the call launches."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e6 / iters
 
 
 def write_shards(root: str, images: int, side: int, labels: int) -> list[Shard]:
@@ -132,12 +152,13 @@ def loader_rate(shards, labels: int, batch: int, loaders: int, seconds: float, p
     return count / (time.perf_counter() - start)
 
 
-def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: float, compiled: bool) -> float:
+def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: float,
+               compiled: tuple[str, ...]) -> float:
     vgg = VGG19Conv54(weights=None).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
     head, vectors, opt = make_head(device, labels)
-    if compiled:
-        vgg.compile()
-        head.compile()
+    for name, module in (("backbone", vgg), ("head", head)):
+        if name in compiled:
+            module.compile()
     spec = StreamSpec(shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True,
                       shuffle_buffer=256)
     batches = iter(make_loader(spec, loaders, pin_memory=device.type == "cuda"))
@@ -161,9 +182,14 @@ def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: f
     return count / (time.perf_counter() - start)
 
 
+STAGES = ("ceiling", "backbone", "head", "end_to_end")
+END_TO_END_COMPILES = {"eager": (), "backbone_compiled": ("backbone",), "compiled": ("backbone", "head")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a few seconds on the CPU, to check the script")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run only these")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -173,39 +199,47 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "loader_processes": loaders}
+    compile_modes = [False] if tiny else [False, True]  # a CPU compile takes minutes to check nothing new
 
     def say(key, value, text):
         results[key] = value
         print(text, flush=True)
 
-    ceiling = matmul_ceiling(device, 256 if tiny else 8192, 2 if tiny else 20)
-    say("bf16_matmul_tflops", ceiling, f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s")
-    for compiled in ([False] if tiny else [False, True]):
-        rate = vgg_extraction(device, 2 if tiny else 256, 1 if tiny else 20, compiled)
-        fraction = rate * VGG19_GFLOP / 1e3 / ceiling
-        name = "compiled" if compiled else "eager"
-        say(f"vgg19_images_per_s_{name}", rate,
-            f"VGG-19 conv5_4 extraction at 224 ({name}, bf16, channels_last): {rate:.0f} images/s "
-            f"= {100 * fraction:.1f}% of the bf16 ceiling at {VGG19_GFLOP:.0f} GFLOP/image")
-    modes = [False] if tiny else [False, True]
-    for compiled in modes:
-        name = "compiled" if compiled else "eager"
-        for batch in ([4] if tiny else [32, 256]):
-            rate = head_training(device, batch, labels, 2 if tiny else 50, compiled)
-            say(f"head_steps_per_s_b{batch}_{name}", rate, f"LESA head training on features ({name}), batch "
-                f"{batch}: {rate:.1f} steps/s = {rate * batch:.0f} images/s")
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = write_shards(tmp, 64 if tiny else 4096, 256, labels)
-        batch = 4 if tiny else 128
-        seconds = 2 if tiny else 20
-        rate = loader_rate(shards, labels, batch, loaders, seconds, device.type == "cuda")
-        say("loader_images_per_s", rate,
-            f"loader alone ({loaders} processes: read + JPEG decode + resize/crop to 224): {rate:.0f} images/s")
-        for compiled in modes:
+    ceiling = None
+    if "ceiling" in args.stages:
+        ceiling = matmul_ceiling(device, 256 if tiny else 8192, 2 if tiny else 20)
+        say("bf16_matmul_tflops", ceiling, f"bf16 matmul ceiling: {ceiling:.1f} TFLOP/s")
+    if "backbone" in args.stages:
+        for compiled in compile_modes:
+            rate = vgg_extraction(device, 2 if tiny else 256, 1 if tiny else 20, compiled)
             name = "compiled" if compiled else "eager"
-            rate = end_to_end(device, shards, labels, batch, loaders, seconds, compiled)
-            say(f"end_to_end_images_per_s_{name}", rate, f"end-to-end training from JPEG shards (frozen VGG-19 + "
-                f"LESA head, {name}, batch {batch}): {rate:.0f} images/s")
+            fraction = "" if ceiling is None else \
+                f" = {100 * rate * VGG19_GFLOP / 1e3 / ceiling:.1f}% of the bf16 ceiling at {VGG19_GFLOP:.0f} GFLOP/image"
+            say(f"vgg19_images_per_s_{name}", rate,
+                f"VGG-19 conv5_4 extraction at 224 ({name}, bf16, channels_last): {rate:.0f} images/s{fraction}")
+    if "head" in args.stages:
+        for compiled in compile_modes:
+            name = "compiled" if compiled else "eager"
+            for batch in ([4] if tiny else [32, 256]):
+                rate, busy = head_training(device, batch, labels, 2 if tiny else 50, compiled)
+                results[f"head_gpu_busy_fraction_b{batch}_{name}"] = busy
+                say(f"head_steps_per_s_b{batch}_{name}", rate, f"LESA head training on features ({name}), batch "
+                    f"{batch}: {rate:.1f} steps/s = {rate * batch:.0f} images/s"
+                    + ("" if busy is None else f", GPU busy {100 * busy:.0f}% of the step"))
+    if "end_to_end" in args.stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = write_shards(tmp, 64 if tiny else 4096, 256, labels)
+            batch = 4 if tiny else 128
+            seconds = 2 if tiny else 20
+            rate = loader_rate(shards, labels, batch, loaders, seconds, device.type == "cuda")
+            say("loader_images_per_s", rate,
+                f"loader alone ({loaders} processes: read + JPEG decode + resize/crop to 224): {rate:.0f} images/s")
+            for name, compiled in END_TO_END_COMPILES.items():
+                if compiled and tiny:
+                    continue
+                rate = end_to_end(device, shards, labels, batch, loaders, seconds, compiled)
+                say(f"end_to_end_images_per_s_{name}", rate, f"end-to-end training from JPEG shards (frozen VGG-19 + "
+                    f"LESA head, {name.replace('_', ' ')}, batch {batch}): {rate:.0f} images/s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -41,8 +41,9 @@ class ModelConfig:
     num_attentions: int = 10      # M of lesa_spec §1.2
     adapter: bool = True          # the 2x2 conv + BN + ReLU adapter of the official code
     conse_top: int = 10           # conse only: T, the most probable seen labels an image embedding mixes
-    # torch.compile the backbone and the head, in place (checkpoints keep their keys). It pays on
-    # GPUs: frozen VGG-19 1.64x on an H200 (docs/performance.md); the first batches wait for it.
+    # torch.compile the backbone and the head, in place (checkpoints keep their keys). It pays for
+    # the backbone on GPUs (frozen VGG-19 1.63x on an H200); the head alone gains nothing, its
+    # step being bound by kernel launches (docs/performance.md). The first batches wait for it.
     compile: bool = False
 
 
