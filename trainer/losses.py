@@ -65,8 +65,11 @@ LOSSES = {"rank": ranking_loss, "dist": distribution_loss, "rel": relevance_loss
           "seen_logistic": seen_logistic_loss}
 
 
-def total_loss(out: dict, y: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the losses with non-zero weight; also each component's value for logging."""
+def total_loss(out: dict, y: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the losses with non-zero weight; also each component, detached, for logging.
+
+    The components stay tensors on the loss's device: reading one waits for the GPU, so the train
+    loop reads them only when it logs."""
     parts = {name: LOSSES[name](out, y) for name, weight in weights.items() if weight != 0}
     total = sum(weights[name] * value for name, value in parts.items())
-    return total, {name: float(value.detach()) for name, value in parts.items()}
+    return total, {name: value.detach() for name, value in parts.items()}

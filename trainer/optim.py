@@ -21,17 +21,25 @@ class RMSpropTF(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["square_avg"] = torch.ones_like(p)
-                    state["momentum"] = torch.zeros_like(p)
-                ms, mom = state["square_avg"], state["momentum"]
-                ms.mul_(group["alpha"]).addcmul_(p.grad, p.grad, value=1 - group["alpha"])
-                mom.mul_(group["momentum"]).addcdiv_(p.grad, (ms + group["eps"]).sqrt(), value=group["lr"])
-                p.sub_(mom)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["square_avg"] = torch.ones_like(p)
+                    self.state[p]["momentum"] = torch.zeros_like(p)
+            if not params:
+                continue
+            # One multi-tensor kernel per operation over all parameters, not one per parameter:
+            # on a GPU the head's step is bound by kernel launches (docs/performance.md).
+            grads = [p.grad for p in params]
+            ms = [self.state[p]["square_avg"] for p in params]
+            mom = [self.state[p]["momentum"] for p in params]
+            torch._foreach_mul_(ms, group["alpha"])
+            torch._foreach_addcmul_(ms, grads, grads, value=1 - group["alpha"])
+            root = torch._foreach_add(ms, group["eps"])
+            torch._foreach_sqrt_(root)
+            torch._foreach_mul_(mom, group["momentum"])
+            torch._foreach_addcdiv_(mom, grads, root, value=group["lr"])
+            torch._foreach_sub_(params, mom)
         return loss
 
 

@@ -222,6 +222,7 @@ def train_worker(payload: dict) -> None:
             print(f"checkpoint at step {step}: model digest {state_digest(model)}", flush=True)
 
     window: dict[str, float] = {}
+    loss_sum = None  # the window's summed losses, left on the device until logged
     while step < cfg.train.max_steps and not schedule.should_stop:
         step += 1
         t0 = time.perf_counter()
@@ -236,15 +237,19 @@ def train_worker(payload: dict) -> None:
         if ledger:
             ledger.record(batch["epochs"], batch["keys"])
         step_time = time.perf_counter() - t0
-        for name, value in {"loss": float(loss.detach()), **{f"loss/{k}": v for k, v in parts.items()},
-                            "time/step": step_time, "time/data": t_data}.items():
+        losses = torch.stack([loss.detach(), *parts.values()])
+        loss_sum = losses if loss_sum is None else loss_sum + losses
+        for name, value in {"time/step": step_time, "time/data": t_data}.items():
             window[name] = window.get(name, 0.0) + value
         window["n"] = window.get("n", 0) + 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            loss_names = ["loss", *(f"loss/{k}" for k in parts)]
+            window.update(zip(loss_names, loss_sum.tolist()))  # the window's one wait for the GPU
             n = window.pop("n")
             avg = mean_over_workers({k: v / n for k, v in window.items()}, device)
             window.clear()
+            loss_sum = None
             if rank == 0:
                 row = {k: v for k, v in avg.items() if k.startswith("loss")}
                 row["lr"] = optimizer.param_groups[0]["lr"]
