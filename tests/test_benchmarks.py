@@ -1,5 +1,5 @@
-"""The benchmark scripts still run: gpu.sh in its tiny CPU mode, and make bench's summary table
-over real (small) benchmark outputs. Their figures are not asserted: timings belong in
+"""The benchmark scripts still run: gpu.sh in its tiny CPU mode, head_ab.py on the CPU, and
+make bench's summary table over real (small) benchmark outputs. Their figures are not asserted: timings belong in
 docs/performance.md, not in tests."""
 
 from __future__ import annotations
@@ -28,6 +28,18 @@ def test_gpu_script_runs_tiny_on_the_cpu(tmp_path):
                 "loader_images_per_s", "end_to_end_images_per_s_eager"):
         assert result[key] > 0, key
     assert "end-to-end training from JPEG shards" in proc.stdout
+
+
+def test_head_ab_times_both_trees_and_names_a_bad_baseline(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = run([sys.executable, "benchmarks/head_ab.py", "--baseline", str(REPO), "--batches", "2",
+                "--rounds", "1", "--iters", "1", "--json", str(out)], tmp_path)
+    (round_,) = json.loads(out.read_text())
+    assert round_["baseline"]["2"] > 0 and round_["this"]["2"] > 0
+    assert "batch 2:" in proc.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/head_ab.py", "--baseline", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and f"{tmp_path}: no benchmarks/gpu_bench.py" in bad.stderr
 
 
 def test_bench_summary_prints_one_table_from_the_benchmarks_outputs(tmp_path):
