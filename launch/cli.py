@@ -36,12 +36,15 @@ def cmd_submit(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from launch.compare import ABLATIONS, model_variants, run_compare
+    from launch.compare import ABLATIONS, model_variants, run_compare, run_seeds
     from trainer.config import load_config
 
     base = load_config(args.config, args.set)
     variants = model_variants(args.models, base.model.num_attentions) + (ABLATIONS if args.ablations else [])
-    table = run_compare(args.config, variants, args.out, args.set)
+    if args.seeds:
+        table = run_seeds(args.config, variants, args.out, args.set, args.seeds)
+    else:
+        table = run_compare(args.config, variants, args.out, args.set)
     return 0 if any(row["status"] == "ok" for row in table["rows"]) else 1
 
 
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.name of each row, in order (default: the paper's five)")
     p.add_argument("--ablations", action="store_true",
                    help="add LESA without L_dist, without L_rel, without L_div, with M=1 and M=5")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="one comparison per seed (train.seed) in OUT/seed<S>; OUT/table.md is their mean, "
+                        "with the per-seed values")
     p.add_argument("--out", required=True, help="output folder: table.md, table.json, one folder per model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every model (repeatable)")

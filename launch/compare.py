@@ -5,6 +5,10 @@ MLflow run nested under one parent run of the comparison. The results become one
 paper's format (lesa_spec §6.2): rows are methods, columns P/R/F1 at each K and mAP, for ZSL and
 GZSL; DIR/table.md for people, DIR/table.json for scripts. A model that fails is a row saying
 why, and the others still run.
+
+With several seeds (`run_seeds`) each seed is such a comparison in DIR/seed<S>, and DIR/table.md
+is the mean of every cell over the seeds, followed by the per-seed values of the numbers the
+paper's claims rest on (mAP, F1 at the smaller K): an ordering a seed's noise decides shows there.
 """
 
 from __future__ import annotations
@@ -60,9 +64,7 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     out = Path(out).resolve()
     configs = {v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"])
                for v in variants}  # every config checked before anything trains
-    for v in variants:
-        if (out / v.name / "run.json").exists():
-            raise ConfigError(f"--out {out}: {v.name}/ already holds a training run; choose another --out")
+    refuse_used_folders(out, variants)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides))
     tracking_uri, artifact_location = resolve_tracking(base.mlflow)
@@ -105,6 +107,67 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     return table
 
 
+def refuse_used_folders(out: Path, variants: list[Variant]) -> None:
+    for v in variants:
+        if (out / v.name / "run.json").exists():
+            raise ConfigError(f"--out {out}: {v.name}/ already holds a training run; choose another --out")
+
+
+def run_seeds(config: str, variants: list[Variant], out: str | Path, overrides: list[str], seeds: list[int]) -> dict:
+    """One comparison per seed (train.seed) into DIR/seed<S>; DIR/table.md and DIR/table.json hold
+    the mean over the seeds of every cell, and the per-seed values. Returns the mean table."""
+    out = Path(out).resolve()
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated")
+    for seed in seeds:  # every folder checked before the first seed trains
+        refuse_used_folders(out / f"seed{seed}", variants)
+    run_name = load_config(config, list(overrides)).mlflow.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    tables = []
+    for seed in seeds:
+        print(f"\n########## lesa compare: seed {seed} ({len(tables) + 1} of {len(seeds)}) ##########", flush=True)
+        tables.append(run_compare(config, variants, out / f"seed{seed}",
+                                  [*overrides, f"train.seed={seed}", f"mlflow.run_name={run_name}-seed{seed}"]))
+    table = mean_over_seeds(tables, seeds)
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    (out / "table.md").write_text(format_table_md(table) + "\n" + format_per_seed_md(table))
+    print("\n" + (out / "table.md").read_text() + f"\nresults in {out} (table.md, table.json, one folder per seed)")
+    return table
+
+
+def mean_over_seeds(tables: list[dict], seeds: list[int]) -> dict:
+    """The seeds' tables as one: each cell the mean over seeds; a row failed at any seed is failed."""
+    rows = []
+    for i, row in enumerate(tables[0]["rows"]):
+        per_seed = [table["rows"][i] for table in tables]
+        failed = [(seed, r) for seed, r in zip(seeds, per_seed) if r["status"] != "ok"]
+        mean = {key: row[key] for key in ("name", "title", "overrides")}
+        if failed:
+            seed, r = failed[0]
+            rows.append({**mean, "status": "failed", "reason": f"seed {seed}: {r['reason']}"})
+            continue
+        for setting in ("zsl", "gzsl"):
+            mean[setting] = {m: sum(r[setting][m] for r in per_seed) / len(per_seed) for m in row[setting]}
+            mean[f"{setting}_per_seed"] = [r[setting] for r in per_seed]
+        rows.append({**mean, "status": "ok", "chance_mAP": row["chance_mAP"], "step": row["step"],
+                     "num_test_images": row["num_test_images"],
+                     "mlflow_run_ids": [r["mlflow_run_id"] for r in per_seed]})
+    return {**{k: v for k, v in tables[0].items() if k not in ("rows", "seed", "mlflow_parent_run_id")},
+            "seeds": list(seeds), "mlflow_parent_run_ids": [t["mlflow_parent_run_id"] for t in tables], "rows": rows}
+
+
+def format_per_seed_md(table: dict) -> str:
+    k = table["k"][0]
+    columns = [("zsl", "mAP"), ("zsl", f"F1@{k}"), ("gzsl", "mAP"), ("gzsl", f"F1@{k}")]
+    seeds = " / ".join(str(s) for s in table["seeds"])
+    header = ["method", *(f"{setting.upper()} {metric}, seeds {seeds}" for setting, metric in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        if row["status"] == "ok":
+            cells = [" / ".join(f"{r[metric]:.1f}" for r in row[f"{setting}_per_seed"]) for setting, metric in columns]
+            lines.append("| " + " | ".join([row["title"], *cells]) + " |")
+    return "Per seed:\n\n" + "\n".join(lines) + "\n"
+
+
 def prf(metrics: dict, k: int) -> str:
     return "/".join(f"{metrics[f'{m}@{k}']:.1f}" for m in ("P", "R", "F1"))
 
@@ -124,8 +187,10 @@ def format_table_md(table: dict) -> str:
             for setting in ("zsl", "gzsl"):
                 cells += [prf(row[setting], k) for k in ks] + [f"{row[setting]['mAP']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = (f"mean over seeds {', '.join(map(str, table['seeds']))}" if "seeds" in table
+             else f"seed {table['seed']}")
     notes = [f"P/R/F1 at K and mAP in percent, {table['steps']} steps on {table['workers']} workers, "
-             f"seed {table['seed']}, data {table['data']}."]
+             f"{seeds}, data {table['data']}."]
     if ok:
         chance = ok[0]["chance_mAP"]
         notes.append(f"{ok[0]['num_test_images']} test images; chance mAP (mean label frequency): "

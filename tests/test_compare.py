@@ -17,7 +17,8 @@ import launch.compare
 import launch.driver
 from datasets.synthetic import write_synthetic
 from launch.cli import main
-from launch.compare import ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare
+from launch.compare import (ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare,
+                            run_seeds)
 from trainer.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,49 @@ def test_a_failed_model_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["lesa/zsl/mAP"] == 50.0 and "labelem/zsl/mAP" not in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent_id)} == {"table.md", "table.json"}
+
+
+def test_seeds_give_one_comparison_each_and_their_mean_table(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_training(cfg, out, parent_run_id=None):
+        trained.append((cfg.train.seed, cfg.model.name, Path(out).parent.name, cfg.mlflow.run_name))
+        if cfg.model.name == "labelem" and cfg.train.seed == 2:
+            raise RuntimeError("MemoryError: out of memory")
+        return fake_metrics({"lesa": 40.0, "labelem": 20.0}[cfg.model.name] + cfg.train.seed)
+
+    monkeypatch.setattr(launch.driver, "run_training", fake_training)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    main(["compare", CONFIG, "--models", "lesa", "labelem", "--seeds", "0", "2", "--out", str(tmp_path / "cmp"),
+          "--set", "data.url=unused", "--set", f"mlflow.tracking_uri={uri}", "--set", "mlflow.run_name=grid"])
+
+    assert trained == [(0, "lesa", "seed0", "lesa"), (0, "labelem", "seed0", "labelem"),
+                       (2, "lesa", "seed2", "lesa"), (2, "labelem", "seed2", "labelem")]
+    for seed in (0, 2):  # each seed is a whole comparison, with its own parent run
+        per_seed = json.loads((tmp_path / "cmp" / f"seed{seed}" / "table.json").read_text())
+        assert per_seed["seed"] == seed
+        assert MlflowClient(uri).get_run(per_seed["mlflow_parent_run_id"]).info.run_name == f"grid-seed{seed}"
+    table = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert table["seeds"] == [0, 2] and len(table["mlflow_parent_run_ids"]) == 2
+    lesa, labelem = table["rows"]
+    assert lesa["zsl"]["mAP"] == 41.0 and lesa["gzsl"]["F1@3"] == 20.5      # (40 + 42) / 2, (20 + 21) / 2
+    assert [r["mAP"] for r in lesa["zsl_per_seed"]] == [40.0, 42.0]
+    assert labelem["status"] == "failed" and labelem["reason"] == "seed 2: RuntimeError: MemoryError: out of memory"
+    text = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| LESA (M=10) | 20.5/20.5/20.5 | 20.5/20.5/20.5 | 41.0 |" in text
+    assert "mean over seeds 0, 2" in text and "LabelEM: **failed**: seed 2: RuntimeError" in text
+    assert "| method | ZSL mAP, seeds 0 / 2 | ZSL F1@3, seeds 0 / 2 | GZSL mAP, seeds 0 / 2 | GZSL F1@3, seeds 0 / 2 |" in text
+    assert "| LESA (M=10) | 40.0 / 42.0 | 20.0 / 21.0 | 40.0 / 42.0 | 20.0 / 21.0 |" in text
+
+
+def test_seeds_refuse_a_used_folder_of_any_seed_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch.driver, "run_training", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "seed1" / "lesa").mkdir(parents=True)
+    (tmp_path / "seed1" / "lesa" / "run.json").write_text("{}")
+    with pytest.raises(ConfigError, match="seed1: lesa/ already holds a training run"):
+        run_seeds(CONFIG, model_variants(["lesa"], 10), tmp_path, ["data.url=unused"], [0, 1])
+    with pytest.raises(ConfigError, match="a seed is repeated"):
+        run_seeds(CONFIG, model_variants(["lesa"], 10), tmp_path, ["data.url=unused"], [3, 3])
 
 
 def test_compare_refuses_an_out_folder_that_holds_runs(tmp_path):
