@@ -245,7 +245,9 @@ def train_worker(payload: dict) -> None:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_names = ["loss", *(f"loss/{k}" for k in parts)]
-            window.update(zip(loss_names, loss_sum.tolist()))  # the window's one wait for the GPU
+            wait = time.perf_counter()
+            window.update(zip(loss_names, loss_sum.tolist()))  # the window's one wait for the GPU,
+            window["time/step"] += time.perf_counter() - wait  # whose queued steps it times too
             n = window.pop("n")
             avg = mean_over_workers({k: v / n for k, v in window.items()}, device)
             window.clear()
