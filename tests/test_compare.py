@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from launch.cli import main
 from launch.compare import (ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare,
                             run_seeds)
 from trainer.config import ConfigError
+from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "synthetic.yaml")
@@ -164,7 +164,7 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path):
            "--out", str(tmp_path / "cmp"), "--set", f"data.url={data}", "--set", "data.image_size=48",
            "--set", "train.max_steps=4", "--set", "checkpoint.every=0", "--set", "checkpoint.max_failures=0",
            "--set", f"mlflow.tracking_uri={uri}", "--set", "mlflow.experiment=compare"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_cli(cmd, timeout=900, cwd=tmp_path, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
 

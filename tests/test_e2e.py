@@ -15,6 +15,7 @@ import pytest
 from datasets.contract import read_dataset, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.synthetic import SyntheticBenchmark, write_synthetic
+from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LESA = [sys.executable, "-m", "launch.cli"]
@@ -53,7 +54,7 @@ def trained(tmp_path_factory):
                   "--set", f"data.url={data}", "--set", "data.image_size=48",
                   "--set", f"train.max_steps={STEPS}", "--set", f"train.log_every={LOG_EVERY}",
                   "--set", "eval.every=16", "--set", "mlflow.experiment=e2e"]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(cmd, timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return work, log
@@ -141,11 +142,11 @@ def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(LESA + ["evaluate", str(REPO / "launch" / "synthetic.yaml"),
-                                  "--checkpoint", str(work / "run"), "--out", str(work / "eval3"),
-                                  "--set", f"data.url={work / 'data'}", "--set", "data.image_size=48",
-                                  "--set", "scaling.num_workers=3", "--set", "mlflow.experiment=e2e-eval"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(LESA + ["evaluate", str(REPO / "launch" / "synthetic.yaml"),
+                           "--checkpoint", str(work / "run"), "--out", str(work / "eval3"),
+                           "--set", f"data.url={work / 'data'}", "--set", "data.image_size=48",
+                           "--set", "scaling.num_workers=3", "--set", "mlflow.experiment=e2e-eval"],
+                   timeout=600, cwd=work, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = json.loads((work / "eval3" / "metrics.json").read_text())
     for setting in ("zsl", "gzsl"):

@@ -31,6 +31,7 @@ pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip 
 from datasets.contract import read_dataset  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, make_loader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
+from run_cli import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LESA = [sys.executable, "-m", "launch.cli"]
@@ -226,7 +227,7 @@ def run_lesa(work: Path, *args: str, env_extra: dict | None = None) -> str:
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
         env.pop(name, None)  # MLflow must find the endpoint through AWS_ENDPOINT_URL alone
     env.update(env_extra or {})
-    proc = subprocess.run(LESA + list(args), cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(LESA + list(args), timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert SECRET not in log

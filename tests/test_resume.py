@@ -19,6 +19,7 @@ import pytest
 from datasets.contract import read_dataset
 from datasets.synthetic import write_synthetic
 from trainer.ledger import read_ledger
+from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "synthetic.yaml")
@@ -44,7 +45,7 @@ def train(work: Path, data: Path, *extra: str, env_extra=None, background=False)
            *extra]
     if background:
         return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(cmd, timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log

@@ -20,6 +20,7 @@ from trainer.config import ConfigError, load_config
 from trainer.optim import RMSpropTF
 from trainer.schedule import (BEST_MODEL_FILE, AdaptiveLR, BestModel, EarlyStopping, ValidationSchedule,
                               metric_k, set_lr)
+from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,7 +268,7 @@ def lesa_train(work: Path, data: Path, *extra: str) -> str:
            "--set", "train.early_stopping=true", "--set", "train.early_stopping_patience=2",
            "--set", "train.log_every=1", "--set", "checkpoint.every=4", "--set", "checkpoint.keep=1",
            "--set", "mlflow.experiment=schedule", *extra]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli(cmd, timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log

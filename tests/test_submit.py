@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from datasets.synthetic import write_synthetic
+from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-multinode.sh"
@@ -74,9 +75,9 @@ def finished_runs(out: Path) -> int:
 
 def test_lesa_submit_runs_on_both_nodes(cluster, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "submit", str(REPO / "launch" / "synthetic.yaml"),
-                           "--out", str(out), *train_args(data, out)],
-                          cwd=REPO, env=cluster, capture_output=True, text=True, timeout=600)
+    proc = run_cli([sys.executable, "-m", "launch.cli", "submit", str(REPO / "launch" / "synthetic.yaml"),
+                    "--out", str(out), *train_args(data, out)],
+                   timeout=600, cwd=REPO, env=cluster)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "SUCCEEDED" in log
@@ -87,10 +88,10 @@ def test_lesa_submit_runs_on_both_nodes(cluster, data, tmp_path):
 
 def test_plain_ray_job_submit_runs_the_same_entrypoint(cluster, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster["RAY_ADDRESS"],
-                           "--working-dir", str(REPO), "--",
-                           "lesa", "train", "launch/synthetic.yaml", "--out", str(out), *train_args(data, out)],
-                          cwd=REPO, env=cluster, capture_output=True, text=True, timeout=600)
+    proc = run_cli([str(VENV_BIN / "ray"), "job", "submit", "--address", cluster["RAY_ADDRESS"],
+                    "--working-dir", str(REPO), "--",
+                    "lesa", "train", "launch/synthetic.yaml", "--out", str(out), *train_args(data, out)],
+                   timeout=600, cwd=REPO, env=cluster)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert_ran_on_both_nodes(log)

@@ -1,0 +1,63 @@
+"""Run a command the way the integration tests do, and leave evidence when it hangs.
+
+A distributed run that stops making progress is killed at the test's timeout; before that, every
+Python process under it (the driver, the local Ray it started, the Ray Train workers and their
+loader processes) gets its stack dumped with py-spy, which ray[default] installs. The failure
+message then says where each process was waiting, instead of only that time ran out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+
+def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stacks = dump_stacks(proc.pid)
+        kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... still running after {timeout} s; stacks of "
+                             f"its Python processes:\n{stacks}\n--- stdout tail:\n{stdout[-3000:]}\n"
+                             f"--- stderr tail:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def dump_stacks(pid: int) -> str:
+    if not PY_SPY.exists():
+        return f"(no stacks: {PY_SPY} is not installed)"
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return "(the process is gone)"
+    dumps = []
+    for p in processes:
+        try:
+            if "python" not in p.name() and not p.name().startswith("ray::"):
+                continue
+            name = " ".join(p.cmdline())[:200]
+        except psutil.Error:
+            continue
+        dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
+        dumps.append(f"=== pid {p.pid}: {name}\n{dump.stdout or dump.stderr}")
+    return "\n".join(dumps)
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
