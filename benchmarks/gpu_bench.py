@@ -110,8 +110,11 @@ def head_training(device, batch: int, labels: int, iters: int, compiled: bool) -
         head.compile()
     feats = torch.randn(batch, 512, 14, 14, device=device).relu()
     y = random_labels(batch, labels, device)
-    seconds = timed(lambda: head_step(head, vectors, opt, feats, y), iters, device)
-    busy = gpu_busy_seconds(lambda: head_step(head, vectors, opt, feats, y), device)
+    def step():
+        head_step(head, vectors, opt, feats, y)
+
+    seconds = timed(step, iters, device)
+    busy = gpu_busy_seconds(step, device)
     return 1.0 / seconds, None if busy is None else busy / seconds
 
 

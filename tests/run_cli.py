@@ -22,8 +22,13 @@ def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.Comple
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stacks = dump_stacks(proc.pid)
-        kill_tree(proc.pid)
+        tree = process_tree(proc.pid)
+        stacks = dump_stacks(tree)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... still running after {timeout} s; stacks of "
                              f"its Python processes:\n{stacks}\n--- stdout tail:\n{stdout[-3000:]}\n"
@@ -31,13 +36,16 @@ def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.Comple
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def dump_stacks(pid: int) -> str:
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def dump_stacks(processes: list[psutil.Process]) -> str:
     if not PY_SPY.exists():
         return f"(no stacks: {PY_SPY} is not installed)"
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return "(the process is gone)"
     dumps = []
     for p in processes:
         try:
@@ -49,15 +57,3 @@ def dump_stacks(pid: int) -> str:
         dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
         dumps.append(f"=== pid {p.pid}: {name}\n{dump.stdout or dump.stderr}")
     return "\n".join(dumps)
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in processes:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
