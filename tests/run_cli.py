@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
+# Ray's own Python services: their stacks say nothing about a hung run.
+RAY_SERVICES = ("ray/dashboard", "ray/autoscaler", "log_monitor.py", "runtime_env/agent", "dashboard/agent")
 
 
 def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
@@ -44,16 +46,27 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 
 def dump_stacks(processes: list[psutil.Process]) -> str:
+    """Stacks of the run's own processes, Ray Train workers and their loader processes first (a
+    CI log keeps the head and tail of a long failure); Ray's services are only named."""
     if not PY_SPY.exists():
         return f"(no stacks: {PY_SPY} is not installed)"
-    dumps = []
+    ours, services = [], []
     for p in processes:
         try:
-            if "python" not in p.name() and not p.name().startswith("ray::"):
-                continue
-            name = " ".join(p.cmdline())[:200]
+            cmd = " ".join(p.cmdline())
+            parent = " ".join(p.parent().cmdline()) if p.parent() else ""
         except psutil.Error:
             continue
-        dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
-        dumps.append(f"=== pid {p.pid}: {name}\n{dump.stdout or dump.stderr}")
-    return "\n".join(dumps)
+        if any(s in cmd for s in RAY_SERVICES) or ("python" not in p.name() and not cmd.startswith("ray::")):
+            services.append(f"{p.pid} {cmd[:80]}")
+        else:
+            in_worker = cmd.startswith("ray::") or parent.startswith("ray::")
+            ours.append((not in_worker, "IDLE" in cmd, p.pid, cmd))
+    dumps = []
+    for _, _, pid, cmd in sorted(ours):
+        dump = subprocess.run([str(PY_SPY), "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
+                              timeout=60)
+        if dump.returncode != 0:  # native unwinding is not available everywhere
+            dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        dumps.append(f"=== pid {pid}: {cmd[:160]}\n{dump.stdout or dump.stderr}")
+    return "\n".join(dumps + ["=== not dumped: " + "; ".join(services)])
