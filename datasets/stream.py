@@ -20,9 +20,12 @@ report it.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
+import multiprocessing
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -334,5 +337,30 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def make_loader(spec: StreamSpec, loader_workers: int, pin_memory: bool = False):
-    return torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=loader_workers,
-                                       pin_memory=pin_memory, persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        ShardStream(spec), batch_size=None, num_workers=loader_workers, pin_memory=pin_memory,
+        persistent_workers=False, multiprocessing_context=fork_server() if loader_workers else None,
+        worker_init_fn=functools.partial(set_environment, dict(os.environ)) if loader_workers else None)
+
+
+@functools.cache
+def fork_server():
+    """Loader processes start from a fork server, never by forking the process that iterates.
+
+    A Ray Train worker runs threads (Ray's core worker, gRPC, gloo, Ray Train's own); a process
+    forked from it while one of them holds a lock inherits that lock, held for good. Runs hung in
+    CI with a loader process forked for the final evaluation alive and not one batch scored
+    (Python 3.14 makes forkserver the default on Linux for this reason). The server imports the
+    caller's main module and this one (torch, PIL) once, so a loader process still starts fast.
+    As with any start method but fork, a script that makes a loader needs `if __name__ == "__main__":`.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    return context
+
+
+def set_environment(environment: dict[str, str], loader_id: int) -> None:
+    """A loader process sees the environment of the process that made the loader, as a forked one
+    would (storage credentials set after the fork server started, say)."""
+    os.environ.clear()
+    os.environ.update(environment)

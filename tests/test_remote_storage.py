@@ -10,6 +10,7 @@ then get from the driver only. Credentials come from the environment and never s
 from __future__ import annotations
 
 import json
+import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ s3fs = pytest.importorskip("s3fs", reason="remote storage tests need the s3 extr
 pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip install -e '.[test]'")
 
 from datasets.contract import read_dataset  # noqa: E402
-from datasets.stream import ShardStream, StreamSpec, make_loader  # noqa: E402
+from datasets.stream import ShardStream, StreamSpec, fork_server, make_loader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
 from run_cli import run_cli  # noqa: E402
 
@@ -76,7 +77,11 @@ def s3_endpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3(s3_endpoint, tmp_path_factory):
     """This process's environment pointed at the server (dummy credentials, no AWS config files),
-    a fresh bucket, and an s3fs filesystem to look into it; the environment is restored after."""
+    a fresh bucket, and an s3fs filesystem to look into it; the environment is restored after.
+    The loaders' fork server starts before, so their processes must get this environment from
+    make_loader rather than inherit it."""
+    fork_server()
+    multiprocessing.forkserver.ensure_running()
     empty = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
@@ -122,7 +127,7 @@ def test_dataset_written_to_and_streamed_from_s3(s3, tmp_path):
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8
         assert np.array_equal(image, local_samples[key][0]) and np.array_equal(labels, local_samples[key][1])
 
-    # Training reads shards in DataLoader processes (forked after s3fs is in use here), endlessly.
+    # Training reads shards in DataLoader processes (started after s3fs is in use here), endlessly.
     spec = StreamSpec(shards=info.shards("train"), num_labels=info.num_labels, image_size=32, batch_size=8,
                       seed=0, shuffle_buffer=16)
     batches = []

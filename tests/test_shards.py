@@ -9,6 +9,7 @@ import json
 import tarfile
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -326,6 +327,18 @@ def test_eval_loader_with_two_processes_is_disjoint_and_complete(dataset):
     keys = keys_of(collect(make_loader(spec_for(info), loader_workers=2)))
     assert sorted(keys) == [f"test{i:04d}" for i in range(7)]
 
+
+
+def test_loader_processes_start_from_the_fork_server(dataset):
+    # A process forked from one with threads (a Ray Train worker) can inherit a lock held for good.
+    _, _, info = dataset
+    loader = iter(make_loader(spec_for(info), loader_workers=2))
+    next(loader)
+    me = psutil.Process()
+    ours = {p.pid for p in me.children()}
+    loaders = [p for p in me.children(recursive=True) if p.pid not in ours]
+    assert len(loaders) == 2 and all(p.parent().pid in ours for p in loaders)
+    del loader
 
 # --- streaming: training (endless, reshuffled per epoch) -----------------------------------------
 
