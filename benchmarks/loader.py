@@ -8,6 +8,9 @@ another; the reader streams the same images from tar shards on disk through ever
 list, tar read, shuffle buffer, label decode, batching), in-process and in 1 and 2 DataLoader
 processes. Reported: samples/s and the ratio to the ceiling, per loader process, as medians over
 --repeats rounds (each round measures the ceiling and then every reader).
+
+A second table prices how make_loader starts its loader process (from a fork server) against a
+fork of the iterating process, the baseline: seconds to the first batch and samples/s after it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.contract import Shard  # noqa: E402
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels  # noqa: E402
-from datasets.stream import StreamSpec, decode_image, make_loader  # noqa: E402
+from datasets.stream import ShardStream, StreamSpec, decode_image, make_loader  # noqa: E402
 
 NUM_LABELS = 7586
 BATCH = 32
@@ -91,6 +94,29 @@ def handover_seconds(size: int, batch: int = BATCH, count: int = 200) -> float:
     return (time.perf_counter() - start) / received
 
 
+def start_methods(shards: list[Shard], size: int, repeats: int) -> list[dict]:
+    """One loader process forked from this process (the baseline) against one started from the
+    fork server (make_loader, whose server is already up): medians of the seconds to the first
+    batch and of samples/s after it; ratio = samples/s over the baseline's in the same round."""
+    spec = StreamSpec(shards=shards, num_labels=NUM_LABELS, image_size=size, batch_size=BATCH, train=False)
+    forked = "start: fork of this process (baseline)"
+    makers = {forked: lambda: torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=1,
+                                                          multiprocessing_context="fork"),
+              "start: fork server (make_loader)": lambda: make_loader(spec, 1)}
+    first, rate = {name: [] for name in makers}, {name: [] for name in makers}
+    for _ in range(repeats):
+        for name, make in makers.items():
+            start = time.perf_counter()
+            batches = iter(make())
+            next(batches)
+            first[name].append(time.perf_counter() - start)
+            start, count = time.perf_counter(), sum(len(b["keys"]) for b in batches)
+            rate[name].append(count / (time.perf_counter() - start))
+    ratios = {name: [r / b for r, b in zip(rate[name], rate[forked])] for name in makers}
+    return [{"stage": name, "first_batch_s": float(np.median(first[name])), "samples_per_s": float(np.median(rate[name])),
+             "ratio": float(np.median(ratios[name])), "ratios": ratios[name]} for name in makers]
+
+
 def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
     """Each repeat measures the ceiling and then every reader right after it, so a ratio compares
     figures taken moments apart (a shared VM's speed drifts); the medians over repeats are kept."""
@@ -101,7 +127,7 @@ def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
     ratios = {name: [] for name, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         shards = write(tmp, jpgs)
-        reader(shards[:1], size, 0)  # warm the page cache and imports
+        reader(shards[:1], size, 1)  # warm the page cache and imports, start the fork server
         for _ in range(repeats):
             top = ceiling(jpgs, size)
             for name, loaders in configs:
@@ -109,6 +135,7 @@ def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
                 rates[name].append(rate)
                 ratios[name].append(rate / top / max(loaders or 1, 1))
         handover = handover_seconds(size)
+        starts = start_methods(shards, size, repeats)
     rows = [{"stage": name, "samples_per_s": float(np.median(rates[name])), "ratio": float(np.median(ratios[name])),
              "ratios": ratios[name]} for name, _ in configs]
     # The bound of a loader process: the trainer receives each batch, which decoding alone
@@ -117,7 +144,7 @@ def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
     rows.append({"stage": f"bound for a loader process: hand-over {1e3 * handover:.1f} ms per batch of {BATCH}",
                  "samples_per_s": BATCH / (decode + handover), "ratio": decode / (decode + handover),
                  "ratios": [], "handover_ms": 1e3 * handover})
-    return rows
+    return rows + starts
 
 
 def main(argv=None) -> int:
@@ -130,8 +157,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = run(args.images, args.side, args.size, args.repeats)
     print(f"{'stage':<58} {'samples/s':>10} {'per process vs ceiling':>24}  (each round)")
-    for row in rows:
+    for row in (r for r in rows if "first_batch_s" not in r):
         print(f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>24.2f}  "
+              + " ".join(f"{r:.2f}" for r in row["ratios"]))
+    print(f"\n{'how the loader process starts':<58} {'samples/s':>10} {'vs fork':>10} {'first batch':>12}")
+    for row in (r for r in rows if "first_batch_s" in r):
+        print(f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>10.2f} {row['first_batch_s']:>11.2f}s  "
               + " ".join(f"{r:.2f}" for r in row["ratios"]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

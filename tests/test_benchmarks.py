@@ -53,5 +53,8 @@ def test_bench_summary_prints_one_table_from_the_benchmarks_outputs(tmp_path):
     assert "evaluation / sklearn AP loop, 3,000 x 2,100, 2 worker(s)" in table
     # training and the feature cache did not run here: named as missing, the rest still printed
     assert "training.json: missing" in table and "feature_cache.json: missing" in table
+    starts = [row for row in json.loads((tmp_path / "loader.json").read_text()) if "first_batch_s" in row]
+    assert [row["stage"] for row in starts] == ["start: fork of this process (baseline)", "start: fork server (make_loader)"]
+    assert starts[0]["ratio"] == 1.0 and all(row["first_batch_s"] > 0 for row in starts)
     exact = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert all(row["mAP_abs_diff"] == 0 for row in exact)
