@@ -54,13 +54,13 @@ def dump_stacks(processes: list[psutil.Process]) -> str:
     for p in processes:
         try:
             cmd = " ".join(p.cmdline())
-            parent = " ".join(p.parent().cmdline()) if p.parent() else ""
+            in_worker = any(" ".join(a.cmdline()).startswith("ray::") for a in [p, *p.parents()])
         except psutil.Error:
             continue
-        if any(s in cmd for s in RAY_SERVICES) or ("python" not in p.name() and not cmd.startswith("ray::")):
+        # by command line, not name: loader processes rename themselves (pt_data_worker)
+        if any(s in cmd for s in RAY_SERVICES) or not ("python" in cmd or cmd.startswith("ray::")):
             services.append(f"{p.pid} {cmd[:80]}")
         else:
-            in_worker = cmd.startswith("ray::") or parent.startswith("ray::")
             ours.append((not in_worker, "IDLE" in cmd, p.pid, cmd))
     dumps = []
     for _, _, pid, cmd in sorted(ours):
