@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export MLFLOW_DISABLE_TELEMETRY = true
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test bench ui clean
+.PHONY: install demo test test-unit lint format bench ui clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # CPU benchmarks, each against a baseline measured in the same run (docs/performance.md).
 bench: $(STAMP)

@@ -171,7 +171,7 @@ def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CH
     all_ids = np.concatenate([c[0] for c in chunks])
     all_labels = np.concatenate([c[1] for c in chunks])
     all_values = np.concatenate([c[2] for c in chunks])
-    del chunks
+    chunks.clear()  # the concatenated arrays are all that is kept
     # One sort brings every image's rows together, wherever they were in the file.
     order = np.argsort(all_ids, kind="stable")
     all_ids, all_labels, all_values = all_ids[order], all_labels[order], all_values[order]

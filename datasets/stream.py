@@ -125,7 +125,7 @@ def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
         unused = position.unused(epoch, index) if position is not None else None
         current, count = None, 0
 
-        def finished(sample):
+        def finished(sample, unused=unused):
             nonlocal count
             count += 1
             if unused is None or unused[count - 1]:

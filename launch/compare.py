@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import ConfigError, load_config
 
 TITLES = {"lesa": "LESA", "fast0tag": "Fast0Tag", "labelem": "LabelEM", "conse": "CONSE",
           "one_attention_per_label": "One Attention per Label"}

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from datasets.contract import join, read_dataset
+from launch.storage import checkpoint_url, model_file, ray_storage, read_text, storage_env
+from trainer.checkpointing import STATE_FILE
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
-from trainer.checkpointing import STATE_FILE
 from trainer.report import summarise_per_label
 from trainer.tracking import RunLogger, open_run, resolve_tracking
-from launch.storage import checkpoint_url, model_file, ray_storage, read_text, storage_env
 
 
 def absolute(url: str) -> str:

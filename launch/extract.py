@@ -15,8 +15,15 @@ import time
 from collections import Counter
 
 from datasets.contract import DatasetError, FeatureSpec, join, read_dataset, write_metadata
-from datasets.features import (RECORDS_DIR, ShardExtractor, read_record, record_url, relative_path,
-                               same_source, write_json)
+from datasets.features import (
+    RECORDS_DIR,
+    ShardExtractor,
+    read_record,
+    record_url,
+    relative_path,
+    same_source,
+    write_json,
+)
 from launch.driver import absolute, start_ray
 from launch.storage import storage_env
 from trainer.config import Config, ConfigError

@@ -131,7 +131,7 @@ def make_nuswide(root: Path, tags: list[str], concepts: list[str], n_images: int
     placeholder = noisy_jpeg(np.random.default_rng(99))
     (root / "placeholder.jpg").write_bytes(placeholder)
     files = {}
-    for i, n in enumerate(names):
+    for n in names:
         files[n] = noisy_jpeg(rng)
     files[names[1]] = placeholder                   # Flickr's "photo unavailable"
     files[names[2]] = files[names[2]][:3000]        # at most 4,000 bytes: LESA drops it

@@ -10,8 +10,17 @@ from PIL import Image
 
 from datasets.contract import read_dataset
 from datasets.synthetic import write_synthetic
-from trainer.attention_maps import (ImageAttention, attention_items, eval_overlay_files, region_grid,
-                                    render_sheet, selected_attention, sheet_captions, sheet_size, top_labels)
+from trainer.attention_maps import (
+    ImageAttention,
+    attention_items,
+    eval_overlay_files,
+    region_grid,
+    render_sheet,
+    selected_attention,
+    sheet_captions,
+    sheet_size,
+    top_labels,
+)
 from trainer.config import load_config
 from trainer.model import build_model
 

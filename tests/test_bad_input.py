@@ -240,7 +240,7 @@ def tar_layout(path: str) -> list[tuple[str, int, int, int]]:
 def complete_before(layout, cut: int) -> list[str]:
     """Keys whose every member lies wholly before byte `cut`, in shard order."""
     keys = []
-    for name, _, _, end in layout:
+    for name, _, _, _end in layout:
         key = name.split(".", 1)[0]
         if key not in keys:
             keys.append(key)

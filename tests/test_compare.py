@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from run_cli import run_cli
 
 import launch.compare
 import launch.driver
 from datasets.synthetic import write_synthetic
 from launch.cli import main
-from launch.compare import (ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare,
-                            run_seeds)
+from launch.compare import ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare, run_seeds
 from trainer.config import ConfigError
-from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "synthetic.yaml")

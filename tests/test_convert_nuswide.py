@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_release import make_nuswide
 
 from datasets.contract import read_dataset
 from datasets.nuswide import convert_nuswide
-
-from fixtures_release import make_nuswide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

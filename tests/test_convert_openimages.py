@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_release import INDEX, SEEN, UNSEEN, image_id, make_openimages
 from PIL import Image
 
 from datasets.contract import DatasetError, read_dataset
 from datasets.convert import ImageOptions
 from datasets.openimages import convert_openimages, read_annotations, read_mid_list
 from launch.cli import main
-
-from fixtures_release import INDEX, SEEN, UNSEEN, image_id, make_openimages
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_cli import run_cli
 
 from datasets.contract import read_dataset, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.synthetic import SyntheticBenchmark, write_synthetic
-from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LESA = [sys.executable, "-m", "launch.cli"]

@@ -29,10 +29,11 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="remote storage tests need the s3 extra: pip install -e '.[test]'")
 pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip install -e '.[test]'")
 
+from run_cli import run_cli  # noqa: E402
+
 from datasets.contract import read_dataset  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, fork_server, make_loader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
-from run_cli import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LESA = [sys.executable, "-m", "launch.cli"]

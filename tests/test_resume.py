@@ -15,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from run_cli import run_cli
 
 from datasets.contract import read_dataset
 from datasets.synthetic import write_synthetic
 from trainer.ledger import read_ledger
-from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "synthetic.yaml")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_cli import run_cli
 
 from trainer.config import ConfigError, load_config
 from trainer.optim import RMSpropTF
-from trainer.schedule import (BEST_MODEL_FILE, AdaptiveLR, BestModel, EarlyStopping, ValidationSchedule,
-                              metric_k, set_lr)
-from run_cli import run_cli
+from trainer.schedule import BEST_MODEL_FILE, AdaptiveLR, BestModel, EarlyStopping, ValidationSchedule, metric_k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -319,7 +318,6 @@ def test_lr_decays_early_stopping_ends_the_run_and_the_best_model_is_kept(stoppe
     # model_best.pt holds the weights of the best step: its validation metric, recomputed here in
     # one process, is the one the two workers measured at that step
     from datasets.contract import read_dataset
-    from trainer.bad_samples import BadSampleLog
     from trainer.config import config_from_dict
     from trainer.evaluation import validation_metric
     from trainer.model import build_model

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from run_cli import run_cli
 
 from datasets.synthetic import write_synthetic
-from run_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-multinode.sh"

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures_release import make_nuswide, make_openimages, write_glove
 
 from datasets.contract import read_dataset
 from launch.cli import main
 from trainer.tracking import metric_key
-
-from fixtures_release import make_nuswide, make_openimages, write_glove
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 3

@@ -18,7 +18,7 @@ class Ledger:
 
     def _open(self) -> None:
         self.pending = self.root / f"pending-rank{self.rank}-{uuid.uuid4().hex[:8]}.tsv"
-        self.file = open(self.pending, "w")
+        self.file = open(self.pending, "w")  # noqa: SIM115 - held open across steps, closed by commit/close
 
     def record(self, epochs: list[int], keys: list[str]) -> None:
         self.file.writelines(f"{e}\t{k}\n" for e, k in zip(epochs, keys))

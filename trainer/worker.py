@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from datasets.contract import read_dataset
-from datasets.stream import StreamSpec, make_loader
 from datasets.position import DataPosition
+from datasets.stream import StreamSpec, make_loader
 from trainer.attention_maps import eval_overlay_files
 from trainer.bad_samples import BadSampleLog
 from trainer.checkpointing import restore, rng_state, save, set_rng_state, state_digest
