@@ -65,7 +65,7 @@ def make_rows(blocks, num_images, num_labels, seed):
     parts, offset = [], 0
     for b, size in zip(blocks, sizes):
         block_scores, rows, cols, values = make_block(b, num_images, num_labels, seed)
-        scores[offset:offset + size] = block_scores
+        scores[offset : offset + size] = block_scores
         parts.append(Annotations(rows + offset, cols, values))
         offset += size
     return scores, Annotations.concatenate(parts)
@@ -73,11 +73,11 @@ def make_rows(blocks, num_images, num_labels, seed):
 
 def rss_gb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
 
 
 def reset_peak_rss() -> bool:
@@ -96,7 +96,7 @@ def reset_peak_rss() -> bool:
 def peak_rss_since_reset_gb() -> float:
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 2 ** 20
+    return int(line.split()[1]) / 2**20
 
 
 def sklearn_baseline(num_images, num_labels, seed, out):
@@ -136,8 +136,12 @@ def our_worker(rank, world, num_images, num_labels, seed, store_path, batch, dev
     batches = []
     for start in range(0, len(scores), batch):
         lo, hi = np.searchsorted(ann.rows, [start, start + batch])
-        batches.append((torch.from_numpy(scores[start:start + batch]).to(device),
-                        Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi])))
+        batches.append(
+            (
+                torch.from_numpy(scores[start : start + batch]).to(device),
+                Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]),
+            )
+        )
     entries = Entries(ann.cols, scores[ann.rows, ann.cols], ann.values > 0)
     before_gb = rss_gb()
 
@@ -159,9 +163,18 @@ def our_worker(rank, world, num_images, num_labels, seed, store_path, batch, dev
         if world > 1:
             dist.barrier()
         timings[name] = time.perf_counter() - start
-    out.put({"rank": rank, "seconds": timings["all"], "ap_seconds": timings["ap"], "metrics": result[0]["all"],
-             "rows": len(scores), "peak_rss_gb": peak_rss_gb(), "data_gb": before_gb,
-             "eval_gb": peak_rss_since_reset_gb() - before_gb if peak_was_reset else None})
+    out.put(
+        {
+            "rank": rank,
+            "seconds": timings["all"],
+            "ap_seconds": timings["ap"],
+            "metrics": result[0]["all"],
+            "rows": len(scores),
+            "peak_rss_gb": peak_rss_gb(),
+            "data_gb": before_gb,
+            "eval_gb": peak_rss_since_reset_gb() - before_gb if peak_was_reset else None,
+        }
+    )
     if world > 1:
         dist.destroy_process_group()
 
@@ -189,44 +202,77 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=512, help="evaluation batch: rows handed over at once")
-    parser.add_argument("--device", default="cpu",
-                        help="where the scores are produced, and so where the K-th scores are found: cpu or cuda")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the scores are produced, and so where the K-th scores are found: cpu or cuda",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
     rows = []
     for num_labels in args.labels:
-        dense_gb = args.images * num_labels * 4 / 2 ** 30
+        dense_gb = args.images * num_labels * 4 / 2**30
         print(f"\n{args.images} images x {num_labels} labels (dense float32 scores {dense_gb:.2f} GiB)", flush=True)
         (base,) = run_processes(sklearn_baseline, [(args.images, num_labels, args.seed)])
-        print(f"  sklearn loop, 1 process: AP {base['seconds']:.1f} s, mAP {base['mAP']:.4f}, "
-              f"peak RSS {base['peak_rss_gb']:.2f} GiB", flush=True)
+        print(
+            f"  sklearn loop, 1 process: AP {base['seconds']:.1f} s, mAP {base['mAP']:.4f}, "
+            f"peak RSS {base['peak_rss_gb']:.2f} GiB",
+            flush=True,
+        )
         for world in args.workers:
             with tempfile.TemporaryDirectory() as tmp:
-                parts = run_processes(our_worker, [(r, world, args.images, num_labels, args.seed,
-                                                    os.path.join(tmp, "store"), args.batch, args.device)
-                                                   for r in range(world)])
+                parts = run_processes(
+                    our_worker,
+                    [
+                        (
+                            r,
+                            world,
+                            args.images,
+                            num_labels,
+                            args.seed,
+                            os.path.join(tmp, "store"),
+                            args.batch,
+                            args.device,
+                        )
+                        for r in range(world)
+                    ],
+                )
             parts.sort(key=lambda p: p["rank"])
             seconds = max(p["seconds"] for p in parts)
             ap_seconds = max(p["ap_seconds"] for p in parts)
             ours = parts[0]["metrics"]
             assert all(p["metrics"] == ours for p in parts), "ranks disagree"
             exact = abs(ours["mAP"] - base["mAP"])
-            row = {"images": args.images, "labels": num_labels, "workers": world, "device": args.device,
-                   "batch": args.batch, "seconds": seconds,
-                   "ap_seconds": ap_seconds, "sklearn_ap_seconds": base["seconds"],
-                   "ap_speedup": base["seconds"] / ap_seconds, "speedup": base["seconds"] / seconds,
-                   "peak_rss_gb_per_worker": [p["peak_rss_gb"] for p in parts],
-                   "rss_before_eval_gb_per_worker": [p["data_gb"] for p in parts], "dense_gb": dense_gb,
-                   "eval_peak_extra_gb_per_worker": [p["eval_gb"] for p in parts],
-                   "sklearn_peak_rss_gb": base["peak_rss_gb"], "mAP_abs_diff": exact, "metrics": ours}
+            row = {
+                "images": args.images,
+                "labels": num_labels,
+                "workers": world,
+                "device": args.device,
+                "batch": args.batch,
+                "seconds": seconds,
+                "ap_seconds": ap_seconds,
+                "sklearn_ap_seconds": base["seconds"],
+                "ap_speedup": base["seconds"] / ap_seconds,
+                "speedup": base["seconds"] / seconds,
+                "peak_rss_gb_per_worker": [p["peak_rss_gb"] for p in parts],
+                "rss_before_eval_gb_per_worker": [p["data_gb"] for p in parts],
+                "dense_gb": dense_gb,
+                "eval_peak_extra_gb_per_worker": [p["eval_gb"] for p in parts],
+                "sklearn_peak_rss_gb": base["peak_rss_gb"],
+                "mAP_abs_diff": exact,
+                "metrics": ours,
+            }
             rows.append(row)
-            print(f"  ours, {world} worker(s): AP {ap_seconds:.2f} s = {row['ap_speedup']:.1f}x the sklearn loop's speed; "
-                  f"whole evaluation (AP + P/R/F1@{KS}) {seconds:.2f} s = {row['speedup']:.1f}x; "
-                  f"|mAP - sklearn| = {exact:.1e}; memory the evaluation adds per worker (peak RSS during it "
-                  "- RSS holding the scores) " + ", ".join("n/a" if p["eval_gb"] is None else f"{p['eval_gb']:.3f}"
-                                                        for p in parts)
-                  + f" GiB, against {dense_gb / world:.2f} GiB for 1/W of the dense matrix", flush=True)
+            print(
+                f"  ours, {world} worker(s): AP {ap_seconds:.2f} s = {row['ap_speedup']:.1f}x the sklearn loop's speed; "
+                f"whole evaluation (AP + P/R/F1@{KS}) {seconds:.2f} s = {row['speedup']:.1f}x; "
+                f"|mAP - sklearn| = {exact:.1e}; memory the evaluation adds per worker (peak RSS during it "
+                "- RSS holding the scores) "
+                + ", ".join("n/a" if p["eval_gb"] is None else f"{p['eval_gb']:.3f}" for p in parts)
+                + f" GiB, against {dense_gb / world:.2f} GiB for 1/W of the dense matrix",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

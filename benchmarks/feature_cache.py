@@ -48,17 +48,28 @@ def random_vgg19(path: Path) -> None:
 def lesa(args: list[str], work: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=work, env=env, capture_output=True, text=True, timeout=1200
+    )
     if proc.returncode != 0:
         raise RuntimeError((proc.stdout + proc.stderr)[-4000:])
 
 
 def settings(work: Path, data: Path, args) -> list[str]:
-    values = {"data.url": data, "data.image_size": args.image_size, "data.batch_size": args.batch,
-              "model.backbone": "vgg19", "model.backbone_weights": work / "vgg19.pth", "optim.name": "rmsprop_tf",
-              "train.max_steps": args.steps, "train.log_every": max(args.steps // 6, 1), "checkpoint.every": 0,
-              "eval.overlays": 0, "scaling.num_workers": 1, "mlflow.experiment": "bench-feature-cache"}
+    values = {
+        "data.url": data,
+        "data.image_size": args.image_size,
+        "data.batch_size": args.batch,
+        "model.backbone": "vgg19",
+        "model.backbone_weights": work / "vgg19.pth",
+        "optim.name": "rmsprop_tf",
+        "train.max_steps": args.steps,
+        "train.log_every": max(args.steps // 6, 1),
+        "checkpoint.every": 0,
+        "eval.overlays": 0,
+        "scaling.num_workers": 1,
+        "mlflow.experiment": "bench-feature-cache",
+    }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -83,37 +94,66 @@ def main(argv=None) -> int:
         images, features = work / "images", work / "features"
         # Half as many images as the run uses: both runs go through two epochs, 4 shards each.
         count = args.steps * args.batch // 2
-        write_synthetic(str(images), seed=0, sizes={"train": count, "test": 64}, image_size=args.image_size,
-                        shard_size=max(count // 4, 1), log=lambda *a: None)
+        write_synthetic(
+            str(images),
+            seed=0,
+            sizes={"train": count, "test": 64},
+            image_size=args.image_size,
+            shard_size=max(count // 4, 1),
+            log=lambda *a: None,
+        )
         random_vgg19(work / "vgg19.pth")
-        lesa(["extract", str(REPO / "launch" / "synthetic.yaml"), "--out", str(features),
-              *settings(work, images, args), "--set", "scaling.num_workers=1"], work)
+        lesa(
+            [
+                "extract",
+                str(REPO / "launch" / "synthetic.yaml"),
+                "--out",
+                str(features),
+                *settings(work, images, args),
+                "--set",
+                "scaling.num_workers=1",
+            ],
+            work,
+        )
         extract = json.loads((features / "extract" / "report.json").read_text())
         on_images = train(work, images, "on_images", args)
         on_features = train(work, features, "on_features", args)
     rows = [
-        {"stage": f"lesa train on image shards (VGG-19 every step), {args.image_size} px",
-         "samples_per_s": on_images["samples_per_s"], "data_wait": on_images["data_wait_fraction"]},
-        {"stage": f"lesa train on feature shards (head only), {extract['features']['shape']}",
-         "samples_per_s": on_features["samples_per_s"], "data_wait": on_features["data_wait_fraction"]},
+        {
+            "stage": f"lesa train on image shards (VGG-19 every step), {args.image_size} px",
+            "samples_per_s": on_images["samples_per_s"],
+            "data_wait": on_images["data_wait_fraction"],
+        },
+        {
+            "stage": f"lesa train on feature shards (head only), {extract['features']['shape']}",
+            "samples_per_s": on_features["samples_per_s"],
+            "data_wait": on_features["data_wait_fraction"],
+        },
     ]
     print(f"{'stage':<62} {'steps/s':>8} {'samples/s':>10} {'data wait':>10}")
     for row in rows:
         row["steps_per_s"] = row["samples_per_s"] / args.batch
-        print(f"{row['stage']:<62} {row['steps_per_s']:>8.2f} {row['samples_per_s']:>10.0f} "
-              f"{100 * row['data_wait']:>9.0f}%")
+        print(
+            f"{row['stage']:<62} {row['steps_per_s']:>8.2f} {row['samples_per_s']:>10.0f} "
+            f"{100 * row['data_wait']:>9.0f}%"
+        )
     ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
-    print(f"feature shards vs image shards: {ratio:.1f}x the training throughput "
-          f"({args.steps} steps of {args.batch}, 1 worker, same model)")
+    print(
+        f"feature shards vs image shards: {ratio:.1f}x the training throughput "
+        f"({args.steps} steps of {args.batch}, 1 worker, same model)"
+    )
     # Per image: extracting costs 1/e, an epoch on images 1/i, an epoch on features 1/f seconds, so
     # the cache has paid for itself after E epochs where E (1/i - 1/f) = 1/e.
     e, i, f = extract["images_per_s"], rows[0]["samples_per_s"], rows[1]["samples_per_s"]
     break_even = (1 / e) / (1 / i - 1 / f) if f > i else float("inf")
-    print(f"extraction (lesa extract, 1 worker): {e:.0f} images/s; the cache has paid for itself after "
-          f"{break_even:.2f} epochs of training")
+    print(
+        f"extraction (lesa extract, 1 worker): {e:.0f} images/s; the cache has paid for itself after "
+        f"{break_even:.2f} epochs of training"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "break_even_epochs": break_even,
-                                               "extract": extract}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "ratio": ratio, "break_even_epochs": break_even, "extract": extract}, indent=1)
+        )
     return 0
 
 

@@ -67,7 +67,7 @@ def matmul_ceiling(device, n: int, iters: int) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     seconds = timed(lambda: a @ b, iters, device)
-    return 2 * n ** 3 / seconds / 1e12
+    return 2 * n**3 / seconds / 1e12
 
 
 def vgg_extraction(device, batch: int, iters: int, compiled: bool) -> float:
@@ -110,6 +110,7 @@ def head_training(device, batch: int, labels: int, iters: int, compiled: bool) -
         head.compile()
     feats = torch.randn(batch, 512, 14, 14, device=device).relu()
     y = random_labels(batch, labels, device)
+
     def step():
         head_step(head, vectors, opt, feats, y)
 
@@ -145,8 +146,9 @@ def write_shards(root: str, images: int, side: int, labels: int) -> list[Shard]:
 
 
 def loader_rate(shards, labels: int, batch: int, loaders: int, seconds: float, pin: bool) -> float:
-    spec = StreamSpec(shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True,
-                      shuffle_buffer=256)
+    spec = StreamSpec(
+        shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True, shuffle_buffer=256
+    )
     loader = iter(make_loader(spec, loaders, pin_memory=pin))
     next(loader)
     count, start = 0, time.perf_counter()
@@ -155,15 +157,17 @@ def loader_rate(shards, labels: int, batch: int, loaders: int, seconds: float, p
     return count / (time.perf_counter() - start)
 
 
-def end_to_end(device, shards, labels: int, batch: int, loaders: int, seconds: float,
-               compiled: tuple[str, ...]) -> float:
+def end_to_end(
+    device, shards, labels: int, batch: int, loaders: int, seconds: float, compiled: tuple[str, ...]
+) -> float:
     vgg = VGG19Conv54(weights=None).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
     head, vectors, opt = make_head(device, labels)
     for name, module in (("backbone", vgg), ("head", head)):
         if name in compiled:
             module.compile()
-    spec = StreamSpec(shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True,
-                      shuffle_buffer=256)
+    spec = StreamSpec(
+        shards=shards, num_labels=labels, image_size=224, batch_size=batch, train=True, shuffle_buffer=256
+    )
     batches = iter(make_loader(spec, loaders, pin_memory=device.type == "cuda"))
 
     def step():
@@ -200,8 +204,11 @@ def main(argv=None) -> int:
     labels = 7186
     loaders = 2 if tiny else max(1, min(14, (os.cpu_count() or 2) - 2))
     torch.backends.cudnn.benchmark = True
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "loader_processes": loaders}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "loader_processes": loaders,
+    }
     compile_modes = [False] if tiny else [False, True]  # a CPU compile takes minutes to check nothing new
 
     def say(key, value, text):
@@ -216,33 +223,50 @@ def main(argv=None) -> int:
         for compiled in compile_modes:
             rate = vgg_extraction(device, 2 if tiny else 256, 1 if tiny else 20, compiled)
             name = "compiled" if compiled else "eager"
-            fraction = "" if ceiling is None else \
-                f" = {100 * rate * VGG19_GFLOP / 1e3 / ceiling:.1f}% of the bf16 ceiling at {VGG19_GFLOP:.0f} GFLOP/image"
-            say(f"vgg19_images_per_s_{name}", rate,
-                f"VGG-19 conv5_4 extraction at 224 ({name}, bf16, channels_last): {rate:.0f} images/s{fraction}")
+            fraction = (
+                ""
+                if ceiling is None
+                else f" = {100 * rate * VGG19_GFLOP / 1e3 / ceiling:.1f}% of the bf16 ceiling at {VGG19_GFLOP:.0f} GFLOP/image"
+            )
+            say(
+                f"vgg19_images_per_s_{name}",
+                rate,
+                f"VGG-19 conv5_4 extraction at 224 ({name}, bf16, channels_last): {rate:.0f} images/s{fraction}",
+            )
     if "head" in args.stages:
         for compiled in compile_modes:
             name = "compiled" if compiled else "eager"
-            for batch in ([4] if tiny else [32, 256]):
+            for batch in [4] if tiny else [32, 256]:
                 rate, busy = head_training(device, batch, labels, 2 if tiny else 50, compiled)
                 results[f"head_gpu_busy_fraction_b{batch}_{name}"] = busy
-                say(f"head_steps_per_s_b{batch}_{name}", rate, f"LESA head training on features ({name}), batch "
+                say(
+                    f"head_steps_per_s_b{batch}_{name}",
+                    rate,
+                    f"LESA head training on features ({name}), batch "
                     f"{batch}: {rate:.1f} steps/s = {rate * batch:.0f} images/s"
-                    + ("" if busy is None else f", GPU busy {100 * busy:.0f}% of the step"))
+                    + ("" if busy is None else f", GPU busy {100 * busy:.0f}% of the step"),
+                )
     if "end_to_end" in args.stages:
         with tempfile.TemporaryDirectory() as tmp:
             shards = write_shards(tmp, 64 if tiny else 4096, 256, labels)
             batch = 4 if tiny else 128
             seconds = 2 if tiny else 20
             rate = loader_rate(shards, labels, batch, loaders, seconds, device.type == "cuda")
-            say("loader_images_per_s", rate,
-                f"loader alone ({loaders} processes: read + JPEG decode + resize/crop to 224): {rate:.0f} images/s")
+            say(
+                "loader_images_per_s",
+                rate,
+                f"loader alone ({loaders} processes: read + JPEG decode + resize/crop to 224): {rate:.0f} images/s",
+            )
             for name, compiled in END_TO_END_COMPILES.items():
                 if compiled and tiny:
                     continue
                 rate = end_to_end(device, shards, labels, batch, loaders, seconds, compiled)
-                say(f"end_to_end_images_per_s_{name}", rate, f"end-to-end training from JPEG shards (frozen VGG-19 + "
-                    f"LESA head, {name.replace('_', ' ')}, batch {batch}): {rate:.0f} images/s")
+                say(
+                    f"end_to_end_images_per_s_{name}",
+                    rate,
+                    f"end-to-end training from JPEG shards (frozen VGG-19 + "
+                    f"LESA head, {name.replace('_', ' ')}, batch {batch}): {rate:.0f} images/s",
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -32,8 +32,9 @@ print(json.dumps(rates))
 
 
 def steps_per_s(tree: Path, batches, iters: int) -> dict[int, float]:
-    out = subprocess.run([sys.executable, "-c", PROBE % (list(batches), iters)], cwd=tree, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE % (list(batches), iters)], cwd=tree, check=True, capture_output=True, text=True
+    ).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
 
@@ -52,8 +53,13 @@ def main(argv=None) -> int:
         base = steps_per_s(args.baseline, args.batches, args.iters)
         this = steps_per_s(HERE, args.batches, args.iters)
         rounds.append({"baseline": base, "this": this})
-        print(f"round {r + 1}: " + "; ".join(f"batch {b}: {base[b]:.1f} -> {this[b]:.1f} steps/s "
-                                             f"({this[b] / base[b]:.2f}x)" for b in args.batches), flush=True)
+        print(
+            f"round {r + 1}: "
+            + "; ".join(
+                f"batch {b}: {base[b]:.1f} -> {this[b]:.1f} steps/s ({this[b] / base[b]:.2f}x)" for b in args.batches
+            ),
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rounds, indent=1))
     return 0

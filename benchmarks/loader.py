@@ -100,9 +100,12 @@ def start_methods(shards: list[Shard], size: int, repeats: int) -> list[dict]:
     batch and of samples/s after it; ratio = samples/s over the baseline's in the same round."""
     spec = StreamSpec(shards=shards, num_labels=NUM_LABELS, image_size=size, batch_size=BATCH, train=False)
     forked = "start: fork of this process (baseline)"
-    makers = {forked: lambda: torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=1,
-                                                          multiprocessing_context="fork"),
-              "start: fork server (make_loader)": lambda: make_loader(spec, 1)}
+    makers = {
+        forked: lambda: torch.utils.data.DataLoader(
+            ShardStream(spec), batch_size=None, num_workers=1, multiprocessing_context="fork"
+        ),
+        "start: fork server (make_loader)": lambda: make_loader(spec, 1),
+    }
     first, rate = {name: [] for name in makers}, {name: [] for name in makers}
     for _ in range(repeats):
         for name, make in makers.items():
@@ -113,8 +116,16 @@ def start_methods(shards: list[Shard], size: int, repeats: int) -> list[dict]:
             start, count = time.perf_counter(), sum(len(b["keys"]) for b in batches)
             rate[name].append(count / (time.perf_counter() - start))
     ratios = {name: [r / b for r, b in zip(rate[name], rate[forked])] for name in makers}
-    return [{"stage": name, "first_batch_s": float(np.median(first[name])), "samples_per_s": float(np.median(rate[name])),
-             "ratio": float(np.median(ratios[name])), "ratios": ratios[name]} for name in makers]
+    return [
+        {
+            "stage": name,
+            "first_batch_s": float(np.median(first[name])),
+            "samples_per_s": float(np.median(rate[name])),
+            "ratio": float(np.median(ratios[name])),
+            "ratios": ratios[name],
+        }
+        for name in makers
+    ]
 
 
 def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
@@ -122,7 +133,8 @@ def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
     figures taken moments apart (a shared VM's speed drifts); the medians over repeats are kept."""
     jpgs = make_images(images, side)
     configs = [("ceiling: decode_image over in-memory JPEGs, 1 process", None)] + [
-        (f"reader, {'in-process' if n == 0 else f'{n} loader process(es)'}", n) for n in (0, 1, 2)]
+        (f"reader, {'in-process' if n == 0 else f'{n} loader process(es)'}", n) for n in (0, 1, 2)
+    ]
     rates = {name: [] for name, _ in configs}
     ratios = {name: [] for name, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,14 +148,27 @@ def run(images: int, side: int, size: int, repeats: int) -> list[dict]:
                 ratios[name].append(rate / top / max(loaders or 1, 1))
         handover = handover_seconds(size)
         starts = start_methods(shards, size, repeats)
-    rows = [{"stage": name, "samples_per_s": float(np.median(rates[name])), "ratio": float(np.median(ratios[name])),
-             "ratios": ratios[name]} for name, _ in configs]
+    rows = [
+        {
+            "stage": name,
+            "samples_per_s": float(np.median(rates[name])),
+            "ratio": float(np.median(ratios[name])),
+            "ratios": ratios[name],
+        }
+        for name, _ in configs
+    ]
     # The bound of a loader process: the trainer receives each batch, which decoding alone
     # (the ceiling) never pays. As a ratio: decode time / (decode time + hand-over time).
     decode = BATCH / rows[0]["samples_per_s"]
-    rows.append({"stage": f"bound for a loader process: hand-over {1e3 * handover:.1f} ms per batch of {BATCH}",
-                 "samples_per_s": BATCH / (decode + handover), "ratio": decode / (decode + handover),
-                 "ratios": [], "handover_ms": 1e3 * handover})
+    rows.append(
+        {
+            "stage": f"bound for a loader process: hand-over {1e3 * handover:.1f} ms per batch of {BATCH}",
+            "samples_per_s": BATCH / (decode + handover),
+            "ratio": decode / (decode + handover),
+            "ratios": [],
+            "handover_ms": 1e3 * handover,
+        }
+    )
     return rows + starts
 
 
@@ -158,12 +183,16 @@ def main(argv=None) -> int:
     rows = run(args.images, args.side, args.size, args.repeats)
     print(f"{'stage':<58} {'samples/s':>10} {'per process vs ceiling':>24}  (each round)")
     for row in (r for r in rows if "first_batch_s" not in r):
-        print(f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>24.2f}  "
-              + " ".join(f"{r:.2f}" for r in row["ratios"]))
+        print(
+            f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>24.2f}  "
+            + " ".join(f"{r:.2f}" for r in row["ratios"])
+        )
     print(f"\n{'how the loader process starts':<58} {'samples/s':>10} {'vs fork':>10} {'first batch':>12}")
     for row in (r for r in rows if "first_batch_s" in r):
-        print(f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>10.2f} {row['first_batch_s']:>11.2f}s  "
-              + " ".join(f"{r:.2f}" for r in row["ratios"]))
+        print(
+            f"{row['stage']:<58} {row['samples_per_s']:>10.0f} {row['ratio']:>10.2f} {row['first_batch_s']:>11.2f}s  "
+            + " ".join(f"{r:.2f}" for r in row["ratios"])
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

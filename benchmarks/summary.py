@@ -17,29 +17,40 @@ from pathlib import Path
 def loader_rows(rows: list[dict]) -> list[tuple]:
     by_stage = {row["stage"]: row for row in rows}
     out = []
-    for stage, label in (("reader, in-process", "loader in-process / decode ceiling"),
-                         ("reader, 1 loader process(es)", "loader, 1 loader process / ceiling"),
-                         ("reader, 2 loader process(es)", "loader, 2 loader processes / ceiling, per process")):
+    for stage, label in (
+        ("reader, in-process", "loader in-process / decode ceiling"),
+        ("reader, 1 loader process(es)", "loader, 1 loader process / ceiling"),
+        ("reader, 2 loader process(es)", "loader, 2 loader processes / ceiling, per process"),
+    ):
         if stage in by_stage:
             goal = "≥ 0.9" if "2 loader" not in stage else "-"  # 2 processes on 2 cores share them with the trainer
             out.append((label, f"{by_stage[stage]['ratio']:.2f}", goal))
     bound = next((row for row in rows if "handover_ms" in row), None)
     if bound:
-        out.append((f"  bound of a loader process (hand-over {bound['handover_ms']:.1f} ms/batch)",
-                    f"{bound['ratio']:.2f}", "-"))
+        out.append(
+            (
+                f"  bound of a loader process (hand-over {bound['handover_ms']:.1f} ms/batch)",
+                f"{bound['ratio']:.2f}",
+                "-",
+            )
+        )
     return out
 
 
 def training_rows(rows: list[dict]) -> list[tuple]:
     one, two = rows[1], rows[2]
-    return [("lesa train, 1 worker / bare PyTorch loop", f"{one['ratio']:.2f}", "≥ 0.9"),
-            ("  data wait, 1 worker", f"{100 * one['data_wait']:.0f}%", "-"),
-            ("2-worker scaling on this machine", f"{two['scaling']:.2f}x", "-")]
+    return [
+        ("lesa train, 1 worker / bare PyTorch loop", f"{one['ratio']:.2f}", "≥ 0.9"),
+        ("  data wait, 1 worker", f"{100 * one['data_wait']:.0f}%", "-"),
+        ("2-worker scaling on this machine", f"{two['scaling']:.2f}x", "-"),
+    ]
 
 
 def feature_cache_rows(result: dict) -> list[tuple]:
-    return [("feature shards / image shards, head training", f"{result['ratio']:.1f}x", "-"),
-            ("  cache paid back after (epochs)", f"{result['break_even_epochs']:.2f}", "-")]
+    return [
+        ("feature shards / image shards, head training", f"{result['ratio']:.1f}x", "-"),
+        ("  cache paid back after (epochs)", f"{result['break_even_epochs']:.2f}", "-"),
+    ]
 
 
 def eval_rows(rows: list[dict]) -> list[tuple]:
@@ -52,8 +63,12 @@ def eval_rows(rows: list[dict]) -> list[tuple]:
     return out
 
 
-SOURCES = {"loader.json": loader_rows, "training.json": training_rows,
-           "feature_cache.json": feature_cache_rows, "eval_metrics.json": eval_rows}
+SOURCES = {
+    "loader.json": loader_rows,
+    "training.json": training_rows,
+    "feature_cache.json": feature_cache_rows,
+    "eval_metrics.json": eval_rows,
+}
 
 
 def main(argv=None) -> int:

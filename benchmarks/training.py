@@ -40,8 +40,9 @@ def bare_loop(data: str, steps: int, batch: int) -> float:
     torch.set_num_threads(1)
     cfg = load_config(REPO / "launch" / "synthetic.yaml", [f"data.url={data}"])
     info = read_dataset(data)
-    spec = StreamSpec(shards=info.shards("train"), num_labels=info.num_labels, image_size=96, batch_size=batch,
-                      train=False)
+    spec = StreamSpec(
+        shards=info.shards("train"), num_labels=info.num_labels, image_size=96, batch_size=batch, train=False
+    )
     batches = [(b["images"], b["labels"]) for b in make_loader(spec, 0) if len(b["keys"]) == batch]
     model = build_model(cfg, info.embeddings)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
@@ -65,10 +66,29 @@ def bare_loop(data: str, steps: int, batch: int) -> float:
 
 def full_path(data: str, work: Path, steps: int, workers: int) -> dict:
     out = work / f"run{workers}"
-    cmd = [sys.executable, "-m", "launch.cli", "train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(out),
-           "--set", f"data.url={data}", "--set", f"scaling.num_workers={workers}",
-           "--set", f"data.batch_size={32 // workers}", "--set", f"train.max_steps={steps}",
-           "--set", "train.log_every=25", "--set", "checkpoint.every=0", "--set", "mlflow.experiment=bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        str(REPO / "launch" / "synthetic.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        f"scaling.num_workers={workers}",
+        "--set",
+        f"data.batch_size={32 // workers}",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        "train.log_every=25",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "mlflow.experiment=bench",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
@@ -91,11 +111,19 @@ def main(argv=None) -> int:
         two = full_path(data, work, args.steps, 2)
     rows = [
         {"stage": "bare PyTorch loop, data in memory, 1 thread", "samples_per_s": base, "ratio": 1.0},
-        {"stage": "lesa train, 1 worker (Ray + DeepSpeed + shards)", "samples_per_s": one["samples_per_s"],
-         "ratio": one["samples_per_s"] / base, "data_wait": one["data_wait_fraction"]},
-        {"stage": "lesa train, 2 workers x 16 (2 cores)", "samples_per_s": two["samples_per_s"],
-         "ratio": two["samples_per_s"] / base, "data_wait": two["data_wait_fraction"],
-         "scaling": two["samples_per_s"] / one["samples_per_s"]},
+        {
+            "stage": "lesa train, 1 worker (Ray + DeepSpeed + shards)",
+            "samples_per_s": one["samples_per_s"],
+            "ratio": one["samples_per_s"] / base,
+            "data_wait": one["data_wait_fraction"],
+        },
+        {
+            "stage": "lesa train, 2 workers x 16 (2 cores)",
+            "samples_per_s": two["samples_per_s"],
+            "ratio": two["samples_per_s"] / base,
+            "data_wait": two["data_wait_fraction"],
+            "scaling": two["samples_per_s"] / one["samples_per_s"],
+        },
     ]
     print(f"{'stage':<52} {'samples/s':>10} {'vs bare':>8} {'data wait':>10}")
     for row in rows:

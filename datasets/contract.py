@@ -31,7 +31,7 @@ class Label:
 
 @dataclass(frozen=True)
 class Shard:
-    url: str        # absolute URL of the tar file
+    url: str  # absolute URL of the tar file
     samples: int
 
 
@@ -43,10 +43,11 @@ class FeatureSpec:
     """How a feature dataset (`kind: "feature"`) was made: every sample's `feat.npy` is the frozen
     `backbone` applied to its image at `image_size`, stored float16 as [regions, channels] with
     regions row-major over the `grid` (r = row * width + col), as LESA's extractor stores them."""
+
     backbone: str
     weights: str | None
     image_size: int
-    grid: tuple[int, int]              # (height, width) of the feature map
+    grid: tuple[int, int]  # (height, width) of the feature map
     channels: int
 
     @property
@@ -54,28 +55,39 @@ class FeatureSpec:
         return (self.grid[0] * self.grid[1], self.channels)
 
     def to_json(self) -> dict:
-        return {"backbone": self.backbone, "weights": self.weights, "image_size": self.image_size,
-                "grid": list(self.grid), "channels": self.channels, "shape": list(self.shape),
-                "dtype": "float16"}
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "image_size": self.image_size,
+            "grid": list(self.grid),
+            "channels": self.channels,
+            "shape": list(self.shape),
+            "dtype": "float16",
+        }
 
     @classmethod
     def from_json(cls, entry: dict, where: str) -> "FeatureSpec":
         try:
-            return cls(backbone=str(entry["backbone"]), weights=entry.get("weights"),
-                       image_size=int(entry["image_size"]), grid=(int(entry["grid"][0]), int(entry["grid"][1])),
-                       channels=int(entry["channels"]))
+            return cls(
+                backbone=str(entry["backbone"]),
+                weights=entry.get("weights"),
+                image_size=int(entry["image_size"]),
+                grid=(int(entry["grid"][0]), int(entry["grid"][1])),
+                channels=int(entry["channels"]),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise DatasetError(f"{where}: a feature dataset needs features: {{backbone, image_size, grid: "
-                               f"[h, w], channels}} ({exc!r})") from None
+            raise DatasetError(
+                f"{where}: a feature dataset needs features: {{backbone, image_size, grid: [h, w], channels}} ({exc!r})"
+            ) from None
 
 
 @dataclass
 class DatasetInfo:
     root: str
     name: str
-    kind: str                          # "image" or "feature"
+    kind: str  # "image" or "feature"
     labels: list[Label]
-    embeddings: np.ndarray             # float32 [num_labels, dim], raw (the model normalises)
+    embeddings: np.ndarray  # float32 [num_labels, dim], raw (the model normalises)
     splits: dict[str, list[Shard]] = field(default_factory=dict)
     features: FeatureSpec | None = None  # how the features were made, for kind "feature"
 
@@ -96,8 +108,9 @@ class DatasetInfo:
 
     def shards(self, split: str) -> list[Shard]:
         if split not in self.splits:
-            raise DatasetError(f"{self.root}/dataset.json: no split '{split}' "
-                               f"(has: {', '.join(self.splits) or 'none'})")
+            raise DatasetError(
+                f"{self.root}/dataset.json: no split '{split}' (has: {', '.join(self.splits) or 'none'})"
+            )
         return self.splits[split]
 
 
@@ -152,8 +165,7 @@ def read_dataset(root: str) -> DatasetInfo:
     except ValueError as exc:
         raise DatasetError(f"{emb_url}: not a plain .npy array ({exc})") from None
     if embeddings.ndim != 2 or embeddings.shape[0] != len(labels):
-        raise DatasetError(f"{emb_url}: shape {embeddings.shape}, expected [{len(labels)}, dim] "
-                           f"to match labels.tsv")
+        raise DatasetError(f"{emb_url}: shape {embeddings.shape}, expected [{len(labels)}, dim] to match labels.tsv")
 
     splits = {}
     for split, entry in meta.get("splits", {}).items():
@@ -165,12 +177,26 @@ def read_dataset(root: str) -> DatasetInfo:
     if kind not in KINDS:
         raise DatasetError(f"{meta_url}: kind {kind!r}, expected one of {', '.join(KINDS)}")
     features = FeatureSpec.from_json(meta.get("features") or {}, meta_url) if kind == "feature" else None
-    return DatasetInfo(root=root, name=meta.get("name", root), kind=kind, labels=labels,
-                       embeddings=embeddings.astype(np.float32), splits=splits, features=features)
+    return DatasetInfo(
+        root=root,
+        name=meta.get("name", root),
+        kind=kind,
+        labels=labels,
+        embeddings=embeddings.astype(np.float32),
+        splits=splits,
+        features=features,
+    )
 
 
-def write_metadata(root: str, name: str, kind: str, labels: list[Label], embeddings: np.ndarray,
-                   splits: dict[str, list[tuple[str, int]]], extra: dict | None = None) -> None:
+def write_metadata(
+    root: str,
+    name: str,
+    kind: str,
+    labels: list[Label],
+    embeddings: np.ndarray,
+    splits: dict[str, list[tuple[str, int]]],
+    extra: dict | None = None,
+) -> None:
     """Write dataset.json, labels.tsv and embeddings.npy. `splits` maps split -> [(relpath, samples)]."""
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)
@@ -182,8 +208,7 @@ def write_metadata(root: str, name: str, kind: str, labels: list[Label], embeddi
         "num_unseen": sum(lab.role == "unseen" for lab in labels),
         "embedding_dim": int(embeddings.shape[1]),
         "splits": {
-            split: {"samples": sum(n for _, n in shards),
-                    "shards": [{"path": p, "samples": n} for p, n in shards]}
+            split: {"samples": sum(n for _, n in shards), "shards": [{"path": p, "samples": n} for p, n in shards]}
             for split, shards in splits.items()
         },
         **(extra or {}),

@@ -25,14 +25,14 @@ from PIL import Image, ImageOps
 from datasets.contract import join
 
 MARKER_DIR = "_convert"
-EXAMPLES = 10   # examples of each kind of skipped image kept in the report
+EXAMPLES = 10  # examples of each kind of skipped image kept in the report
 
 
 @dataclass(frozen=True)
 class ImageOptions:
-    short_side: int = 256       # resize so the short side is this, never upscaling
-    quality: int = 90           # JPEG quality of the re-encoded image
-    min_bytes: int = 0          # files of at most this many bytes are skipped (NUS-WIDE: 4000)
+    short_side: int = 256  # resize so the short side is this, never upscaling
+    quality: int = 90  # JPEG quality of the re-encoded image
+    min_bytes: int = 0  # files of at most this many bytes are skipped (NUS-WIDE: 4000)
     placeholder_sha256: str = ""  # files with these bytes are skipped (Flickr's "photo unavailable")
 
 
@@ -42,7 +42,7 @@ class ShardJob:
     index: int
     keys: list[str]
     image_urls: list[str]
-    labels: list[bytes]          # encoded labels.json, one per key
+    labels: list[bytes]  # encoded labels.json, one per key
 
     @property
     def relpath(self) -> str:
@@ -58,6 +58,7 @@ class ShardJob:
 @dataclass
 class SplitReport:
     """Counts for one split; `skipped` maps a kind (missing, unreadable, ...) to count + examples."""
+
     planned: int = 0
     written: int = 0
     shards: int = 0
@@ -67,7 +68,7 @@ class SplitReport:
     def add_skipped(self, kind: str, count: int, examples: list) -> None:
         entry = self.skipped.setdefault(kind, {"count": 0, "examples": []})
         entry["count"] += count
-        entry["examples"].extend(examples[:EXAMPLES - len(entry["examples"])])
+        entry["examples"].extend(examples[: EXAMPLES - len(entry["examples"])])
 
 
 def reencode_image(data: bytes, options: ImageOptions) -> bytes:
@@ -125,8 +126,13 @@ def write_shard(job: ShardJob, out: str, options: ImageOptions, fingerprint: str
             samples += 1
         tar.close()
     fs.mv(fsspec.core.url_to_fs(tmp)[1], fsspec.core.url_to_fs(final)[1])
-    marker = {"path": job.relpath, "samples": samples, "planned": len(job.keys),
-              "fingerprint": fingerprint, "skipped": skipped}
+    marker = {
+        "path": job.relpath,
+        "samples": samples,
+        "planned": len(job.keys),
+        "fingerprint": fingerprint,
+        "skipped": skipped,
+    }
     with fsspec.open(join(out, MARKER_DIR, f"{job.split}-{job.index:06d}.json"), "w") as f:
         json.dump(marker, f)
     return marker
@@ -144,7 +150,7 @@ def read_markers(out: str) -> dict[str, dict]:
                 with fs.open(name, "r") as f:
                     markers[os.path.basename(name)[:-5]] = json.load(f)
             except (OSError, json.JSONDecodeError):
-                pass   # a marker cut short by a crash: the shard is simply written again
+                pass  # a marker cut short by a crash: the shard is simply written again
     return markers
 
 
@@ -160,8 +166,12 @@ def start_ray(num_cpus: int | None = None):
     else:
         # No dashboard, so no jobs API; Ray 2.60 cannot bind its GCS and raylet to loopback
         # (cluster/README.md, "Loopback binds"): they require the cluster's auth token instead.
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 logging_level="WARNING", configure_logging=True)
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level="WARNING",
+            configure_logging=True,
+        )
     return True
 
 
@@ -176,9 +186,17 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_shards(jobs, num_jobs: int, out: str, options: ImageOptions, report: dict[str, SplitReport],
-               log=say, num_cpus: int | None = None, use_ray: bool = True,
-               every: float = 5.0) -> dict[str, list[tuple[str, int]]]:
+def run_shards(
+    jobs,
+    num_jobs: int,
+    out: str,
+    options: ImageOptions,
+    report: dict[str, SplitReport],
+    log=say,
+    num_cpus: int | None = None,
+    use_ray: bool = True,
+    every: float = 5.0,
+) -> dict[str, list[tuple[str, int]]]:
     """Write every job's shard as a Ray task, skipping those an earlier run finished.
 
     `jobs` is an iterator of ShardJob (built lazily, so the driver never holds every shard's
@@ -220,8 +238,7 @@ def run_shards(jobs, num_jobs: int, out: str, options: ImageOptions, report: dic
             last = now
             rate = images / max(now - start, 1e-9)
             eta = _eta((num_jobs - done) * (now - start) / done) if done else "?"
-            log(f"  convert: {done}/{num_jobs} shards, {images:,} images written, "
-                f"{rate:,.0f} images/s, ETA {eta}")
+            log(f"  convert: {done}/{num_jobs} shards, {images:,} images written, {rate:,.0f} images/s, ETA {eta}")
 
     def drain(block_until: int) -> None:
         while len(pending) > block_until:
@@ -279,8 +296,10 @@ def write_report(out: str, report: dict, log=say) -> None:
         json.dump(report, f, indent=1)
     for split, rep in report.get("splits", {}).items():
         skips = ", ".join(f"{kind} {entry['count']}" for kind, entry in rep["skipped"].items()) or "none"
-        log(f"{split}: {rep['written']:,} of {rep['planned']:,} images written in {rep['shards']} shards "
-            f"({rep['shards_reused']} reused from an earlier run); skipped: {skips}")
+        log(
+            f"{split}: {rep['written']:,} of {rep['planned']:,} images written in {rep['shards']} shards "
+            f"({rep['shards_reused']} reused from an earlier run); skipped: {skips}"
+        )
         for kind, entry in rep["skipped"].items():
             if entry["examples"]:
                 shown = [f"{e[0]} ({e[1]})" if isinstance(e, list) else str(e) for e in entry["examples"][:5]]

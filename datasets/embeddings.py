@@ -101,7 +101,7 @@ class TextWordVectors(WordVectors):
         for lineno, line in enumerate(lines, start=1):
             parts = line.split()
             if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                return int(parts[1])     # word2vec text header: `count dim`
+                return int(parts[1])  # word2vec text header: `count dim`
             if len(parts) < 2:
                 continue
             try:
@@ -117,8 +117,10 @@ class TextWordVectors(WordVectors):
                     break
                 dim += 1
             return dim - 1 if dim == len(parts) else dim
-        raise DatasetError(f"{self.source}: not a word-vector text file (expected 'token v1 ... vd' lines; "
-                           f"binary word2vec files are not supported, convert them to text)")
+        raise DatasetError(
+            f"{self.source}: not a word-vector text file (expected 'token v1 ... vd' lines; "
+            f"binary word2vec files are not supported, convert them to text)"
+        )
 
     def lookup(self, keys: set[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
@@ -129,7 +131,7 @@ class TextWordVectors(WordVectors):
                 continue
             parts = line.rstrip("\r\n").rsplit(" ", self.dim)
             if len(parts) != self.dim + 1:
-                continue     # the header line, or a malformed line: not a vector of this file's size
+                continue  # the header line, or a malformed line: not a vector of this file's size
             token = parts[0].lower()
             if token in keys and token not in found:
                 try:
@@ -180,15 +182,17 @@ class WordLlamaVectors(WordVectors):
             import wordllama
             from wordllama import WordLlama
         except ImportError:
-            raise DatasetError("--vectors wordllama needs the optional extra: pip install -c constraints.txt "
-                               "-e '.[wordllama]'") from None
+            raise DatasetError(
+                "--vectors wordllama needs the optional extra: pip install -c constraints.txt -e '.[wordllama]'"
+            ) from None
         from pathlib import Path
 
         # 0.4.0 looks for its bundled tokenizer under `<cache_dir>/tokenizers/`, where the wheel
         # has it, but not under the package folder it searches first: point the cache there.
         try:
-            self.model = WordLlama.load(config="l2_supercat", dim=256, disable_download=True,
-                                        cache_dir=Path(wordllama.__file__).parent)
+            self.model = WordLlama.load(
+                config="l2_supercat", dim=256, disable_download=True, cache_dir=Path(wordllama.__file__).parent
+            )
         except FileNotFoundError as exc:
             raise DatasetError(f"wordllama: bundled weights not found ({exc})") from None
 
@@ -212,8 +216,9 @@ class ChainedWordVectors(WordVectors):
     def __init__(self, sources: list[WordVectors]):
         dims = {s.dim for s in sources}
         if len(dims) != 1:
-            raise DatasetError("word-vector sources differ in dimension: "
-                               + ", ".join(f"{s.source} ({s.dim})" for s in sources))
+            raise DatasetError(
+                "word-vector sources differ in dimension: " + ", ".join(f"{s.source} ({s.dim})" for s in sources)
+            )
         self.sources, self.dim = sources, dims.pop()
         self.source = " + ".join(s.source for s in sources)
 
@@ -228,8 +233,9 @@ def load_label_encoders(specs: list[str], names: list[str] | None = None) -> Wor
     """One encoder over several sources; each `.npy` spec takes the next names file, in order."""
     names = list(names or [])
     if sum(s.endswith(".npy") for s in specs) != len(names):
-        raise DatasetError(f"{sum(s.endswith('.npy') for s in specs)} .npy vector files need as many "
-                           f"names files, got {len(names)}")
+        raise DatasetError(
+            f"{sum(s.endswith('.npy') for s in specs)} .npy vector files need as many names files, got {len(names)}"
+        )
     encoders = [load_label_encoder(s, names.pop(0) if s.endswith(".npy") else None) for s in specs]
     return encoders[0] if len(encoders) == 1 else ChainedWordVectors(encoders)
 
@@ -255,8 +261,7 @@ def _random_vector(name: str, dim: int, scale: float) -> np.ndarray:
     return (v / np.linalg.norm(v) * scale).astype(np.float32)
 
 
-def embed_labels(encoder: WordVectors, names: list[str], missing: str = "error",
-                 log=print) -> np.ndarray:
+def embed_labels(encoder: WordVectors, names: list[str], missing: str = "error", log=print) -> np.ndarray:
     """Vectors for `names`; a missing name is an error, a zero row or a random row (by `missing`).
 
     "random" gives a unit direction scaled to the mean norm of the found vectors, deterministic in
@@ -268,32 +273,40 @@ def embed_labels(encoder: WordVectors, names: list[str], missing: str = "error",
     if absent:
         shown = ", ".join(repr(names[i]) for i in absent[:20]) + (" ..." if len(absent) > 20 else "")
         if missing == "error":
-            raise DatasetError(f"{encoder.source}: {len(absent)} of {len(names)} labels have no word in "
-                               f"the vocabulary: {shown} (use --missing zero|random to embed them anyway)")
+            raise DatasetError(
+                f"{encoder.source}: {len(absent)} of {len(names)} labels have no word in "
+                f"the vocabulary: {shown} (use --missing zero|random to embed them anyway)"
+            )
         found = np.ones(len(names), dtype=bool)
         found[absent] = False
         scale = float(np.linalg.norm(vectors[found], axis=1).mean()) if found.any() else 1.0
         if missing == "random":
             for i in absent:
                 vectors[i] = _random_vector(names[i], encoder.dim, scale)
-        log(f"embeddings: {len(absent)} of {len(names)} labels not in {encoder.source}, "
-            f"given {missing} vectors: {shown}")
+        log(
+            f"embeddings: {len(absent)} of {len(names)} labels not in {encoder.source}, "
+            f"given {missing} vectors: {shown}"
+        )
     return vectors
 
 
-def label_vectors(names: list[str], vectors, vector_names, embeddings: str | None, missing: str,
-                  log=print) -> np.ndarray:
+def label_vectors(
+    names: list[str], vectors, vector_names, embeddings: str | None, missing: str, log=print
+) -> np.ndarray:
     """Label vectors from a precomputed `.npy` aligned with labels.tsv, or from word vectors
     (`vectors`: one source or a list, first source with a word wins; see datasets/embeddings.py)."""
     if (not vectors) == (embeddings is None):
-        raise DatasetError("give exactly one of --vectors (word vectors) or --embeddings (a precomputed "
-                           ".npy aligned with the seen + unseen label order)")
+        raise DatasetError(
+            "give exactly one of --vectors (word vectors) or --embeddings (a precomputed "
+            ".npy aligned with the seen + unseen label order)"
+        )
     if embeddings is not None:
         matrix = read_npy(embeddings)
         if matrix.ndim != 2 or matrix.shape[0] != len(names):
-            raise DatasetError(f"{embeddings}: shape {matrix.shape}, expected [{len(names)}, dim] "
-                               f"(seen labels, then unseen)")
+            raise DatasetError(
+                f"{embeddings}: shape {matrix.shape}, expected [{len(names)}, dim] (seen labels, then unseen)"
+            )
         return matrix.astype(np.float32)
-    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])   # noqa: E731
+    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
     encoder = load_label_encoders(as_list(vectors), as_list(vector_names))
     return embed_labels(encoder, names, missing=missing, log=log)

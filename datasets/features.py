@@ -36,7 +36,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def relative_path(root: str, shard: Shard) -> str:
     """The shard's path inside its dataset root (read_dataset made its URL as root/path)."""
-    return shard.url[len(root.rstrip("/")) + 1:]
+    return shard.url[len(root.rstrip("/")) + 1 :]
 
 
 def record_url(out: str, relpath: str) -> str:
@@ -89,16 +89,22 @@ class ShardExtractor:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         size = cfg.data.image_size
         probe = self.features(torch.zeros(1, size, size, 3, dtype=torch.uint8))
-        self.spec = FeatureSpec(backbone=cfg.model.backbone, weights=cfg.model.backbone_weights,
-                                image_size=size, grid=(probe.shape[2], probe.shape[3]), channels=probe.shape[1])
+        self.spec = FeatureSpec(
+            backbone=cfg.model.backbone,
+            weights=cfg.model.backbone_weights,
+            image_size=size,
+            grid=(probe.shape[2], probe.shape[3]),
+            channels=probe.shape[1],
+        )
         if cfg.model.compile:  # after the probe: its batch of 1 would be one more shape to compile
             self.backbone.compile()
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             return self.backbone(images)
 
     def made_with(self) -> dict:
@@ -108,8 +114,13 @@ class ShardExtractor:
         """Image shard `job["source"]` -> feature shard `job["out"]`, then its record: what was
         written, and every sample skipped with its key, kind and detail."""
         cfg, start = self.cfg, time.time()
-        stream = StreamSpec(shards=[Shard(job["source"], job["samples"])], num_labels=job["num_labels"],
-                            image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size, train=False)
+        stream = StreamSpec(
+            shards=[Shard(job["source"], job["samples"])],
+            num_labels=job["num_labels"],
+            image_size=cfg.data.image_size,
+            batch_size=cfg.eval.batch_size,
+            train=False,
+        )
         loader = make_loader(stream, min(cfg.data.loader_workers, 1), pin_memory=self.device.type == "cuda")
         skipped, read = [], 0
         with ShardFile(job["out"]) as shard:
@@ -121,15 +132,29 @@ class ShardExtractor:
                 rows = feature_rows(self.features(batch["images"]))
                 if np.abs(rows).max() > FLOAT16_MAX or not np.isfinite(rows).all():
                     # Not a bad image but wrong weights or inputs: every later shard would fail too.
-                    raise ValueError(f"{job['source']}: features of keys {batch['keys'][:3]}... are not finite "
-                                     f"or exceed float16's range; check model.backbone_weights")
+                    raise ValueError(
+                        f"{job['source']}: features of keys {batch['keys'][:3]}... are not finite "
+                        f"or exceed float16's range; check model.backbone_weights"
+                    )
                 rows = rows.astype(np.float16)
                 for key, x, y in zip(batch["keys"], rows, batch["labels"].numpy()):
-                    shard.write(key, {FEATURE_EXTENSION: encode_npy(np.ascontiguousarray(x)),
-                                      "labels.json": encode_labels(np.flatnonzero(y == 1), np.flatnonzero(y == -1))})
+                    shard.write(
+                        key,
+                        {
+                            FEATURE_EXTENSION: encode_npy(np.ascontiguousarray(x)),
+                            "labels.json": encode_labels(np.flatnonzero(y == 1), np.flatnonzero(y == -1)),
+                        },
+                    )
             written = shard.samples
-        record = {"source": job["source"], "shard": job["relpath"], "split": job["split"], "samples": written,
-                  "read": read, "skipped": skipped, "made_with": self.made_with(),
-                  "seconds": round(time.time() - start, 3)}
+        record = {
+            "source": job["source"],
+            "shard": job["relpath"],
+            "split": job["split"],
+            "samples": written,
+            "read": read,
+            "skipped": skipped,
+            "made_with": self.made_with(),
+            "seconds": round(time.time() - start, 3),
+        }
         write_json(job["record"], record)
         return record

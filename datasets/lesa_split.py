@@ -28,7 +28,7 @@ from datasets.convert import say
 # numpy 2 renamed numpy.core to numpy._core; a pickle written by either names one of them.
 try:
     from numpy._core.multiarray import _reconstruct
-except ImportError:                      # numpy < 2
+except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
 import _codecs
 
@@ -37,7 +37,7 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _codecs.encode,   # protocol 2 stores the array's bytes through it
+    ("_codecs", "encode"): _codecs.encode,  # protocol 2 stores the array's bytes through it
 }
 
 
@@ -45,15 +45,17 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles plain data and numpy arrays; any other global is refused before it is imported."""
 
     def __init__(self, file, source: str):
-        super().__init__(file, encoding="latin1")   # latin1: Python 2 pickles of numpy arrays load too
+        super().__init__(file, encoding="latin1")  # latin1: Python 2 pickles of numpy arrays load too
         self.source = source
 
     def find_class(self, module: str, name: str):
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise DatasetError(f"{self.source}: refused to unpickle global {module}.{name}; only a numpy "
-                               f"array of label MIDs is expected in this file") from None
+            raise DatasetError(
+                f"{self.source}: refused to unpickle global {module}.{name}; only a numpy "
+                f"array of label MIDs is expected in this file"
+            ) from None
 
 
 def load_restricted_pickle(url: str):
@@ -95,8 +97,9 @@ def read_top_indices(url: str) -> list[int]:
         try:
             indices.append(int(float(first)) if first.endswith(".0") else int(first))
         except ValueError:
-            raise DatasetError(f"{url}:{lineno}: expected an integer index in the first column, "
-                               f"got {first!r}") from None
+            raise DatasetError(
+                f"{url}:{lineno}: expected an integer index in the first column, got {first!r}"
+            ) from None
     return indices
 
 
@@ -123,13 +126,16 @@ def convert_lesa_split(src: str, out: str, log=say) -> tuple[list[str], list[str
     unseen = [pool[i] for i in top]
     overlap = sorted(set(seen) & set(unseen))
     if overlap:
-        raise DatasetError(f"{pool_url}: {len(overlap)} unseen MIDs are also in classes-trainable.txt, "
-                           f"e.g. {', '.join(overlap[:5])}")
+        raise DatasetError(
+            f"{pool_url}: {len(overlap)} unseen MIDs are also in classes-trainable.txt, e.g. {', '.join(overlap[:5])}"
+        )
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     for name, mids in (("seen.txt", seen), ("unseen.txt", unseen)):
         with fsspec.open(join(out, name), "w") as f:
             f.write("".join(m + "\n" for m in mids))
-    log(f"wrote {join(out, 'seen.txt')} ({len(seen)} MIDs) and {join(out, 'unseen.txt')} "
-        f"({len(unseen)} of the {len(pool)} unseen MIDs)")
+    log(
+        f"wrote {join(out, 'seen.txt')} ({len(seen)} MIDs) and {join(out, 'unseen.txt')} "
+        f"({len(unseen)} of the {len(pool)} unseen MIDs)"
+    )
     return seen, unseen

@@ -40,7 +40,7 @@ def _first_existing(root: str, *relpaths: str) -> str:
         fs, path = fsspec.core.url_to_fs(join(root, rel))
         if fs.exists(path):
             return join(root, rel)
-    return join(root, relpaths[0])   # reported as missing by whoever reads it
+    return join(root, relpaths[0])  # reported as missing by whoever reads it
 
 
 def read_names(url: str) -> list[str]:
@@ -84,13 +84,23 @@ def build_labels(tags: list[str], concepts: list[str]) -> tuple[list[Label], np.
     return labels, seen_cols
 
 
-def convert_nuswide(out: str, root: str, images: str | None = None,
-                    vectors: str | list[str] | None = None, vector_names: str | list[str] | None = None,
-                    embeddings: str | None = None, missing: str = "error",
-                    val_size: int = 5000, shard_size: int = 1000,
-                    options: ImageOptions = ImageOptions(min_bytes=4000),
-                    placeholder: str | None = None, max_images: int | None = None,
-                    num_cpus: int | None = None, use_ray: bool = True, log=say) -> dict:
+def convert_nuswide(
+    out: str,
+    root: str,
+    images: str | None = None,
+    vectors: str | list[str] | None = None,
+    vector_names: str | list[str] | None = None,
+    embeddings: str | None = None,
+    missing: str = "error",
+    val_size: int = 5000,
+    shard_size: int = 1000,
+    options: ImageOptions = ImageOptions(min_bytes=4000),
+    placeholder: str | None = None,
+    max_images: int | None = None,
+    num_cpus: int | None = None,
+    use_ray: bool = True,
+    log=say,
+) -> dict:
     """Convert the NUS-WIDE release at `root` to the dataset contract at `out`; returns the report."""
     import hashlib
     from dataclasses import replace
@@ -120,7 +130,7 @@ def convert_nuswide(out: str, root: str, images: str | None = None,
         if len(column) != len(all_keys):
             raise DatasetError(f"{url}: {len(column)} rows but {all_url} lists {len(all_keys)} images")
         unseen_values[:, k] = column
-    values = np.concatenate([seen_values, unseen_values], axis=1)   # [images, labels] in labels.tsv order
+    values = np.concatenate([seen_values, unseen_values], axis=1)  # [images, labels] in labels.tsv order
     del seen_values, unseen_values
 
     report = {"dataset": out, "source": "nuswide", "splits": {}, "annotations": {}}
@@ -129,8 +139,10 @@ def convert_nuswide(out: str, root: str, images: str | None = None,
         url = join(root, "ImageList", list_file)
         keys = [image_key(line) for line in _read(url).decode("utf-8-sig").splitlines() if line.strip()]
         unknown = [k for k in keys if k not in row_of]
-        report["annotations"][url] = {"images": len(keys),
-                                      "not_in_imagelist": {"count": len(unknown), "examples": unknown[:10]}}
+        report["annotations"][url] = {
+            "images": len(keys),
+            "not_in_imagelist": {"count": len(unknown), "examples": unknown[:10]},
+        }
         plans[name] = [row_of[k] for k in keys if k in row_of]
     plans = {"train": plans["train"][val_size:], "val": plans["train"][:val_size], "test": plans["test"]}
     if max_images is not None:
@@ -142,22 +154,25 @@ def convert_nuswide(out: str, root: str, images: str | None = None,
     def jobs():
         for split, rows in plans.items():
             for index, begin in enumerate(range(0, len(rows), shard_size)):
-                part = rows[begin:begin + shard_size]
+                part = rows[begin : begin + shard_size]
                 keys = [all_keys[r] for r in part]
-                encoded = [encode_labels(np.flatnonzero(values[r] == 1), np.flatnonzero(values[r] == 0))
-                           for r in part]
+                encoded = [encode_labels(np.flatnonzero(values[r] == 1), np.flatnonzero(values[r] == 0)) for r in part]
                 # A tar key must not hold dots or slashes: `actor/0001_2124494179.jpg` -> `actor_0001_2124494179`.
                 sample_keys = [k.rsplit(".", 1)[0].replace("/", "_").replace(".", "_") for k in keys]
                 yield ShardJob(split, index, sample_keys, [join(folder, k) for k in keys], encoded)
 
     split_reports = {split: SplitReport(planned=len(rows)) for split, rows in plans.items()}
     num_jobs = sum(-(-len(rows) // shard_size) for rows in plans.values())
-    written = run_shards(jobs(), num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus,
-                         use_ray=use_ray)
-    write_metadata(out, name="nuswide", kind="image", labels=labels, embeddings=vecs,
-                   splits={split: written.get(split, []) for split in plans},
-                   extra={"image_size": options.short_side, "converter": "lesa convert nuswide",
-                          "val_size": val_size})
+    written = run_shards(jobs(), num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus, use_ray=use_ray)
+    write_metadata(
+        out,
+        name="nuswide",
+        kind="image",
+        labels=labels,
+        embeddings=vecs,
+        splits={split: written.get(split, []) for split in plans},
+        extra={"image_size": options.short_side, "converter": "lesa convert nuswide", "val_size": val_size},
+    )
     report["splits"] = {split: asdict(rep) for split, rep in split_reports.items()}
     write_report(out, report, log=log)
     return report

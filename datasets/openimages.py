@@ -30,7 +30,7 @@ from datasets.convert import EXAMPLES, ImageOptions, ShardJob, SplitReport, run_
 from datasets.embeddings import label_vectors
 from datasets.shards import encode_labels
 
-SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}   # contract split -> OI name
+SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}  # contract split -> OI name
 ANNOTATION_COLUMNS = ("ImageID", "LabelName", "Confidence")
 CHUNK_ROWS = 1_000_000
 
@@ -83,19 +83,22 @@ def build_vocabulary(seen_url: str, unseen_url: str, descriptions_url: str) -> l
     names = read_class_descriptions(descriptions_url)
     unnamed = [m for m in seen + unseen if m not in names]
     if unnamed:
-        raise DatasetError(f"{descriptions_url}: no name for {len(unnamed)} MIDs of the label lists, "
-                           f"e.g. {', '.join(unnamed[:5])}")
-    return ([Label(i, m, names[m], "seen") for i, m in enumerate(seen)]
-            + [Label(len(seen) + i, m, names[m], "unseen") for i, m in enumerate(unseen)])
+        raise DatasetError(
+            f"{descriptions_url}: no name for {len(unnamed)} MIDs of the label lists, e.g. {', '.join(unnamed[:5])}"
+        )
+    return [Label(i, m, names[m], "seen") for i, m in enumerate(seen)] + [
+        Label(len(seen) + i, m, names[m], "unseen") for i, m in enumerate(unseen)
+    ]
 
 
 @dataclass
 class GroupedLabels:
     """Every image of one annotation file with its rows, grouped: image i owns rows starts[i]:starts[i+1]."""
-    image_ids: np.ndarray    # bytes (S), sorted
-    starts: np.ndarray       # int64 [images + 1]
-    labels: np.ndarray       # int32 label index, -1 for a MID outside the vocabulary
-    values: np.ndarray       # int8 +1 present, -1 absent
+
+    image_ids: np.ndarray  # bytes (S), sorted
+    starts: np.ndarray  # int64 [images + 1]
+    labels: np.ndarray  # int32 label index, -1 for a MID outside the vocabulary
+    values: np.ndarray  # int8 +1 present, -1 absent
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -120,8 +123,7 @@ def _count(counter: dict, example) -> None:
         counter["examples"].append(example)
 
 
-def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CHUNK_ROWS
-                     ) -> tuple[GroupedLabels, dict]:
+def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CHUNK_ROWS) -> tuple[GroupedLabels, dict]:
     """Stream one `*-annotations-human-imagelabels.csv` into GroupedLabels and its row statistics."""
     stats = {"rows": 0, "rows_outside_vocabulary": _counter(), "bad_rows": _counter()}
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -131,8 +133,9 @@ def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CH
 
     def flush() -> None:
         if ids:
-            chunks.append((np.array(ids, dtype=bytes), np.array(labels, dtype=np.int32),
-                           np.array(values, dtype=np.int8)))
+            chunks.append(
+                (np.array(ids, dtype=bytes), np.array(labels, dtype=np.int32), np.array(values, dtype=np.int8))
+            )
             ids.clear(), labels.clear(), values.clear()
 
     with _open_text(url, "annotation file") as f:
@@ -140,8 +143,10 @@ def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CH
         header = next(reader, [])
         missing = [c for c in ANNOTATION_COLUMNS if c not in header]
         if missing:
-            raise DatasetError(f"{url}: malformed header {','.join(header)!r}: expected the columns "
-                               f"ImageID,Source,LabelName,Confidence (missing {', '.join(missing)})")
+            raise DatasetError(
+                f"{url}: malformed header {','.join(header)!r}: expected the columns "
+                f"ImageID,Source,LabelName,Confidence (missing {', '.join(missing)})"
+            )
         col_id, col_label, col_conf = (header.index(c) for c in ANNOTATION_COLUMNS)
         width = max(col_id, col_label, col_conf) + 1
         for lineno, row in enumerate(reader, start=2):
@@ -199,19 +204,31 @@ def shard_jobs(split: str, grouped: GroupedLabels, chosen: np.ndarray, images: s
     """ShardJobs of one split, built one at a time (labels encoded only when the shard is submitted)."""
     folder = image_folder(images, split)
     for index, begin in enumerate(range(0, len(chosen), shard_size)):
-        part = chosen[begin:begin + shard_size]
+        part = chosen[begin : begin + shard_size]
         keys = [grouped.image_ids[i].decode() for i in part]
         encoded = [encode_labels(*grouped.pos_neg(i)) for i in part]
         yield ShardJob(split, index, keys, [join(folder, f"{k}.jpg") for k in keys], encoded)
 
 
-def convert_openimages(out: str, descriptions: str, seen: str, unseen: str, annotations: str, images: str,
-                       vectors: str | list[str] | None = None,
-                       vector_names: str | list[str] | None = None,
-                       embeddings: str | None = None, missing: str = "error",
-                       splits: tuple[str, ...] = ("train", "val", "test"), shard_size: int = 1000,
-                       options: ImageOptions = ImageOptions(), max_images: int | None = None,
-                       num_cpus: int | None = None, use_ray: bool = True, log=say) -> dict:
+def convert_openimages(
+    out: str,
+    descriptions: str,
+    seen: str,
+    unseen: str,
+    annotations: str,
+    images: str,
+    vectors: str | list[str] | None = None,
+    vector_names: str | list[str] | None = None,
+    embeddings: str | None = None,
+    missing: str = "error",
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    shard_size: int = 1000,
+    options: ImageOptions = ImageOptions(),
+    max_images: int | None = None,
+    num_cpus: int | None = None,
+    use_ray: bool = True,
+    log=say,
+) -> dict:
     """Convert Open Images to the dataset contract at `out`; returns the report (also written there)."""
     labels = build_vocabulary(seen, unseen, descriptions)
     num_seen = sum(lab.role == "seen" for lab in labels)
@@ -236,17 +253,23 @@ def convert_openimages(out: str, descriptions: str, seen: str, unseen: str, anno
         report["annotations"][csv_url] = stats
         split_reports[split] = SplitReport(planned=len(chosen))
         plans.append((split, grouped, chosen))
-        log(f"{split}: {stats['rows']:,} rows, {len(grouped):,} images, {len(chosen):,} to write; "
-            f"{stats['rows_outside_vocabulary']['count']:,} rows for MIDs outside the vocabulary")
+        log(
+            f"{split}: {stats['rows']:,} rows, {len(grouped):,} images, {len(chosen):,} to write; "
+            f"{stats['rows_outside_vocabulary']['count']:,} rows for MIDs outside the vocabulary"
+        )
 
     num_jobs = sum(-(-len(chosen) // shard_size) for _, _, chosen in plans)
-    jobs = (job for split, grouped, chosen in plans
-            for job in shard_jobs(split, grouped, chosen, images, shard_size))
-    written = run_shards(jobs, num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus,
-                         use_ray=use_ray)
-    write_metadata(out, name="openimages", kind="image", labels=labels, embeddings=vecs,
-                   splits={split: written.get(split, []) for split in splits},
-                   extra={"image_size": options.short_side, "converter": "lesa convert openimages"})
+    jobs = (job for split, grouped, chosen in plans for job in shard_jobs(split, grouped, chosen, images, shard_size))
+    written = run_shards(jobs, num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus, use_ray=use_ray)
+    write_metadata(
+        out,
+        name="openimages",
+        kind="image",
+        labels=labels,
+        embeddings=vecs,
+        splits={split: written.get(split, []) for split in splits},
+        extra={"image_size": options.short_side, "converter": "lesa convert openimages"},
+    )
     report["splits"] = {split: asdict(rep) for split, rep in split_reports.items()}
     write_report(out, report, log=log)
     return report

@@ -22,9 +22,9 @@ import numpy as np
 
 @dataclass
 class DataPosition:
-    sizes: list[int]                                   # samples per shard, from dataset.json
+    sizes: list[int]  # samples per shard, from dataset.json
     used: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # epoch -> shard -> bool[n]
-    completed_epochs: int = 0                          # every epoch below this one is fully used
+    completed_epochs: int = 0  # every epoch below this one is fully used
 
     def mark(self, positions) -> None:
         """positions: iterable of (epoch, shard, index)."""
@@ -59,14 +59,20 @@ class DataPosition:
         return {
             "sizes": self.sizes,
             "completed_epochs": self.completed_epochs,
-            "used": {str(e): {str(s): base64.b64encode(np.packbits(bits)).decode() for s, bits in shards.items()}
-                     for e, shards in self.used.items()},
+            "used": {
+                str(e): {str(s): base64.b64encode(np.packbits(bits)).decode() for s, bits in shards.items()}
+                for e, shards in self.used.items()
+            },
         }
 
     @classmethod
     def from_json(cls, data: dict) -> "DataPosition":
         sizes = [int(n) for n in data["sizes"]]
-        used = {int(e): {int(s): np.unpackbits(np.frombuffer(base64.b64decode(b), np.uint8))[:sizes[int(s)]]
-                         .astype(bool) for s, b in shards.items()}
-                for e, shards in data["used"].items()}
+        used = {
+            int(e): {
+                int(s): np.unpackbits(np.frombuffer(base64.b64decode(b), np.uint8))[: sizes[int(s)]].astype(bool)
+                for s, b in shards.items()
+            }
+            for e, shards in data["used"].items()
+        }
         return cls(sizes, used, int(data["completed_epochs"]))

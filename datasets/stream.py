@@ -40,7 +40,7 @@ from datasets.position import DataPosition
 from datasets.tar import TruncatedMember, iter_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
-FEATURE_EXTENSION = "feat.npy"   # feature shards (`lesa extract`): float16 [regions, channels]
+FEATURE_EXTENSION = "feat.npy"  # feature shards (`lesa extract`): float16 [regions, channels]
 TRUNCATED_SHARD = "unreadable or truncated shard"
 
 
@@ -63,14 +63,15 @@ class StreamSpec:
     seed: int = 0
     train: bool = True
     shuffle_buffer: int = 1000
-    position: DataPosition | None = None   # training resumed: samples already used are skipped
-    features: FeatureSpec | None = None    # a feature dataset: decode feat.npy instead of the image
+    position: DataPosition | None = None  # training resumed: samples already used are skipped
+    features: FeatureSpec | None = None  # a feature dataset: decode feat.npy instead of the image
 
 
 @dataclass
 class Pending:
     """What the read and decode stages owe the next batch: skip records and used positions of
     samples that are not in a batch (bad, or past a truncation)."""
+
     skipped: list = field(default_factory=list)
     used: list = field(default_factory=list)
 
@@ -81,6 +82,7 @@ class Pending:
 
 
 # --- stage: shard lists ------------------------------------------------------------------------
+
 
 def epoch_order(spec: StreamSpec, epoch: int) -> list[int]:
     """Shard indices in this epoch's order: shuffled from (seed, epoch) alone for training (not
@@ -108,13 +110,13 @@ def split_by_rank(items: list, rank: int, world: int) -> list:
 
 def split_by_loader(items: list) -> list:
     info = torch.utils.data.get_worker_info()
-    return items if info is None else items[info.id::info.num_workers]
+    return items if info is None else items[info.id :: info.num_workers]
 
 
 # --- stage: read ---------------------------------------------------------------------------------
 
-def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
-                 position: DataPosition | None = None):
+
+def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending, position: DataPosition | None = None):
     """Yield {__key__, __shard__, __pos__, ext: bytes} per sample, grouping a tar's members by key
     as WebDataset does; `__pos__` is (epoch, shard index, sample index). Samples `position` marks
     used are read past, not yielded. A shard that cannot be read to its end, or that ends before
@@ -160,11 +162,11 @@ def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending,
                 current = None
             where = cut_key or (current["__key__"] if current else "-")
             pending.skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
-            pending.used += [(epoch, index, i) for i in range(count, shard.samples)
-                             if unused is None or unused[i]]
+            pending.used += [(epoch, index, i) for i in range(count, shard.samples) if unused is None or unused[i]]
 
 
 # --- stage: shuffle ------------------------------------------------------------------------------
+
 
 def shuffle(samples, buffer_size: int, rng: random.Random):
     buffer = []
@@ -179,6 +181,7 @@ def shuffle(samples, buffer_size: int, rng: random.Random):
 
 
 # --- stage: decode (explicit per extension; nothing is unpickled) ---------------------------------
+
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """RGB uint8 [size, size, 3]: the short side resized to `size`, then a centre crop."""
@@ -206,8 +209,9 @@ def decode_feature(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     if array.dtype.kind != "f":
         raise BadSample("corrupt feature", f"dtype {array.dtype}, expected float16")
     if array.shape != tuple(shape):
-        raise BadSample("feature shape mismatch",
-                        f"{list(array.shape)}, expected {list(shape)} as dataset.json's features say")
+        raise BadSample(
+            "feature shape mismatch", f"{list(array.shape)}, expected {list(shape)} as dataset.json's features say"
+        )
     if not np.isfinite(array).all():
         raise BadSample("corrupt feature", "non-finite values")
     return array.astype(np.float16, copy=False)
@@ -231,8 +235,11 @@ def decode_labels(data: bytes, num_labels: int) -> np.ndarray:
         record = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadSample("malformed labels.json", str(exc)) from None
-    if not isinstance(record, dict) or not isinstance(record.get("pos"), list) \
-            or not isinstance(record.get("neg", []), list):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("pos"), list)
+        or not isinstance(record.get("neg", []), list)
+    ):
         raise BadSample("malformed labels.json", 'expected {"pos": [...], "neg": [...]}')
     pos, neg = record["pos"], record.get("neg", [])
     for index in itertools.chain(pos, neg):
@@ -252,8 +259,12 @@ def decode(samples, spec: StreamSpec, pending: Pending):
         try:
             if "labels.json" not in sample:
                 raise BadSample("missing labels.json")
-            yield {"key": key, "pos": sample["__pos__"], "image": decode_input(sample, spec),
-                   "labels": decode_labels(sample["labels.json"], spec.num_labels)}
+            yield {
+                "key": key,
+                "pos": sample["__pos__"],
+                "image": decode_input(sample, spec),
+                "labels": decode_labels(sample["labels.json"], spec.num_labels),
+            }
         except BadSample as exc:
             pending.skipped.append((shard, key, exc.kind, exc.detail))
             pending.used.append(sample["__pos__"])
@@ -270,18 +281,22 @@ def skip_report(pending: Pending) -> dict:
 
 # --- stage: batch --------------------------------------------------------------------------------
 
+
 def batched(samples, batch_size: int, pending: Pending, keep_partial: bool):
     """Batches of decoded samples; each carries the positions it uses (its samples' and those of
     the bad samples skipped since the last batch), so the trainer can mark them used. `images` is
     the model's input: uint8 [B, H, W, 3] images, or float16 [B, R, C] rows of a feature dataset."""
+
     def collate(items):
         skipped, used = pending.drain()
-        return {"images": torch.from_numpy(np.stack([s["image"] for s in items])),
-                "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
-                "keys": [s["key"] for s in items],
-                "epochs": [s["pos"][0] for s in items],
-                "positions": [s["pos"] for s in items] + used,
-                "skipped": skipped}
+        return {
+            "images": torch.from_numpy(np.stack([s["image"] for s in items])),
+            "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
+            "keys": [s["key"] for s in items],
+            "epochs": [s["pos"][0] for s in items],
+            "positions": [s["pos"] for s in items] + used,
+            "skipped": skipped,
+        }
 
     items = []
     for sample in samples:
@@ -316,7 +331,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if spec.train:
             info = torch.utils.data.get_worker_info()
             loader_id = 0 if info is None else info.id
-            samples = shuffle(samples, spec.shuffle_buffer, random.Random(hash((spec.seed, epoch, spec.rank, loader_id))))
+            samples = shuffle(
+                samples, spec.shuffle_buffer, random.Random(hash((spec.seed, epoch, spec.rank, loader_id)))
+            )
         return decode(samples, spec, pending)
 
     def samples(self, pending: Pending):
@@ -338,9 +355,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def make_loader(spec: StreamSpec, loader_workers: int, pin_memory: bool = False):
     return torch.utils.data.DataLoader(
-        ShardStream(spec), batch_size=None, num_workers=loader_workers, pin_memory=pin_memory,
-        persistent_workers=False, multiprocessing_context=fork_server() if loader_workers else None,
-        worker_init_fn=functools.partial(set_environment, dict(os.environ)) if loader_workers else None)
+        ShardStream(spec),
+        batch_size=None,
+        num_workers=loader_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        multiprocessing_context=fork_server() if loader_workers else None,
+        worker_init_fn=functools.partial(set_environment, dict(os.environ)) if loader_workers else None,
+    )
 
 
 @functools.cache

@@ -29,8 +29,14 @@ from datasets.contract import Label, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 40), "blue": (50, 90, 240), "yellow": (235, 225, 40),
-    "magenta": (220, 40, 220), "cyan": (40, 215, 225), "orange": (245, 140, 20), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 190, 40),
+    "blue": (50, 90, 240),
+    "yellow": (235, 225, 40),
+    "magenta": (220, 40, 220),
+    "cyan": (40, 215, 225),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "frame", "x")
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
@@ -63,8 +69,14 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size
 
 
 class SyntheticBenchmark:
-    def __init__(self, seed: int, image_size: int = 96, embed_noise: float = 0.15,
-                 unknown_fraction: float = 0.1, embed_dim: int = 32):
+    def __init__(
+        self,
+        seed: int,
+        image_size: int = 96,
+        embed_noise: float = 0.15,
+        unknown_fraction: float = 0.1,
+        embed_dim: int = 32,
+    ):
         self.seed, self.image_size = seed, image_size
         self.unknown_fraction = unknown_fraction
         rng = np.random.default_rng([seed, 0])
@@ -74,27 +86,35 @@ class SyntheticBenchmark:
         # Unseen: two "diagonals" of the colour x shape grid under random relabelling, minus one:
         # 15 compositions, at most two per colour and per shape, so every attribute stays seen.
         colour_perm, shape_perm = rng.permutation(nc), rng.permutation(ns)
-        unseen = {(int(colour_perm[i]), int(shape_perm[(i + offset) % ns]))
-                  for offset in (0, 3) for i in range(nc)}
+        unseen = {(int(colour_perm[i]), int(shape_perm[(i + offset) % ns])) for offset in (0, 3) for i in range(nc)}
         unseen.discard((int(colour_perm[-1]), int(shape_perm[(nc - 1 + 3) % ns])))
         self.unseen = sorted(unseen)
         self.seen = [c for c in self.compositions if c not in unseen]
         half = embed_dim // 2
         colour_vecs = rng.normal(size=(nc, half))
         shape_vecs = rng.normal(size=(ns, half))
-        self.embeddings = np.stack([
-            np.concatenate([colour_vecs[c] / np.linalg.norm(colour_vecs[c]),
-                            shape_vecs[s] / np.linalg.norm(shape_vecs[s])])
-            + embed_noise * rng.normal(size=2 * half) / math.sqrt(half)
-            for c, s in self.compositions
-        ]).astype(np.float32)
+        self.embeddings = np.stack(
+            [
+                np.concatenate(
+                    [colour_vecs[c] / np.linalg.norm(colour_vecs[c]), shape_vecs[s] / np.linalg.norm(shape_vecs[s])]
+                )
+                + embed_noise * rng.normal(size=2 * half) / math.sqrt(half)
+                for c, s in self.compositions
+            ]
+        ).astype(np.float32)
 
     @property
     def labels(self) -> list[Label]:
         unseen = set(self.unseen)
-        return [Label(i, f"{self.colours[c]}_{self.shapes[s]}", f"{self.colours[c]} {self.shapes[s]}",
-                      "unseen" if (c, s) in unseen else "seen")
-                for i, (c, s) in enumerate(self.compositions)]
+        return [
+            Label(
+                i,
+                f"{self.colours[c]}_{self.shapes[s]}",
+                f"{self.colours[c]} {self.shapes[s]}",
+                "unseen" if (c, s) in unseen else "seen",
+            )
+            for i, (c, s) in enumerate(self.compositions)
+        ]
 
     def sample(self, split: str, index: int) -> tuple[np.ndarray, list[int], list[int]]:
         """One image (uint8 HxWx3) with its positive and verified-negative label indices."""
@@ -109,8 +129,9 @@ class SyntheticBenchmark:
         for _ in range(rng.integers(3, 8)):
             grey = int(rng.integers(60, 160))
             tint = rng.integers(-20, 20, size=3)
-            draw.line(tuple(rng.uniform(0, n, size=4)), width=1,
-                      fill=tuple(int(np.clip(grey + t, 0, 255)) for t in tint))
+            draw.line(
+                tuple(rng.uniform(0, n, size=4)), width=1, fill=tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+            )
         pool = self.seen if split != "test" else self.compositions
         count = int(rng.integers(2, 6))
         chosen = [pool[i] for i in rng.choice(len(pool), size=count, replace=False)]
@@ -126,8 +147,7 @@ class SyntheticBenchmark:
             draw_shape(draw, self.shapes[shape], cx, cy, size, COLOURS[self.colours[colour]])
         index_of = {comp: i for i, comp in enumerate(self.compositions)}
         pos = sorted(index_of[c] for c in chosen)
-        neg = [i for i in range(len(self.compositions)) if i not in pos
-               and rng.random() >= self.unknown_fraction]
+        neg = [i for i in range(len(self.compositions)) if i not in pos and rng.random() >= self.unknown_fraction]
         return np.asarray(image), pos, neg
 
 
@@ -137,8 +157,16 @@ def _encoded_sample(job) -> tuple[str, dict[str, bytes]]:
     return f"{split}{index:07d}", {"jpg": encode_jpeg(image), "labels.json": encode_labels(pos, neg)}
 
 
-def write_synthetic(out: str, seed: int, sizes: dict[str, int], image_size: int = 96,
-                    shard_size: int = 250, workers: int = 1, embed_noise: float = 0.15, log=print) -> None:
+def write_synthetic(
+    out: str,
+    seed: int,
+    sizes: dict[str, int],
+    image_size: int = 96,
+    shard_size: int = 250,
+    workers: int = 1,
+    embed_noise: float = 0.15,
+    log=print,
+) -> None:
     """Write the benchmark to `out`; images are generated in `workers` processes, written in order."""
     bench = SyntheticBenchmark(seed, image_size, embed_noise=embed_noise)
     splits = {}
@@ -153,9 +181,16 @@ def write_synthetic(out: str, seed: int, sizes: dict[str, int], image_size: int 
                     if i % 1000 == 0 or i == count:
                         log(f"  {split}: {i}/{count} images ({i / max(time.time() - start, 1e-9):.0f}/s)")
             splits[split] = writer.shards
-    write_metadata(out, name=f"synthetic-seed{seed}", kind="image", labels=bench.labels,
-                   embeddings=bench.embeddings, splits=splits,
-                   extra={"image_size": image_size, "generator": "lesa synth", "seed": seed,
-                          "embed_noise": embed_noise})
-    log(f"wrote {out}: {len(bench.seen)} seen + {len(bench.unseen)} unseen labels, "
-        + ", ".join(f"{s} {n} images" for s, n in sizes.items()))
+    write_metadata(
+        out,
+        name=f"synthetic-seed{seed}",
+        kind="image",
+        labels=bench.labels,
+        embeddings=bench.embeddings,
+        splits=splits,
+        extra={"image_size": image_size, "generator": "lesa synth", "seed": seed, "embed_noise": embed_noise},
+    )
+    log(
+        f"wrote {out}: {len(bench.seen)} seen + {len(bench.unseen)} unseen labels, "
+        + ", ".join(f"{s} {n} images" for s, n in sizes.items())
+    )

@@ -11,7 +11,7 @@ as with `tarfile`, and a short read is an EOFError naming the member it cut.
 from __future__ import annotations
 
 BLOCK = 512
-REGULAR = (b"0", b"\0", b"7")        # regular file, old-style regular file, contiguous file
+REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 PAX_NEXT, PAX_GLOBAL, GNU_LONGNAME = b"x", b"g", b"L"
 
 
@@ -47,10 +47,10 @@ def _checksum_ok(header: bytes) -> bool:
 def _pax_records(data: bytes) -> dict[str, str]:
     """`length key=value\\n` records; only path and size matter here."""
     records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records

@@ -13,9 +13,15 @@ def cmd_synth(args) -> int:
     from datasets.synthetic import write_synthetic
 
     sizes = {"train": args.train, "val": args.val, "test": args.test}
-    write_synthetic(args.out, seed=args.seed, sizes={k: v for k, v in sizes.items() if v > 0},
-                    image_size=args.image_size, shard_size=args.shard_size, workers=args.workers,
-                    embed_noise=args.embed_noise)
+    write_synthetic(
+        args.out,
+        seed=args.seed,
+        sizes={k: v for k, v in sizes.items() if v > 0},
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        embed_noise=args.embed_noise,
+    )
     return 0
 
 
@@ -31,8 +37,14 @@ def cmd_train(args) -> int:
 def cmd_submit(args) -> int:
     from launch.submit import submit
 
-    return submit(args.config, args.set, out=args.out, address=args.address, wait=not args.no_wait,
-                  stop_on_interrupt=args.stop_on_interrupt)
+    return submit(
+        args.config,
+        args.set,
+        out=args.out,
+        address=args.address,
+        wait=not args.no_wait,
+        stop_on_interrupt=args.stop_on_interrupt,
+    )
 
 
 def cmd_compare(args) -> int:
@@ -60,9 +72,17 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from launch.predict import predict
 
-    return predict(args.checkpoint, args.images, labels=args.labels, label_vectors=args.label_vectors,
-                   label_vector_names=args.label_vector_names, top_k=args.top_k, overlays=args.overlays,
-                   device=args.device, data=args.data)
+    return predict(
+        args.checkpoint,
+        args.images,
+        labels=args.labels,
+        label_vectors=args.label_vectors,
+        label_vector_names=args.label_vector_names,
+        top_k=args.top_k,
+        overlays=args.overlays,
+        device=args.device,
+        data=args.data,
+    )
 
 
 def cmd_extract(args) -> int:
@@ -82,12 +102,15 @@ def cmd_metrics(args) -> int:
     scores = np.load(args.scores, allow_pickle=False)
     labels = np.load(args.labels, allow_pickle=False)
     if scores.ndim != 2 or scores.shape != labels.shape:
-        raise SystemExit(f"lesa metrics: {args.scores} {scores.shape} and {args.labels} {labels.shape} "
-                         f"must be two matrices of the same images x labels shape")
+        raise SystemExit(
+            f"lesa metrics: {args.scores} {scores.shape} and {args.labels} {labels.shape} "
+            f"must be two matrices of the same images x labels shape"
+        )
     bad = np.setdiff1d(np.unique(labels), [-1, 0, 1])
     if bad.size:
-        raise SystemExit(f"lesa metrics: {args.labels} holds values {bad.tolist()}; "
-                         f"expected +1 present, -1 absent, 0 unknown")
+        raise SystemExit(
+            f"lesa metrics: {args.labels} holds values {bad.tolist()}; expected +1 present, -1 absent, 0 unknown"
+        )
     print(json.dumps(compute_metrics(scores, labels.astype(np.int8), args.k), indent=1))
     return 0
 
@@ -105,19 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
-    p.add_argument("--embed-noise", type=float, default=0.15,
-                   help="norm of each label vector's noise relative to its colour+shape part; "
-                        "images do not change with it (default 0.15)")
+    p.add_argument(
+        "--embed-noise",
+        type=float,
+        default=0.15,
+        help="norm of each label vector's noise relative to its colour+shape part; "
+        "images do not change with it (default 0.15)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train and evaluate on a Ray cluster (local if RAY_ADDRESS is unset)")
     p.add_argument("config", help="experiment YAML, e.g. launch/synthetic.yaml")
     p.add_argument("--out", required=True, help="output folder: metrics.json, model.pt, checkpoints/")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
-    p.add_argument("--resume", metavar="latest|PATH",
-                   help="continue the run in --out from its latest checkpoint, or from a checkpoint folder; "
-                        "the number of workers may differ")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="latest|PATH",
+        help="continue the run in --out from its latest checkpoint, or from a checkpoint folder; "
+        "the number of workers may differ",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="run `lesa train CONFIG` as a Ray job on a cluster (the YAML's submit: section)")
@@ -136,52 +171,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("extract", help="cache a frozen backbone's features of every image (a feature dataset "
-                                       "that lesa train and lesa evaluate read in place of the images)")
-    p.add_argument("config", help="experiment YAML: data.url (image dataset), data.image_size, model.backbone "
-                                  "(frozen, e.g. vgg19) and its weights, scaling.*")
-    p.add_argument("--out", required=True, help="feature dataset root to write (path or fsspec URL); "
-                                                "a rerun skips the shards already done")
+    p = sub.add_parser(
+        "extract",
+        help="cache a frozen backbone's features of every image (a feature dataset "
+        "that lesa train and lesa evaluate read in place of the images)",
+    )
+    p.add_argument(
+        "config",
+        help="experiment YAML: data.url (image dataset), data.image_size, model.backbone "
+        "(frozen, e.g. vgg19) and its weights, scaling.*",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="feature dataset root to write (path or fsspec URL); a rerun skips the shards already done",
+    )
     p.add_argument("--splits", nargs="+", metavar="SPLIT", help="splits to extract (default: all)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="run the backbone under autocast (features are stored float16 either way)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="run the backbone under autocast (features are stored float16 either way)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("compare", help="train LESA and the baselines on the same data, budget and seed; "
-                                       "write the paper's table")
+    p = sub.add_parser(
+        "compare", help="train LESA and the baselines on the same data, budget and seed; write the paper's table"
+    )
     p.add_argument("config", help="experiment YAML, e.g. launch/synthetic.yaml")
-    p.add_argument("--models", nargs="+", default=["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"],
-                   help="model.name of each row, in order (default: the paper's five)")
-    p.add_argument("--ablations", action="store_true",
-                   help="add LESA without L_dist, without L_rel, without L_div, with M=1 and M=5")
-    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="one comparison per seed (train.seed) in OUT/seed<S>; OUT/table.md is their mean, "
-                        "with the per-seed values")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"],
+        help="model.name of each row, in order (default: the paper's five)",
+    )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="add LESA without L_dist, without L_rel, without L_div, with M=1 and M=5",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="one comparison per seed (train.seed) in OUT/seed<S>; OUT/table.md is their mean, "
+        "with the per-seed values",
+    )
     p.add_argument("--out", required=True, help="output folder: table.md, table.json, one folder per model")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every model (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every model (repeatable)",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="top-K labels of image files with a trained model (plain torch, no Ray)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (paths or fsspec URLs)")
-    p.add_argument("--checkpoint", required=True, help="the --out folder of lesa train, or its model.pt "
-                                                       "(config.json must lie beside it)")
-    p.add_argument("--labels", nargs="+", metavar="NAME",
-                   help="score only these names instead of the dataset's labels; names the dataset lacks "
-                        "need --label-vectors")
-    p.add_argument("--label-vectors", metavar="SPEC",
-                   help="word vectors for new names: a GloVe/word2vec text file, or a .npy matrix")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the --out folder of lesa train, or its model.pt (config.json must lie beside it)",
+    )
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="NAME",
+        help="score only these names instead of the dataset's labels; names the dataset lacks need --label-vectors",
+    )
+    p.add_argument(
+        "--label-vectors",
+        metavar="SPEC",
+        help="word vectors for new names: a GloVe/word2vec text file, or a .npy matrix",
+    )
     p.add_argument("--label-vector-names", metavar="FILE", help="the row names of a .npy --label-vectors, one per line")
     p.add_argument("--top-k", type=int, default=10, help="labels printed per image (default 10)")
     p.add_argument("--overlays", metavar="DIR", help="also write one attention overlay PNG per image here")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--data", metavar="URL", help="dataset root for the label vocabulary (default: data.url of the config)")
+    p.add_argument(
+        "--data", metavar="URL", help="dataset root for the label vocabulary (default: data.url of the config)"
+    )
     p.set_defaults(func=cmd_predict)
 
     from launch.convert_cli import add_convert_parser
 
-    add_convert_parser(sub)   # lesa convert openimages|nuswide|lesa-split
+    add_convert_parser(sub)  # lesa convert openimages|nuswide|lesa-split
 
     p = sub.add_parser("metrics", help="LESA's metrics for a score matrix and a label matrix")
     p.add_argument("--scores", required=True, help=".npy float [images, labels]")

@@ -21,21 +21,28 @@ from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 
-TITLES = {"lesa": "LESA", "fast0tag": "Fast0Tag", "labelem": "LabelEM", "conse": "CONSE",
-          "one_attention_per_label": "One Attention per Label"}
+TITLES = {
+    "lesa": "LESA",
+    "fast0tag": "Fast0Tag",
+    "labelem": "LabelEM",
+    "conse": "CONSE",
+    "one_attention_per_label": "One Attention per Label",
+}
 PAPER_ORDER = ["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"]
 
 
 @dataclass
 class Variant:
-    name: str                     # folder under DIR and MLflow run name
-    title: str                    # row of the table
+    name: str  # folder under DIR and MLflow run name
+    title: str  # row of the table
     overrides: list[str] = field(default_factory=list)
 
 
 def model_variants(models: list[str], num_attentions: int) -> list[Variant]:
-    return [Variant(m, TITLES.get(m, m) + (f" (M={num_attentions})" if m == "lesa" else ""),
-                    [f"model.name={m}"]) for m in models]
+    return [
+        Variant(m, TITLES.get(m, m) + (f" (M={num_attentions})" if m == "lesa" else ""), [f"model.name={m}"])
+        for m in models
+    ]
 
 
 # LESA's ablations: one loss term off, or fewer shared attentions.
@@ -62,18 +69,29 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     from trainer.tracking import RunLogger, open_run, resolve_tracking
 
     out = Path(out).resolve()
-    configs = {v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"])
-               for v in variants}  # every config checked before anything trains
+    configs = {
+        v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"]) for v in variants
+    }  # every config checked before anything trains
     refuse_used_folders(out, variants)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides))
     tracking_uri, artifact_location = resolve_tracking(base.mlflow)
     parent_name = base.mlflow.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = RunLogger(tracking_uri, open_run(tracking_uri, artifact_location, base.mlflow.experiment, parent_name,
-                                              {"compare.config": config, "compare.variants": " ".join(configs),
-                                               **base.flat()}))
-    print(f"MLflow parent run {parent.run_id} ({parent_name}) in {tracking_uri}; "
-          f"{len(variants)} models: {', '.join(configs)}", flush=True)
+    parent = RunLogger(
+        tracking_uri,
+        open_run(
+            tracking_uri,
+            artifact_location,
+            base.mlflow.experiment,
+            parent_name,
+            {"compare.config": config, "compare.variants": " ".join(configs), **base.flat()},
+        ),
+    )
+    print(
+        f"MLflow parent run {parent.run_id} ({parent_name}) in {tracking_uri}; "
+        f"{len(variants)} models: {', '.join(configs)}",
+        flush=True,
+    )
 
     rows = []
     for v in variants:
@@ -87,17 +105,38 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
             row.update(status="failed", reason=failure_reason(exc))
             print(f"##### {v.name} failed: {row['reason']}", flush=True)
         else:
-            row.update(status="ok", zsl=metrics["zsl"], gzsl=metrics["gzsl"], chance_mAP=metrics["chance_mAP"],
-                       step=metrics["step"], num_test_images=metrics["num_test_images"],
-                       mlflow_run_id=metrics["mlflow_run_id"])
-            parent.log({f"{v.name}/{setting}/{k}": value for setting in ("zsl", "gzsl")
-                        for k, value in metrics[setting].items()}, metrics["step"])
+            row.update(
+                status="ok",
+                zsl=metrics["zsl"],
+                gzsl=metrics["gzsl"],
+                chance_mAP=metrics["chance_mAP"],
+                step=metrics["step"],
+                num_test_images=metrics["num_test_images"],
+                mlflow_run_id=metrics["mlflow_run_id"],
+            )
+            parent.log(
+                {
+                    f"{v.name}/{setting}/{k}": value
+                    for setting in ("zsl", "gzsl")
+                    for k, value in metrics[setting].items()
+                },
+                metrics["step"],
+            )
         rows.append(row)
 
-    table = {"config": str(config), "overrides": list(overrides), "k": base.eval.k, "data": base.data.url,
-             "steps": base.train.max_steps, "seed": base.train.seed, "workers": base.scaling.num_workers,
-             "date": time.strftime("%Y-%m-%d"), "mlflow_parent_run_id": parent.run_id,
-             "tracking_uri": tracking_uri, "rows": rows}
+    table = {
+        "config": str(config),
+        "overrides": list(overrides),
+        "k": base.eval.k,
+        "data": base.data.url,
+        "steps": base.train.max_steps,
+        "seed": base.train.seed,
+        "workers": base.scaling.num_workers,
+        "date": time.strftime("%Y-%m-%d"),
+        "mlflow_parent_run_id": parent.run_id,
+        "tracking_uri": tracking_uri,
+        "rows": rows,
+    }
     (out / "table.json").write_text(json.dumps(table, indent=1))
     (out / "table.md").write_text(format_table_md(table))
     for name in ("table.md", "table.json"):
@@ -125,8 +164,14 @@ def run_seeds(config: str, variants: list[Variant], out: str | Path, overrides: 
     tables = []
     for seed in seeds:
         print(f"\n########## lesa compare: seed {seed} ({len(tables) + 1} of {len(seeds)}) ##########", flush=True)
-        tables.append(run_compare(config, variants, out / f"seed{seed}",
-                                  [*overrides, f"train.seed={seed}", f"mlflow.run_name={run_name}-seed{seed}"]))
+        tables.append(
+            run_compare(
+                config,
+                variants,
+                out / f"seed{seed}",
+                [*overrides, f"train.seed={seed}", f"mlflow.run_name={run_name}-seed{seed}"],
+            )
+        )
     table = mean_over_seeds(tables, seeds)
     (out / "table.json").write_text(json.dumps(table, indent=1))
     (out / "table.md").write_text(format_table_md(table) + "\n" + format_per_seed_md(table))
@@ -148,11 +193,22 @@ def mean_over_seeds(tables: list[dict], seeds: list[int]) -> dict:
         for setting in ("zsl", "gzsl"):
             mean[setting] = {m: sum(r[setting][m] for r in per_seed) / len(per_seed) for m in row[setting]}
             mean[f"{setting}_per_seed"] = [r[setting] for r in per_seed]
-        rows.append({**mean, "status": "ok", "chance_mAP": row["chance_mAP"], "step": row["step"],
-                     "num_test_images": row["num_test_images"],
-                     "mlflow_run_ids": [r["mlflow_run_id"] for r in per_seed]})
-    return {**{k: v for k, v in tables[0].items() if k not in ("rows", "seed", "mlflow_parent_run_id")},
-            "seeds": list(seeds), "mlflow_parent_run_ids": [t["mlflow_parent_run_id"] for t in tables], "rows": rows}
+        rows.append(
+            {
+                **mean,
+                "status": "ok",
+                "chance_mAP": row["chance_mAP"],
+                "step": row["step"],
+                "num_test_images": row["num_test_images"],
+                "mlflow_run_ids": [r["mlflow_run_id"] for r in per_seed],
+            }
+        )
+    return {
+        **{k: v for k, v in tables[0].items() if k not in ("rows", "seed", "mlflow_parent_run_id")},
+        "seeds": list(seeds),
+        "mlflow_parent_run_ids": [t["mlflow_parent_run_id"] for t in tables],
+        "rows": rows,
+    }
 
 
 def format_per_seed_md(table: dict) -> str:
@@ -187,12 +243,15 @@ def format_table_md(table: dict) -> str:
             for setting in ("zsl", "gzsl"):
                 cells += [prf(row[setting], k) for k in ks] + [f"{row[setting]['mAP']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = (f"mean over seeds {', '.join(map(str, table['seeds']))}" if "seeds" in table
-             else f"seed {table['seed']}")
-    notes = [f"P/R/F1 at K and mAP in percent, {table['steps']} steps on {table['workers']} workers, "
-             f"{seeds}, data {table['data']}."]
+    seeds = f"mean over seeds {', '.join(map(str, table['seeds']))}" if "seeds" in table else f"seed {table['seed']}"
+    notes = [
+        f"P/R/F1 at K and mAP in percent, {table['steps']} steps on {table['workers']} workers, "
+        f"{seeds}, data {table['data']}."
+    ]
     if ok:
         chance = ok[0]["chance_mAP"]
-        notes.append(f"{ok[0]['num_test_images']} test images; chance mAP (mean label frequency): "
-                     f"ZSL {chance['zsl']:.1f}, GZSL {chance['gzsl']:.1f}.")
+        notes.append(
+            f"{ok[0]['num_test_images']} test images; chance mAP (mean label frequency): "
+            f"ZSL {chance['zsl']:.1f}, GZSL {chance['gzsl']:.1f}."
+        )
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"

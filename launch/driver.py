@@ -36,17 +36,21 @@ def check_data(cfg: Config, splits: list[str]):
     else:
         check_weights(cfg.model, cfg.data.url)
     if cfg.eval.val_split in splits and cfg.eval.val_split not in info.splits:
-        raise ConfigError(f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
-                          f"every eval.every steps (has: {', '.join(info.splits)}); name another, write one "
-                          f"(lesa synth --val N), or run without validation: --set eval.val_split=null "
-                          f"--set optim.adaptive_lr=false")
+        raise ConfigError(
+            f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
+            f"every eval.every steps (has: {', '.join(info.splits)}); name another, write one "
+            f"(lesa synth --val N), or run without validation: --set eval.val_split=null "
+            f"--set optim.adaptive_lr=false"
+        )
     for split in splits:
         info.shards(split)
     train = info.shards(cfg.data.train_split) if cfg.data.train_split in splits else None
     if train is not None and len(train) < cfg.scaling.num_workers:
-        raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers but the "
-                          f"{cfg.data.train_split} split of {cfg.data.url} has only {len(train)} shards; "
-                          f"write smaller shards or use fewer workers")
+        raise ConfigError(
+            f"scaling.num_workers: {cfg.scaling.num_workers} workers but the "
+            f"{cfg.data.train_split} split of {cfg.data.url} has only {len(train)} shards; "
+            f"write smaller shards or use fewer workers"
+        )
     if len(info.unseen) == 0:
         raise ConfigError(f"data.url: {cfg.data.url} has no unseen labels to evaluate ZSL on")
     return info
@@ -70,15 +74,21 @@ def start_ray(cfg: Config) -> None:
         needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
         # cleaner polls; without it that actor logs a warning every few seconds.
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
-                 dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=True,
+            logging_level="WARNING",
+        )
 
 
 RUN_FILE = "run.json"  # what `--resume latest` needs: the Ray Train run name and the MLflow run
 
 
-def open_tracking(cfg: Config, out: Path, default_name: str, resume: dict | None = None,
-                  parent_run_id: str | None = None) -> tuple[str, str, RunLogger]:
+def open_tracking(
+    cfg: Config, out: Path, default_name: str, resume: dict | None = None, parent_run_id: str | None = None
+) -> tuple[str, str, RunLogger]:
     """A new MLflow run (nested under `parent_run_id` if given), or on resume the run of the job
     being continued (params not re-logged: MLflow refuses changed values, and a resume may change
     the number of workers)."""
@@ -102,8 +112,16 @@ RESULT_FILES = ("metrics.json", "per_label_zsl.tsv", "per_label_gzsl.tsv", "mode
 OVERLAYS_DIR = "attention"
 
 
-def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, logger: RunLogger,
-                log_metrics: bool, resume_from: str | None = None) -> dict:
+def run_workers(
+    cfg: Config,
+    out: Path,
+    worker_fn,
+    payload: dict,
+    run_name: str,
+    logger: RunLogger,
+    log_metrics: bool,
+    resume_from: str | None = None,
+) -> dict:
     """Run `worker_fn` on `scaling.num_workers` Ray Train workers; bring its results into `out`
     and the MLflow run; return metrics.json as a dict. A run whose name already has checkpoints
     in the storage resumes from the latest; `resume_from` names a checkpoint otherwise."""
@@ -111,8 +129,11 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
     from ray.train.torch import TorchTrainer
 
     # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
-    worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
-                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    worker_env = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     if not cfg.scaling.use_gpu:
         worker_env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("LESA_FAULT"):  # fault injection for the resume tests (trainer/checkpointing.py)
@@ -124,14 +145,26 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
         worker_fn,
         # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
         # while the run has no checkpoint of its own.
-        train_loop_config={"config": cfg.to_dict(), "run_id": logger.run_id, "out": str(out), **payload,
-                           "resume_from": Checkpoint(*ray_storage(resume_from)) if resume_from else None},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                             worker_runtime_env={"env_vars": worker_env}),
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_id": logger.run_id,
+            "out": str(out),
+            **payload,
+            "resume_from": Checkpoint(*ray_storage(resume_from)) if resume_from else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
     )
     try:
         result = trainer.fit()
@@ -150,8 +183,9 @@ def run_workers(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str,
     metrics["checkpoint"] = checkpoint_url(cfg.checkpoint.storage, result.checkpoint.path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if log_metrics:  # training's rank 0 logged them already, with their step
-        logger.log({f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()},
-                   metrics["step"])
+        logger.log(
+            {f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()}, metrics["step"]
+        )
     for name in ("metrics.json", *SETTINGS_FILES):
         logger.artifact(out / name)
     for picture in sorted((out / OVERLAYS_DIR).glob("*.png")):
@@ -173,8 +207,10 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
     run_file = out / RUN_FILE
     if resume is None:
         if run_file.exists():
-            raise ConfigError(f"--out {out} already holds a training run; pass --resume latest to continue "
-                              f"it, or choose another --out")
+            raise ConfigError(
+                f"--out {out} already holds a training run; pass --resume latest to continue "
+                f"it, or choose another --out"
+            )
         return None, None
     if resume == "latest":
         if not run_file.exists():
@@ -188,8 +224,12 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
         run = json.loads(run_file.read_text())
     else:  # a checkpoint from elsewhere: continue its MLflow run under a new Ray Train run name
         state = json.loads(state_text)
-        run = {"run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}", "mlflow_run_id": state["mlflow_run_id"],
-               "tracking_uri": state["tracking_uri"], "storage": None}
+        run = {
+            "run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}",
+            "mlflow_run_id": state["mlflow_run_id"],
+            "tracking_uri": state["tracking_uri"],
+            "storage": None,
+        }
     return run, resume
 
 
@@ -200,15 +240,33 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
     validating = cfg.eval.every > 0 and cfg.eval.val_split  # trainer/schedule.py
     out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split] + ([cfg.eval.val_split] if validating else []))
     run, resume_from = resume_target(out, resume)
-    print(f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
-          f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images")
+    print(
+        f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
+        f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images"
+    )
     if run is not None and run["storage"]:
         cfg.checkpoint.storage = run["storage"]
     tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id)
-    (out / RUN_FILE).write_text(json.dumps({"run_name": run_name, "mlflow_run_id": logger.run_id,
-                                            "tracking_uri": tracking_uri, "storage": cfg.checkpoint.storage}))
-    metrics = run_workers(cfg, out, train_worker, {"tracking_uri": tracking_uri}, run_name, logger,
-                          log_metrics=False, resume_from=resume_from)
+    (out / RUN_FILE).write_text(
+        json.dumps(
+            {
+                "run_name": run_name,
+                "mlflow_run_id": logger.run_id,
+                "tracking_uri": tracking_uri,
+                "storage": cfg.checkpoint.storage,
+            }
+        )
+    )
+    metrics = run_workers(
+        cfg,
+        out,
+        train_worker,
+        {"tracking_uri": tracking_uri},
+        run_name,
+        logger,
+        log_metrics=False,
+        resume_from=resume_from,
+    )
     print_summary(metrics, cfg, out, f"{cfg.model.name} after {metrics['step']} steps")
     return metrics
 
@@ -222,8 +280,7 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
     if checkpoint is None:
         raise ConfigError(f"--checkpoint: {given} is not a model.pt nor a folder holding one")
     tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
-    metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger,
-                          log_metrics=True)
+    metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
     print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")
     return metrics
 
@@ -232,27 +289,42 @@ SETTINGS_FILES = ("per_label_zsl.tsv", "per_label_gzsl.tsv")
 
 
 def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
-    print(f"\n=== {title}, {metrics['num_test_images']} {cfg.eval.split} images "
-          f"on {cfg.scaling.num_workers} workers (percent) ===")
+    print(
+        f"\n=== {title}, {metrics['num_test_images']} {cfg.eval.split} images "
+        f"on {cfg.scaling.num_workers} workers (percent) ==="
+    )
     print(format_table(metrics, cfg.eval.k))
     if metrics.get("best"):  # the best validated model (model_best.pt), on the same split
         best, schedule = metrics["best"], metrics["schedule"]
-        print(f"best model (step {best['step']}, {schedule['val_split']} seen {schedule['val_metric']} "
-              f"{best['val_metric']:.2f}) on {cfg.eval.split}:\n{format_table(best, cfg.eval.k)}")
+        print(
+            f"best model (step {best['step']}, {schedule['val_split']} seen {schedule['val_metric']} "
+            f"{best['val_metric']:.2f}) on {cfg.eval.split}:\n{format_table(best, cfg.eval.k)}"
+        )
     if metrics.get("schedule", {}).get("stopped_early"):
-        print(f"stopped early at step {metrics['step']}: no improvement on {metrics['schedule']['val_split']} "
-              f"for train.early_stopping_patience={cfg.train.early_stopping_patience} validations")
-    print("chance level (mean label frequency): " + ", ".join(
-        f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items()))
+        print(
+            f"stopped early at step {metrics['step']}: no improvement on {metrics['schedule']['val_split']} "
+            f"for train.early_stopping_patience={cfg.train.early_stopping_patience} validations"
+        )
+    print(
+        "chance level (mean label frequency): "
+        + ", ".join(f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items())
+    )
     for name in SETTINGS_FILES:
-        print(f"{name[len('per_label_'):-4].upper()} per label: {summarise_per_label(out / name)}")
+        print(f"{name[len('per_label_') : -4].upper()} per label: {summarise_per_label(out / name)}")
     for phase, bad in metrics["bad_samples"].items():
-        print(f"bad samples skipped ({phase}): {bad['count']} of {bad['read']} read"
-              + (f" {bad['by_kind']}" if bad["count"] else ""))
+        print(
+            f"bad samples skipped ({phase}): {bad['count']} of {bad['read']} read"
+            + (f" {bad['by_kind']}" if bad["count"] else "")
+        )
     if metrics.get("throughput"):
-        print(f"throughput: {metrics['throughput']['samples_per_s']:.0f} samples/s over "
-              f"{metrics['throughput']['seconds']:.0f} s")
-    print(f"results in {out} (metrics.json, per_label_*.tsv"
-          + (", model.pt" if (out / "model.pt").exists() else "")
-          + (", model_best.pt" if metrics.get("best") else "")
-          + (f", {OVERLAYS_DIR}/*.png" if (out / OVERLAYS_DIR).is_dir() else "") + f"); MLflow run {metrics['mlflow_run_id']}")
+        print(
+            f"throughput: {metrics['throughput']['samples_per_s']:.0f} samples/s over "
+            f"{metrics['throughput']['seconds']:.0f} s"
+        )
+    print(
+        f"results in {out} (metrics.json, per_label_*.tsv"
+        + (", model.pt" if (out / "model.pt").exists() else "")
+        + (", model_best.pt" if metrics.get("best") else "")
+        + (f", {OVERLAYS_DIR}/*.png" if (out / OVERLAYS_DIR).is_dir() else "")
+        + f"); MLflow run {metrics['mlflow_run_id']}"
+    )

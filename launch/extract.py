@@ -37,9 +37,11 @@ def check_extractable(cfg: Config, out: str, info) -> None:
     from trainer.backbones import BACKBONES, check_weights
 
     if BACKBONES[cfg.model.backbone].trainable:
-        raise ConfigError(f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
-                          f"trains and cannot be cached; lesa extract needs a frozen backbone "
-                          f"({', '.join(name for name, b in BACKBONES.items() if not b.trainable)})")
+        raise ConfigError(
+            f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
+            f"trains and cannot be cached; lesa extract needs a frozen backbone "
+            f"({', '.join(name for name, b in BACKBONES.items() if not b.trainable)})"
+        )
     if info.kind != "image":
         raise ConfigError(f"data.url: {cfg.data.url} is a {info.kind} dataset; extract from the image dataset")
     check_weights(cfg.model, cfg.data.url)
@@ -53,16 +55,26 @@ def plan(cfg: Config, info, out: str, splits: list[str]) -> tuple[list[dict], li
     for split in splits:
         for shard in info.shards(split):
             relpath = relative_path(info.root, shard)
-            job = {"split": split, "relpath": relpath, "source": shard.url, "samples": shard.samples,
-                   "num_labels": info.num_labels, "out": join(out, relpath), "record": record_url(out, relpath)}
+            job = {
+                "split": split,
+                "relpath": relpath,
+                "source": shard.url,
+                "samples": shard.samples,
+                "num_labels": info.num_labels,
+                "out": join(out, relpath),
+                "record": record_url(out, relpath),
+            }
             record = read_record(job["record"])
             if record is None:
                 todo.append(job)
-            elif not same_source(record["made_with"], cfg.model.backbone, cfg.model.backbone_weights,
-                                 cfg.data.image_size):
-                raise ConfigError(f"--out {out}: {job['record']} holds features made with {record['made_with']}, "
-                                  f"not model.backbone={cfg.model.backbone} at data.image_size="
-                                  f"{cfg.data.image_size} with these weights; choose another --out")
+            elif not same_source(
+                record["made_with"], cfg.model.backbone, cfg.model.backbone_weights, cfg.data.image_size
+            ):
+                raise ConfigError(
+                    f"--out {out}: {job['record']} holds features made with {record['made_with']}, "
+                    f"not model.backbone={cfg.model.backbone} at data.image_size="
+                    f"{cfg.data.image_size} with these weights; choose another --out"
+                )
             else:
                 done.append(record)
     return todo, done
@@ -76,12 +88,14 @@ def extract_on_ray(cfg: Config, todo: list[dict], precision: str, log=print) -> 
 
     start_ray(cfg)
     actor = ray.remote(ShardExtractor).options(
-        num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
+        num_cpus=cfg.scaling.cpus_per_worker,
+        num_gpus=1 if cfg.scaling.use_gpu else 0,
         # A dead actor (OOM, a lost node) restarts and redoes its shard: writing one is idempotent.
-        max_restarts=cfg.checkpoint.max_failures, max_task_retries=cfg.checkpoint.max_failures,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **storage_env()}})
-    actors = [actor.remote(cfg.to_dict(), precision)
-              for _ in range(min(cfg.scaling.num_workers, len(todo)))]
+        max_restarts=cfg.checkpoint.max_failures,
+        max_task_retries=cfg.checkpoint.max_failures,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **storage_env()}},
+    )
+    actors = [actor.remote(cfg.to_dict(), precision) for _ in range(min(cfg.scaling.num_workers, len(todo)))]
     ray.get([a.made_with.remote() for a in actors])  # loaded: the rate below is the extraction's alone
     log(f"extract: {len(todo)} shards on {len(actors)} {'GPU' if cfg.scaling.use_gpu else 'CPU'} workers")
     total = sum(job["samples"] for job in todo)
@@ -91,9 +105,11 @@ def extract_on_ray(cfg: Config, todo: list[dict], precision: str, log=print) -> 
         images += record["read"]
         elapsed = time.time() - start
         rate = images / max(elapsed, 1e-9)
-        log(f"extract: {len(records)}/{len(todo)} shards, {images}/{total} images, {rate:.0f} images/s, "
+        log(
+            f"extract: {len(records)}/{len(todo)} shards, {images}/{total} images, {rate:.0f} images/s, "
             f"elapsed {format_duration(elapsed)} ETA {format_duration((total - images) / max(rate, 1e-9))} "
-            f"({record['shard']}: {record['samples']} written, {len(record['skipped'])} skipped)")
+            f"({record['shard']}: {record['samples']} written, {len(record['skipped'])} skipped)"
+        )
     seconds = time.time() - start
     for a in actors:
         ray.kill(a)
@@ -118,15 +134,18 @@ def summarise(records: list[dict], splits: list[str]) -> dict:
     for split in splits:
         mine = [r for r in records if r["split"] == split]
         kinds = Counter(s["kind"] for r in mine for s in r["skipped"])
-        per_split[split] = {"shards": len(mine), "samples": sum(r["samples"] for r in mine),
-                            "read": sum(r["read"] for r in mine), "skipped": sum(kinds.values()),
-                            "by_kind": dict(kinds)}
+        per_split[split] = {
+            "shards": len(mine),
+            "samples": sum(r["samples"] for r in mine),
+            "read": sum(r["read"] for r in mine),
+            "skipped": sum(kinds.values()),
+            "by_kind": dict(kinds),
+        }
     examples = [{"shard": r["source"], **s} for r in records for s in r["skipped"]][:EXAMPLES_PRINTED]
     return {"splits": per_split, "skipped": sum(s["skipped"] for s in per_split.values()), "examples": examples}
 
 
-def run_extract(cfg: Config, out: str, splits: list[str] | None = None, precision: str = "fp32",
-                log=print) -> dict:
+def run_extract(cfg: Config, out: str, splits: list[str] | None = None, precision: str = "fp32", log=print) -> dict:
     """Extract, then write OUT's metadata: every split of the source whose shards are all done
     (also by earlier runs with other --splits) is listed; shards left with no sample are not.
     `precision` bf16 or fp16 runs the backbone under autocast (features are stored float16 anyway)."""
@@ -137,8 +156,10 @@ def run_extract(cfg: Config, out: str, splits: list[str] | None = None, precisio
     for split in splits:
         info.shards(split)  # an unknown split is an error naming dataset.json
     todo, reused = plan(cfg, info, out, splits)
-    log(f"extract {cfg.data.url} -> {out}: {cfg.model.backbone} at {cfg.data.image_size} px, splits "
-        f"{', '.join(splits)}; {len(reused)} shards done already, {len(todo)} to do")
+    log(
+        f"extract {cfg.data.url} -> {out}: {cfg.model.backbone} at {cfg.data.image_size} px, splits "
+        f"{', '.join(splits)}; {len(reused)} shards done already, {len(todo)} to do"
+    )
     start = time.time()
     fresh, extracting = extract_on_ray(cfg, todo, precision, log) if todo else ([], 0.0)
 
@@ -149,24 +170,40 @@ def run_extract(cfg: Config, out: str, splits: list[str] | None = None, precisio
             listed[split] = [(r["shard"], r["samples"]) for r in mine if r["samples"] > 0]
             records += mine
     spec = feature_spec(records, out)
-    write_metadata(out, name=f"{info.name}-{spec.backbone}-features", kind="feature", labels=info.labels,
-                   embeddings=info.embeddings, splits=listed,
-                   extra={"features": spec.to_json(), "source": cfg.data.url})
+    write_metadata(
+        out,
+        name=f"{info.name}-{spec.backbone}-features",
+        kind="feature",
+        labels=info.labels,
+        embeddings=info.embeddings,
+        splits=listed,
+        extra={"features": spec.to_json(), "source": cfg.data.url},
+    )
 
     seconds = time.time() - start
     images = sum(r["read"] for r in fresh)
-    report = {"source": cfg.data.url, "out": out, "features": spec.to_json(),
-              "shards_extracted": len(fresh), "shards_reused": len(reused), "seconds": round(seconds, 2),
-              # the rate of the extraction itself: Ray and the actors' start-up are not in it
-              "images_per_s": round(images / max(extracting, 1e-9), 1) if fresh else None,
-              **summarise(records, list(listed))}
+    report = {
+        "source": cfg.data.url,
+        "out": out,
+        "features": spec.to_json(),
+        "shards_extracted": len(fresh),
+        "shards_reused": len(reused),
+        "seconds": round(seconds, 2),
+        # the rate of the extraction itself: Ray and the actors' start-up are not in it
+        "images_per_s": round(images / max(extracting, 1e-9), 1) if fresh else None,
+        **summarise(records, list(listed)),
+    }
     write_json(join(out, RECORDS_DIR, "report.json"), report)
     for e in report["examples"]:
-        log(f"skipped bad sample: shard {e['shard']} key {e['key']}: {e['kind']}"
-            + (f" ({e['detail']})" if e["detail"] else ""))
-    log(f"wrote {out}: {spec.shape[0]} x {spec.channels} float16 features per image "
+        log(
+            f"skipped bad sample: shard {e['shard']} key {e['key']}: {e['kind']}"
+            + (f" ({e['detail']})" if e["detail"] else "")
+        )
+    log(
+        f"wrote {out}: {spec.shape[0]} x {spec.channels} float16 features per image "
         f"({spec.grid[0]}x{spec.grid[1]} regions); "
         + ", ".join(f"{s} {v['samples']} images ({v['skipped']} bad skipped)" for s, v in report["splits"].items())
         + f"; {len(fresh)} shards extracted, {len(reused)} reused in {format_duration(seconds)}; "
-        f"report {join(out, RECORDS_DIR, 'report.json')}")
+        f"report {join(out, RECORDS_DIR, 'report.json')}"
+    )
     return report

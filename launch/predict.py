@@ -34,8 +34,8 @@ from trainer.attention_maps import attention_items, file_name, render_sheet, top
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.model import build_model
 
-BATCH = 16              # images per forward pass
-MAX_SHEET_LABELS = 10   # labels captioned on an overlay sheet, whatever --top-k is
+BATCH = 16  # images per forward pass
+MAX_SHEET_LABELS = 10  # labels captioned on an overlay sheet, whatever --top-k is
 
 
 @dataclass
@@ -43,10 +43,11 @@ class Vocabulary:
     """The labels scored: rows `ids` of `table`, the label-vector table the model is built over
     (the dataset's vectors first, so models that need the seen labels, CONSE, still find them;
     then the vectors of names the dataset does not have)."""
+
     names: list[str]
-    roles: list[str]         # seen / unseen (the dataset's), or "new" (from --label-vectors)
-    ids: np.ndarray          # int64 [n]
-    table: np.ndarray        # float32 [rows, dim], raw: the model normalises
+    roles: list[str]  # seen / unseen (the dataset's), or "new" (from --label-vectors)
+    ids: np.ndarray  # int64 [n]
+    table: np.ndarray  # float32 [rows, dim], raw: the model normalises
 
 
 def warn(message: str) -> None:
@@ -54,6 +55,7 @@ def warn(message: str) -> None:
 
 
 # --- the model ----------------------------------------------------------------------------------
+
 
 def locate(checkpoint: str) -> tuple[str, str]:
     """(model.pt, config.json) for DIR or DIR/model.pt."""
@@ -68,8 +70,9 @@ def read_config(url: str) -> Config:
         with fsspec.open(url, "rt") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{url}: missing; predict needs the config.json that `lesa train --out` "
-                          f"writes next to model.pt") from None
+        raise ConfigError(
+            f"{url}: missing; predict needs the config.json that `lesa train --out` writes next to model.pt"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{url}: not valid JSON ({exc})") from None
     try:
@@ -96,21 +99,32 @@ def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str
     if cfg.model.backbone_weights is None and info is not None and info.features is not None:
         cfg.model.backbone_weights = info.features.weights
     if cfg.model.backbone_weights is None:
-        raise ConfigError(f"{url}: holds no backbone weights (trained on cached features?); set "
-                          f"model.backbone_weights in its config.json to the {cfg.model.backbone} weights")
+        raise ConfigError(
+            f"{url}: holds no backbone weights (trained on cached features?); set "
+            f"model.backbone_weights in its config.json to the {cfg.model.backbone} weights"
+        )
     return False
 
 
-def load_model(cfg: Config, state: dict, vocabulary: Vocabulary, seen: np.ndarray | None,
-               with_backbone: bool, url: str, device: torch.device):
+def load_model(
+    cfg: Config,
+    state: dict,
+    vocabulary: Vocabulary,
+    seen: np.ndarray | None,
+    with_backbone: bool,
+    url: str,
+    device: torch.device,
+):
     """The model of `cfg` (with its image backbone) and the weights of `state`, over `vocabulary`."""
     model = build_model(cfg, vocabulary.table, seen)
     weights = {k: v for k, v in state.items() if k != "label_vectors"}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "label_vectors" and (with_backbone or not k.startswith("backbone."))]
     if missing or unexpected:
-        raise ConfigError(f"{url}: does not match model.name/model.backbone of its config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(
+            f"{url}: does not match model.name/model.backbone of its config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval()
 
 
@@ -123,9 +137,14 @@ def vector_dim(state: dict, info: DatasetInfo | None) -> int | None:
 
 # --- the labels ---------------------------------------------------------------------------------
 
+
 def dataset_vocabulary(info: DatasetInfo) -> Vocabulary:
-    return Vocabulary([lab.name for lab in info.labels], [lab.role for lab in info.labels],
-                      np.arange(info.num_labels), info.embeddings)
+    return Vocabulary(
+        [lab.name for lab in info.labels],
+        [lab.role for lab in info.labels],
+        np.arange(info.num_labels),
+        info.embeddings,
+    )
 
 
 def requested_vocabulary(names: list[str], info: DatasetInfo | None, encoder, dim: int | None) -> Vocabulary:
@@ -139,8 +158,9 @@ def requested_vocabulary(names: list[str], info: DatasetInfo | None, encoder, di
     encoded = {}
     if new and encoder is not None:
         if dim is not None and encoder.dim != dim:
-            raise ConfigError(f"--label-vectors {encoder.source}: {encoder.dim}-d vectors, but the "
-                              f"model scores {dim}-d label vectors")
+            raise ConfigError(
+                f"--label-vectors {encoder.source}: {encoder.dim}-d vectors, but the model scores {dim}-d label vectors"
+            )
         vectors, absent = encoder.encode(new)
         encoded = {n: v for n, v in zip(new, vectors) if n not in set(absent)}
     width = dim or (encoder.dim if encoder is not None else 0)
@@ -177,6 +197,7 @@ def open_dataset(url: str, needed: bool) -> DatasetInfo | None:
 
 # --- the images ---------------------------------------------------------------------------------
 
+
 def read_image(path: str, size: int) -> np.ndarray | None:
     """uint8 [size, size, 3] as training decodes it, or None after reporting why not."""
     try:
@@ -200,9 +221,18 @@ def print_prediction(path: str, scores: np.ndarray, vocabulary: Vocabulary, top_
 
 # --- the command --------------------------------------------------------------------------------
 
-def predict(checkpoint: str, images: list[str], labels: list[str] | None = None,
-            label_vectors: str | None = None, label_vector_names: str | None = None, top_k: int = 10,
-            overlays: str | None = None, device: str = "cpu", data: str | None = None) -> int:
+
+def predict(
+    checkpoint: str,
+    images: list[str],
+    labels: list[str] | None = None,
+    label_vectors: str | None = None,
+    label_vector_names: str | None = None,
+    top_k: int = 10,
+    overlays: str | None = None,
+    device: str = "cpu",
+    data: str | None = None,
+) -> int:
     """Print the top-K labels of every readable image; the exit status (0, or 1 if nothing was predicted)."""
     from datasets.embeddings import load_label_encoder
 
@@ -215,19 +245,21 @@ def predict(checkpoint: str, images: list[str], labels: list[str] | None = None,
     state = read_state(model_url)
     info = open_dataset(data or cfg.data.url, needed=not labels)
     encoder = load_label_encoder(label_vectors, label_vector_names) if label_vectors else None
-    vocabulary = (requested_vocabulary(labels, info, encoder, vector_dim(state, info)) if labels
-                  else dataset_vocabulary(info))
+    vocabulary = (
+        requested_vocabulary(labels, info, encoder, vector_dim(state, info)) if labels else dataset_vocabulary(info)
+    )
     if not vocabulary.names:
         warn("no label has a vector: nothing to predict")
         return 1
     with_backbone = backbone_source(cfg, state, info, model_url)
-    model = load_model(cfg, state, vocabulary, info.seen if info is not None else None, with_backbone,
-                       model_url, torch.device(device))
+    model = load_model(
+        cfg, state, vocabulary, info.seen if info is not None else None, with_backbone, model_url, torch.device(device)
+    )
     label_ids = torch.as_tensor(vocabulary.ids, device=device)
 
     predicted, taken, no_attention = 0, set(), False
     for start in range(0, len(images), BATCH):
-        good = [(p, a) for p in images[start:start + BATCH] if (a := read_image(p, cfg.data.image_size)) is not None]
+        good = [(p, a) for p in images[start : start + BATCH] if (a := read_image(p, cfg.data.image_size)) is not None]
         if not good:
             continue
         batch = torch.from_numpy(np.stack([a for _, a in good])).to(device)

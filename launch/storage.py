@@ -28,8 +28,11 @@ def is_url(path: str) -> bool:
 
 def storage_env() -> dict[str, str]:
     """The storage variables set in this process, for the workers' runtime env (not for printing)."""
-    return {name: value for name, value in os.environ.items()
-            if name.startswith(STORAGE_ENV_PREFIXES) or name in STORAGE_ENV_NAMES}
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith(STORAGE_ENV_PREFIXES) or name in STORAGE_ENV_NAMES
+    }
 
 
 def ray_storage(url: str) -> tuple[str, object | None]:

@@ -17,8 +17,17 @@ from trainer.config import ConfigError, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never ship these: virtualenvs, local runs and stores, caches.
-DEFAULT_EXCLUDES = [".venv/", ".git/", "demo_out/", "mlruns/", "mlartifacts/", "mlflow.db",
-                    "**/__pycache__/", ".pytest_cache/", ".whl/"]
+DEFAULT_EXCLUDES = [
+    ".venv/",
+    ".git/",
+    "demo_out/",
+    "mlruns/",
+    "mlartifacts/",
+    "mlflow.db",
+    "**/__pycache__/",
+    ".pytest_cache/",
+    ".whl/",
+]
 
 
 def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, dict, str]:
@@ -29,15 +38,17 @@ def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, d
     try:
         config_in_job = Path(config).resolve().relative_to(working_dir)
     except ValueError:
-        raise ConfigError(f"submit.working_dir: {config} must lie inside {working_dir}, which is what "
-                          f"the cluster receives") from None
+        raise ConfigError(
+            f"submit.working_dir: {config} must lie inside {working_dir}, which is what the cluster receives"
+        ) from None
     out = out or sub.out
     if not out:
-        raise ConfigError("submit.out: where should the job write its results on the head node? "
-                          "Set submit.out in the YAML or pass --out")
+        raise ConfigError(
+            "submit.out: where should the job write its results on the head node? "
+            "Set submit.out in the YAML or pass --out"
+        )
     runtime_env = {"excludes": DEFAULT_EXCLUDES, **sub.runtime_env, "working_dir": str(working_dir)}
-    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                **runtime_env.get("env_vars", {})}
+    env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **runtime_env.get("env_vars", {})}
     runtime_env["env_vars"] = env_vars
     args = ["lesa", "train", str(config_in_job), "--out", out]
     for item in overrides:
@@ -55,8 +66,14 @@ async def _follow(client, job_id: str) -> None:
         print(chunk, end="", flush=True)
 
 
-def submit(config: str, overrides: list[str], out: str | None = None, address: str | None = None,
-           wait: bool = True, stop_on_interrupt: bool = False) -> int:
+def submit(
+    config: str,
+    overrides: list[str],
+    out: str | None = None,
+    address: str | None = None,
+    wait: bool = True,
+    stop_on_interrupt: bool = False,
+) -> int:
     entrypoint, runtime_env, default_address = job_spec(config, overrides, out)
     address = address or default_address
     # Ray 2.60 clusters require token auth by default; the token comes from ~/.ray/auth_token

@@ -12,10 +12,15 @@ from PIL import Image
 
 # --- Open Images v4 -------------------------------------------------------------------------------
 
-SEEN = [("/m/s0", "Dog"), ("/m/s1", "Swimming pool"), ("/m/s2", "Isle of man tt"), ("/m/s3", "Red car"),
-        ("/m/s4", "Tree")]
+SEEN = [
+    ("/m/s0", "Dog"),
+    ("/m/s1", "Swimming pool"),
+    ("/m/s2", "Isle of man tt"),
+    ("/m/s3", "Red car"),
+    ("/m/s4", "Tree"),
+]
 UNSEEN = [("/m/u0", "Fauna"), ("/m/u1", "Dirt track racing"), ("/m/u2", "Boeing 767")]
-OUTSIDE = [("/m/x0", "Flora")]          # in class-descriptions, in neither list; /m/x1 is nowhere
+OUTSIDE = [("/m/x0", "Flora")]  # in class-descriptions, in neither list; /m/x1 is nowhere
 TOKENS = "dog swimming pool isle of man tt red car tree fauna dirt track racing boeing 767".split()
 INDEX = {mid: i for i, (mid, _) in enumerate(SEEN + UNSEEN)}
 
@@ -48,14 +53,27 @@ def make_openimages(root: Path, n_train: int = 14, n_val: int = 5, n_test: int =
     with open(root / "class-descriptions.csv", "w", newline="") as f:
         csv.writer(f).writerows(SEEN + UNSEEN + OUTSIDE + [("/m/zz", 'Name, with "comma"')])
     (root / "seen.txt").write_text("".join(mid + "\n" for mid, _ in SEEN))
-    (root / "unseen.tsv").write_text("index\tmid\tname\n" + "".join(
-        f"{i}\t{mid}\t{name}\n" for i, (mid, name) in enumerate(UNSEEN)))
+    (root / "unseen.tsv").write_text(
+        "index\tmid\tname\n" + "".join(f"{i}\t{mid}\t{name}\n" for i, (mid, name) in enumerate(UNSEEN))
+    )
     vecs = rng.standard_normal((len(TOKENS), 4)).round(4)
     (root / "glove.4d.txt").write_text("".join(f"{t} {' '.join(map(str, v))}\n" for t, v in zip(TOKENS, vecs)))
 
-    special = {name: image_id(name) for name in
-               ("far", "unseen_only", "oov_only", "missing", "corrupt", "exif", "small", "conflict",
-                "val_oov_only", "test_missing")}
+    special = {
+        name: image_id(name)
+        for name in (
+            "far",
+            "unseen_only",
+            "oov_only",
+            "missing",
+            "corrupt",
+            "exif",
+            "small",
+            "conflict",
+            "val_oov_only",
+            "test_missing",
+        )
+    }
     rows = {"train": [], "validation": [], "test": []}
     files = {}
     for split, count in (("train", n_train), ("validation", n_val), ("test", n_test)):
@@ -67,18 +85,20 @@ def make_openimages(root: Path, n_train: int = 14, n_val: int = 5, n_test: int =
     t = rows["train"]
     far = special["far"]
     t.insert(0, [far, "verification", "/m/s0", "1"])
-    t.insert(1, [far, "crowdsource-verification", "/m/x1", "1"])     # outside the vocabulary
+    t.insert(1, [far, "crowdsource-verification", "/m/x1", "1"])  # outside the vocabulary
     t.append([far, "verification", "/m/s3", "0"])
     t.append([far, "verification", "/m/u2", "1"])
-    t += [[special["unseen_only"], "verification", "/m/u0", "1"],
-          [special["oov_only"], "verification", "/m/x0", "1"],
-          [special["missing"], "verification", "/m/s1", "1"],
-          [special["corrupt"], "verification", "/m/s2", "1"],
-          [special["exif"], "verification", "/m/s4", "1"],
-          [special["small"], "verification", "/m/s0", "0"],
-          [special["conflict"], "verification", "/m/s1", "1"],
-          [special["conflict"], "crowdsource-verification", "/m/s1", "0"],
-          [special["conflict"], "verification", "/m/s2", "0"]]
+    t += [
+        [special["unseen_only"], "verification", "/m/u0", "1"],
+        [special["oov_only"], "verification", "/m/x0", "1"],
+        [special["missing"], "verification", "/m/s1", "1"],
+        [special["corrupt"], "verification", "/m/s2", "1"],
+        [special["exif"], "verification", "/m/s4", "1"],
+        [special["small"], "verification", "/m/s0", "0"],
+        [special["conflict"], "verification", "/m/s1", "1"],
+        [special["conflict"], "crowdsource-verification", "/m/s1", "0"],
+        [special["conflict"], "verification", "/m/s2", "0"],
+    ]
     rows["validation"].append([special["val_oov_only"], "verification", "/m/x0", "0"])
     rows["test"].append([special["test_missing"], "verification", "/m/u1", "1"])
     for key in ("far", "unseen_only", "oov_only", "conflict", "val_oov_only"):
@@ -102,7 +122,7 @@ FOLDERS = ["actor", "airport", "animal", "beach"]
 
 
 def noisy_jpeg(rng, size=(160, 120)) -> bytes:
-    buf = io.BytesIO()        # noise, so the file is well above LESA's 4,000-byte floor
+    buf = io.BytesIO()  # noise, so the file is well above LESA's 4,000-byte floor
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
@@ -115,8 +135,9 @@ def make_nuswide(root: Path, tags: list[str], concepts: list[str], n_images: int
     names = [f"{FOLDERS[i % 4]}/{i:04d}_{2124494179 + i}.jpg" for i in range(n_images)]
     # Imagelist.txt lists full Windows paths; the split lists use folder\file.
     (root / "ImageList" / "Imagelist.txt").write_text(
-        "".join("C:\\ImageData\\Flickr\\" + n.replace("/", "\\") + "\r\n" for n in names))
-    train, test = names[: n_images * 5 // 8], names[n_images * 5 // 8:]
+        "".join("C:\\ImageData\\Flickr\\" + n.replace("/", "\\") + "\r\n" for n in names)
+    )
+    train, test = names[: n_images * 5 // 8], names[n_images * 5 // 8 :]
     (root / "ImageList" / "TrainImagelist.txt").write_text("".join(n.replace("/", "\\") + "\r\n" for n in train))
     (root / "ImageList" / "TestImagelist.txt").write_text("".join(n.replace("/", "\\") + "\r\n" for n in test))
     (root / "NUS_WID_Tags" / "TagList1k.txt").write_text("".join(t + "\n" for t in tags))
@@ -125,7 +146,8 @@ def make_nuswide(root: Path, tags: list[str], concepts: list[str], n_images: int
     concept_values = (rng.random((n_images, len(concepts))) < 0.3).astype(int)
     # AllTags1k: tab-separated with a trailing tab, CRLF (the parser in LESA drops the last 2 chars).
     (root / "NUS_WID_Tags" / "AllTags1k.txt").write_text(
-        "".join("\t".join(map(str, row)) + "\t\r\n" for row in tag_values))
+        "".join("\t".join(map(str, row)) + "\t\r\n" for row in tag_values)
+    )
     for k, c in enumerate(concepts):
         (root / "AllLabels" / f"Labels_{c}.txt").write_text("".join(f"{v}\n" for v in concept_values[:, k]))
     placeholder = noisy_jpeg(np.random.default_rng(99))
@@ -133,14 +155,13 @@ def make_nuswide(root: Path, tags: list[str], concepts: list[str], n_images: int
     files = {}
     for n in names:
         files[n] = noisy_jpeg(rng)
-    files[names[1]] = placeholder                   # Flickr's "photo unavailable"
-    files[names[2]] = files[names[2]][:3000]        # at most 4,000 bytes: LESA drops it
-    del files[names[-1]]                            # missing (a test image)
+    files[names[1]] = placeholder  # Flickr's "photo unavailable"
+    files[names[2]] = files[names[2]][:3000]  # at most 4,000 bytes: LESA drops it
+    del files[names[-1]]  # missing (a test image)
     for n, data in files.items():
         (root / "Flickr" / n).parent.mkdir(exist_ok=True)
         (root / "Flickr" / n).write_bytes(data)
-    return {"names": names, "train": train, "test": test, "tag_values": tag_values,
-            "concept_values": concept_values}
+    return {"names": names, "train": train, "test": test, "tag_values": tag_values, "concept_values": concept_values}
 
 
 def write_glove(path: Path, words, dim: int = 4, seed: int = 0) -> dict[str, np.ndarray]:

@@ -32,9 +32,11 @@ def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.Comple
             except psutil.Error:
                 pass
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... still running after {timeout} s; stacks of "
-                             f"its Python processes:\n{stacks}\n--- stdout tail:\n{stdout[-3000:]}\n"
-                             f"--- stderr tail:\n{stderr[-3000:]}") from None
+        raise AssertionError(
+            f"{' '.join(map(str, cmd[:4]))} ... still running after {timeout} s; stacks of "
+            f"its Python processes:\n{stacks}\n--- stdout tail:\n{stdout[-3000:]}\n"
+            f"--- stderr tail:\n{stderr[-3000:]}"
+        ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -64,8 +66,9 @@ def dump_stacks(processes: list[psutil.Process]) -> str:
             ours.append((not in_worker, "IDLE" in cmd, p.pid, cmd))
     dumps = []
     for _, _, pid, cmd in sorted(ours):
-        dump = subprocess.run([str(PY_SPY), "dump", "--native", "--pid", str(pid)], capture_output=True, text=True,
-                              timeout=60)
+        dump = subprocess.run(
+            [str(PY_SPY), "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+        )
         if dump.returncode != 0:  # native unwinding is not available everywhere
             dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
         dumps.append(f"=== pid {pid}: {cmd[:160]}\n{dump.stdout or dump.stderr}")

@@ -27,17 +27,18 @@ from trainer.model import build_model
 
 def constructed_head_output() -> tuple[dict, torch.Tensor]:
     """A head output for 2 images, M = 3 attentions, K = 4 labels, 2x2 regions, built by hand."""
-    attention_scores = torch.tensor([
-        [[0.1, 2.0, 0.3, -1.0],     # image 0, attention 0
-         [0.9, 0.5, 0.2, -2.0],     # attention 1
-         [0.4, 0.1, 0.8, -0.5]],    # attention 2
-        [[5.0, 0.0, 0.0, 0.0],
-         [0.0, 5.0, 0.0, 0.0],
-         [0.0, 0.0, 5.0, 6.0]],
-    ])
+    attention_scores = torch.tensor(
+        [
+            [
+                [0.1, 2.0, 0.3, -1.0],  # image 0, attention 0
+                [0.9, 0.5, 0.2, -2.0],  # attention 1
+                [0.4, 0.1, 0.8, -0.5],
+            ],  # attention 2
+            [[5.0, 0.0, 0.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 6.0]],
+        ]
+    )
     attention = torch.softmax(torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4), dim=-1)
-    out = {"scores": attention_scores.max(dim=1).values, "attention_scores": attention_scores,
-           "attention": attention}
+    out = {"scores": attention_scores.max(dim=1).values, "attention_scores": attention_scores, "attention": attention}
     return out, torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
 
 
@@ -85,8 +86,12 @@ def test_sheet_is_a_decodable_png_of_the_stated_size(tmp_path):
     num_maps, regions, labels = 10, 144, 20
     attention = rng.random((num_maps, regions)) ** 4
     per_attention = rng.normal(size=(num_maps, labels))
-    item = ImageAttention(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), attention / attention.sum(1, keepdims=True),
-                          per_attention.max(0), per_attention)
+    item = ImageAttention(
+        rng.integers(0, 256, (96, 96, 3), dtype=np.uint8),
+        attention / attention.sum(1, keepdims=True),
+        per_attention.max(0),
+        per_attention,
+    )
     sheet = render_sheet(item, [f"a rather long label name {k}" for k in range(labels)], "test-000001", top_k=5)
     path = tmp_path / "sheet.png"
     sheet.save(path)
@@ -105,8 +110,13 @@ def test_sheet_is_a_decodable_png_of_the_stated_size(tmp_path):
 def tiny_eval(tmp_path_factory):
     data = tmp_path_factory.mktemp("overlays") / "data"
     write_synthetic(str(data), seed=1, sizes={"test": 5}, image_size=48, log=lambda *a: None)
-    cfg = load_config(base={"data": {"url": str(data), "image_size": 48}, "model": {"num_attentions": 3},
-                            "eval": {"overlays": 3, "k": [2, 4]}})
+    cfg = load_config(
+        base={
+            "data": {"url": str(data), "image_size": 48},
+            "model": {"num_attentions": 3},
+            "eval": {"overlays": 3, "k": [2, 4]},
+        }
+    )
     info = read_dataset(str(data))
     torch.manual_seed(0)
     return cfg, info, build_model(cfg, info.embeddings)
@@ -159,7 +169,11 @@ def test_scoring_a_split_prints_progress_with_rate_and_eta(tiny_eval, capsys, mo
     monkeypatch.setattr(trainer.progress, "SCORING_EVERY_S", 0.0)
     score_split(model, info, "test", cfg, 0, 1, torch.device("cpu"), BadSampleLog(0), metrics)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" images")[0] for line in lines] == ["scoring test: 2/5", "scoring test: 4/5",
-                                                             "scoring test: 5/5", "scored test: 5"]
+    assert [line.split(" images")[0] for line in lines] == [
+        "scoring test: 2/5",
+        "scoring test: 4/5",
+        "scoring test: 5/5",
+        "scored test: 5",
+    ]
     assert "images/s, ETA 0:00:00" in lines[-2] and "images/s)" in lines[-1]
     assert metrics.result()[0]["all"]["mAP"] > 0

@@ -57,8 +57,9 @@ def write_shards(root: Path, samples_per_shard: list[list[tuple[str, dict]]]) ->
 
 
 def stream(shards: list[Shard], batch_size: int = 2, **kw):
-    spec = StreamSpec(shards=shards, num_labels=NUM_LABELS, image_size=SIZE, batch_size=batch_size,
-                      train=kw.pop("train", False), **kw)
+    spec = StreamSpec(
+        shards=shards, num_labels=NUM_LABELS, image_size=SIZE, batch_size=batch_size, train=kw.pop("train", False), **kw
+    )
     return ShardStream(spec)
 
 
@@ -111,6 +112,7 @@ def mixed(tmp_path):
 
 # --- each kind is skipped, named and counted; the rest comes through -----------------------------
 
+
 def test_bad_samples_skipped_with_shard_key_kind_detail(mixed):
     shards, samples, marker = mixed
     keys, skipped, batches = run(stream(shards))
@@ -141,7 +143,7 @@ def test_details_say_what_was_wrong(mixed):
     assert "999" in detail["index_999"] and "-1" in detail["index_minus1"]
     assert str(NUM_LABELS) in detail["index_n"]
     assert "2" in detail["pos_and_neg"] and "1" not in detail["pos_and_neg"]
-    assert detail["corrupt_jpg"]            # the decoder's error message
+    assert detail["corrupt_jpg"]  # the decoder's error message
     assert "jpg" in detail["no_image"]
 
 
@@ -153,10 +155,17 @@ def test_nothing_is_unpickled(mixed):
     assert control.exists()
     keys, skipped, batches = run(stream(shards))
     assert not marker.exists()
-    assert "pickled" in keys                                 # the sample itself is fine
+    assert "pickled" in keys  # the sample itself is fine
     assert "pickled" not in {key for _, key, _, _ in skipped}
     for b in batches:
-        assert set(b) == {"images", "labels", "keys", "epochs", "positions", "skipped"}   # the pickle fields are not passed on
+        assert set(b) == {
+            "images",
+            "labels",
+            "keys",
+            "epochs",
+            "positions",
+            "skipped",
+        }  # the pickle fields are not passed on
     # also not in training mode, nor through DataLoader processes
     run(stream(shards, train=True, shuffle_buffer=3), max_batches=6)
     run(make_loader(StreamSpec(shards, NUM_LABELS, SIZE, 2, train=False), loader_workers=2))
@@ -167,8 +176,9 @@ def test_reports_survive_loader_processes(tmp_path):
     marker = tmp_path / "UNPICKLED"
     samples = mixed_samples(marker)
     half = len(samples) // 2
-    shards = write_shards(tmp_path / "data", [[(k, f) for k, f, _ in samples[:half]],
-                                              [(k, f) for k, f, _ in samples[half:]]])
+    shards = write_shards(
+        tmp_path / "data", [[(k, f) for k, f, _ in samples[:half]], [(k, f) for k, f, _ in samples[half:]]]
+    )
     keys, skipped, _ = run(make_loader(StreamSpec(shards, NUM_LABELS, SIZE, 2, train=False), loader_workers=2))
     assert sorted(keys) == sorted(k for k, _, kind in samples if kind is None)
     assert sorted(key for _, key, _, _ in skipped) == sorted(k for k, _, kind in samples if kind is not None)
@@ -211,8 +221,14 @@ def test_a_training_stream_of_only_bad_samples_reports_or_ends(tmp_path):
     script.write_text(ALL_BAD_TRAINING)
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "data")], capture_output=True,
-                          text=True, timeout=300, cwd=repo, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=env,
+    )
     assert "TIMEOUT" not in proc.stdout, "the training stream over all-bad shards neither yielded nor ended in 5 s"
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
@@ -230,6 +246,7 @@ def test_missing_shard_file_is_reported(tmp_path):
 
 
 # --- truncated shards ----------------------------------------------------------------------------
+
 
 def tar_layout(path: str) -> list[tuple[str, int, int, int]]:
     """(member name, header offset, data offset, data end) of every member of a tar file."""
@@ -262,8 +279,7 @@ def truncate_inside(shard: Shard, member: str) -> tuple[list[str], str]:
 
 def make_truncated(root: Path, member: str):
     """A good shard of 8 samples cut inside a member's data, then a good shard."""
-    first = [(f"a_{i}", {"jpg": image(i, 24), "labels.json": encode_labels([i % NUM_LABELS], [])})
-             for i in range(8)]
+    first = [(f"a_{i}", {"jpg": image(i, 24), "labels.json": encode_labels([i % NUM_LABELS], [])}) for i in range(8)]
     second = [(f"b_{i}", good(i)) for i in range(3)]
     shards = write_shards(root, [first, second])
     complete, cut_key = truncate_inside(shards[0], member)
@@ -334,6 +350,7 @@ def test_garbage_shard_file_is_reported(tmp_path):
 
 # --- counting: BadSampleLog ----------------------------------------------------------------------
 
+
 def test_bad_sample_log_counts_by_kind_and_prints_shard_and_key(mixed, capsys):
     shards, samples, _ = mixed
     log = BadSampleLog(rank=0, max_fraction=1.0, min_read=1)
@@ -346,8 +363,9 @@ def test_bad_sample_log_counts_by_kind_and_prints_shard_and_key(mixed, capsys):
     assert dict(log.by_kind) == expected
     assert log.count == sum(expected.values())
     assert log.read == len(samples)
-    assert {(e["shard"], e["key"], e["kind"]) for e in log.examples} == \
-        {(shards[0].url, k, kind) for k, _, kind in samples if kind is not None}
+    assert {(e["shard"], e["key"], e["kind"]) for e in log.examples} == {
+        (shards[0].url, k, kind) for k, _, kind in samples if kind is not None
+    }
     printed = capsys.readouterr().out
     assert f"shard {shards[0].url} key index_999: label index out of range" in printed
     summary = log.summary()
@@ -365,14 +383,14 @@ def test_bad_sample_log_raises_when_bad_fraction_exceeds_max(mixed, capsys):
     message = str(exc.value)
     assert "rank 3" in message and "0.2" in message
     assert log.count > 0.2 * log.read and log.read >= 4
-    assert "corrupt image" in message                 # the counts by kind are in the message
+    assert "corrupt image" in message  # the counts by kind are in the message
 
 
 def test_bad_sample_log_waits_for_min_read(mixed, capsys):
     shards, samples, _ = mixed
     log = BadSampleLog(max_fraction=0.01, min_read=len(samples) + 1)
     for batch in stream(shards):
-        log.add(batch)                                # never reaches min_read: no error
+        log.add(batch)  # never reaches min_read: no error
     assert log.count == sum(kind is not None for _, _, kind in samples)
 
 
@@ -380,9 +398,10 @@ def test_bad_sample_log_tolerates_a_small_bad_fraction(tmp_path, capsys):
     samples = [(f"g_{i}", good(i)) for i in range(20)]
     samples.insert(7, ("bad", {"jpg": b"junk", "labels.json": encode_labels([0], [])}))
     shards = write_shards(tmp_path, [samples])
-    log = BadSampleLog(max_fraction=0.1, min_read=10)   # 1 bad in 9 read would exceed it: not counted yet
+    log = BadSampleLog(max_fraction=0.1, min_read=10)  # 1 bad in 9 read would exceed it: not counted yet
     for batch in stream(shards, batch_size=4):
         log.add(batch)
     assert log.read == 21 and dict(log.by_kind) == {"corrupt image": 1}
-    assert log.examples == [{"shard": shards[0].url, "key": "bad", "kind": "corrupt image",
-                             "detail": log.examples[0]["detail"]}]
+    assert log.examples == [
+        {"shard": shards[0].url, "key": "bad", "kind": "corrupt image", "detail": log.examples[0]["detail"]}
+    ]

@@ -32,9 +32,12 @@ def labels_for(batch: int, k: int) -> torch.Tensor:
 
 def heads() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    return {"fast0tag": Fast0TagHead(C, DIM), "labelem": LabelEMHead(C, DIM),
-            "conse": CONSEHead(C, unit_rows(K, DIM, seed=5), top=3),
-            "one_attention_per_label": OneAttentionPerLabelHead(C, DIM)}
+    return {
+        "fast0tag": Fast0TagHead(C, DIM),
+        "labelem": LabelEMHead(C, DIM),
+        "conse": CONSEHead(C, unit_rows(K, DIM, seed=5), top=3),
+        "one_attention_per_label": OneAttentionPerLabelHead(C, DIM),
+    }
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -73,7 +76,7 @@ def test_one_attention_per_label_matches_its_equations_label_by_label():
     """a_{k,r} = softmax_r((U x_r) . v_k), z_k = sum_r a_{k,r} x_r, s_k = (W^T z_k) . v_k, with z_k built."""
     head = heads()["one_attention_per_label"]
     fmap, v = torch.randn(B, C, H, W_), unit_rows(K, DIM)
-    x = fmap.flatten(2).transpose(1, 2)                            # [B, R, C]
+    x = fmap.flatten(2).transpose(1, 2)  # [B, R, C]
     scores = head(fmap, v)["scores"]
     for i in range(B):
         for k in range(K):
@@ -88,7 +91,7 @@ def test_one_attention_per_label_scores_thousands_of_labels_in_chunks():
     fmap, v = torch.randn(B, C, H, W_), unit_rows(7586, DIM)
     whole = head(fmap, v)["scores"]
     assert whole.shape == (B, 7586)
-    head.label_chunk = 7                                           # many chunks, the last one short
+    head.label_chunk = 7  # many chunks, the last one short
     torch.testing.assert_close(head(fmap, v)["scores"], whole)
     torch.testing.assert_close(head(fmap, v[:10])["scores"], whole[:, :10])
 
@@ -106,7 +109,9 @@ def test_conse_embedding_by_hand():
     torch.testing.assert_close(head.embed(head.classifier(holistic(fmap))), torch.tensor([[0.6, 0.4]]))
     labels = torch.cat([torch.tensor([[1.0, 1.0]]) / math.sqrt(2), seen])
     out = head(fmap, labels)
-    expected = torch.tensor([[1 / math.sqrt(1.04), 0.6 / math.sqrt(0.52), 0.4 / math.sqrt(0.52), -0.6 / math.sqrt(0.52)]])
+    expected = torch.tensor(
+        [[1 / math.sqrt(1.04), 0.6 / math.sqrt(0.52), 0.4 / math.sqrt(0.52), -0.6 / math.sqrt(0.52)]]
+    )
     torch.testing.assert_close(out["scores"], expected)
     torch.testing.assert_close(out["seen_logits"], head.classifier.bias[None])
 
@@ -129,6 +134,7 @@ def test_seen_logistic_loss_by_hand():
 
 
 # ------------------------------------------------------------------------------------- the registry
+
 
 def config(name: str, **model) -> object:
     return load_config(base={"data": {"url": "unused"}, "model": {"name": name, **model}})
@@ -184,8 +190,16 @@ def test_saved_model_scores_the_same_after_loading(name, tmp_path):
     torch.testing.assert_close(fresh(images, torch.arange(9))["scores"], trained(images, torch.arange(9))["scores"])
 
 
-@pytest.mark.parametrize("overrides", [{"loss": {"dist": 0}}, {"loss": {"rel": 0}}, {"loss": {"div": 0}},
-                                       {"model": {"num_attentions": 1}}, {"model": {"num_attentions": 5}}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss": {"dist": 0}},
+        {"loss": {"rel": 0}},
+        {"loss": {"div": 0}},
+        {"model": {"num_attentions": 1}},
+        {"model": {"num_attentions": 5}},
+    ],
+)
 def test_lesa_ablations_are_config_only(overrides):
     base = {"data": {"url": "unused"}, **overrides}
     cfg = load_config(base=base)

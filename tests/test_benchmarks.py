@@ -24,29 +24,75 @@ def test_gpu_script_runs_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = run(["bash", "benchmarks/gpu.sh", "--tiny", "--json", str(out)], tmp_path)
     result = json.loads(out.read_text())
-    for key in ("bf16_matmul_tflops", "vgg19_images_per_s_eager", "head_steps_per_s_b4_eager",
-                "loader_images_per_s", "end_to_end_images_per_s_eager"):
+    for key in (
+        "bf16_matmul_tflops",
+        "vgg19_images_per_s_eager",
+        "head_steps_per_s_b4_eager",
+        "loader_images_per_s",
+        "end_to_end_images_per_s_eager",
+    ):
         assert result[key] > 0, key
     assert "end-to-end training from JPEG shards" in proc.stdout
 
 
 def test_head_ab_times_both_trees_and_names_a_bad_baseline(tmp_path):
     out = tmp_path / "ab.json"
-    proc = run([sys.executable, "benchmarks/head_ab.py", "--baseline", str(REPO), "--batches", "2",
-                "--rounds", "1", "--iters", "1", "--json", str(out)], tmp_path)
+    proc = run(
+        [
+            sys.executable,
+            "benchmarks/head_ab.py",
+            "--baseline",
+            str(REPO),
+            "--batches",
+            "2",
+            "--rounds",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
     (round_,) = json.loads(out.read_text())
     assert round_["baseline"]["2"] > 0 and round_["this"]["2"] > 0
     assert "batch 2:" in proc.stdout
-    bad = subprocess.run([sys.executable, "benchmarks/head_ab.py", "--baseline", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/head_ab.py", "--baseline", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode != 0 and f"{tmp_path}: no benchmarks/gpu_bench.py" in bad.stderr
 
 
 def test_bench_summary_prints_one_table_from_the_benchmarks_outputs(tmp_path):
-    run([sys.executable, "benchmarks/loader.py", "--images", "96", "--repeats", "1",
-         "--json", str(tmp_path / "loader.json")], tmp_path)
-    run([sys.executable, "benchmarks/eval_metrics.py", "--images", "3000", "--labels", "2100", "--workers", "1", "2",
-         "--json", str(tmp_path / "eval_metrics.json")], tmp_path)
+    run(
+        [
+            sys.executable,
+            "benchmarks/loader.py",
+            "--images",
+            "96",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "loader.json"),
+        ],
+        tmp_path,
+    )
+    run(
+        [
+            sys.executable,
+            "benchmarks/eval_metrics.py",
+            "--images",
+            "3000",
+            "--labels",
+            "2100",
+            "--workers",
+            "1",
+            "2",
+            "--json",
+            str(tmp_path / "eval_metrics.json"),
+        ],
+        tmp_path,
+    )
     proc = run([sys.executable, "benchmarks/summary.py", str(tmp_path)], tmp_path)
     table = proc.stdout
     assert "loader, 1 loader process / ceiling" in table and "bound of a loader process" in table
@@ -54,7 +100,10 @@ def test_bench_summary_prints_one_table_from_the_benchmarks_outputs(tmp_path):
     # training and the feature cache did not run here: named as missing, the rest still printed
     assert "training.json: missing" in table and "feature_cache.json: missing" in table
     starts = [row for row in json.loads((tmp_path / "loader.json").read_text()) if "first_batch_s" in row]
-    assert [row["stage"] for row in starts] == ["start: fork of this process (baseline)", "start: fork server (make_loader)"]
+    assert [row["stage"] for row in starts] == [
+        "start: fork of this process (baseline)",
+        "start: fork server (make_loader)",
+    ]
     assert starts[0]["ratio"] == 1.0 and all(row["first_batch_s"] > 0 for row in starts)
     exact = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert all(row["mAP_abs_diff"] == 0 for row in exact)

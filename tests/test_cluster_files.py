@@ -51,8 +51,10 @@ def constraint_pin(package: str) -> str:
 
 def ray_cluster_specs():
     """(where, RayCluster spec) for the RayCluster and the RayJob's own cluster."""
-    return [("kuberay-raycluster.yaml", load("kuberay-raycluster.yaml")["spec"]),
-            ("kuberay-rayjob.yaml", load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"])]
+    return [
+        ("kuberay-raycluster.yaml", load("kuberay-raycluster.yaml")["spec"]),
+        ("kuberay-rayjob.yaml", load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]),
+    ]
 
 
 def ray_containers():
@@ -82,8 +84,15 @@ def test_every_yaml_parses_to_one_mapping(path):
 
 
 def test_the_files_the_readme_promises_exist():
-    for name in ("ray-cluster-gpu.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml",
-                 "kuberay-storage.yaml", "Dockerfile", "mlflow-server.sh", "local-multinode.sh"):
+    for name in (
+        "ray-cluster-gpu.yaml",
+        "kuberay-raycluster.yaml",
+        "kuberay-rayjob.yaml",
+        "kuberay-storage.yaml",
+        "Dockerfile",
+        "mlflow-server.sh",
+        "local-multinode.sh",
+    ):
         assert (CLUSTER / name).is_file(), name
         assert name in (CLUSTER / "README.md").read_text(), f"cluster/README.md does not describe {name}"
 
@@ -151,8 +160,7 @@ def test_lesa_train_commands_name_configs_under_launch():
 
 def test_launcher_has_what_ray_up_requires():
     c = load(LAUNCHER)
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
-                "docker", "auth"):
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers", "docker", "auth"):
         assert key in c, f"{LAUNCHER}: no {key}"
     assert c["provider"]["type"] == "aws" and c["provider"]["region"]
     types = c["available_node_types"]
@@ -225,7 +233,9 @@ def test_kuberay_gpu_worker_groups_request_gpus():
                     gpu_groups += 1
                     requests = c["resources"].get("requests", {})
                     # Kubernetes requires request == limit for extended resources.
-                    assert int(requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"])) == int(limits["nvidia.com/gpu"])
+                    assert int(requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"])) == int(
+                        limits["nvidia.com/gpu"]
+                    )
         assert gpu_groups, f"{where}: no worker group requests nvidia.com/gpu"
         head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in head["resources"].get("limits", {}), f"{where}: GPU on the head"
@@ -259,8 +269,11 @@ def test_kuberay_runs_dir_is_the_shared_claim():
     for where, spec in ray_cluster_specs():
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             pod = group["template"]["spec"]
-            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                      for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            claims = {
+                v["name"]: v["persistentVolumeClaim"]["claimName"]
+                for v in pod["volumes"]
+                if "persistentVolumeClaim" in v
+            }
             mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
             assert claims.get(mounts.get("/mnt/runs")) == pvc["metadata"]["name"], where
     assert out_dir.startswith("/mnt/runs/")
@@ -311,13 +324,15 @@ def test_dockerfile_installs_under_constraints_without_replacing_torch():
     # The file is constraints.txt filtered by this grep, plus the image's own torch version.
     grep = re.search(rf"grep -vE '([^']+)' constraints.txt > {re.escape(constraints_file)}", runs)
     assert grep, f"{constraints_file} is not made from constraints.txt by grep -vE"
-    filtered = subprocess.run(["grep", "-vE", grep.group(1), str(REPO / "constraints.txt")],
-                              capture_output=True, text=True, check=True).stdout
+    filtered = subprocess.run(
+        ["grep", "-vE", grep.group(1), str(REPO / "constraints.txt")], capture_output=True, text=True, check=True
+    ).stdout
     assert not re.search(r"(?m)^\s*torch\s*(==|$)", filtered), "torch survived the filter"
     for pin in ("deepspeed", "ray", "mlflow", "webdataset", "numpy"):
         assert f"{pin}=={constraint_pin(pin)}" in filtered, f"{pin} was filtered out"
-    assert re.search(rf"print\('torch==' \+ torch.__version__\)\"\s*>> {re.escape(constraints_file)}", runs), \
+    assert re.search(rf"print\('torch==' \+ torch.__version__\)\"\s*>> {re.escape(constraints_file)}", runs), (
         "the image's torch version is not pinned in the constraints"
+    )
 
 
 def test_dockerfile_sets_the_privacy_and_auth_defaults():
@@ -336,17 +351,31 @@ def test_mlflow_server_defaults_to_loopback_sqlite_and_a_local_artifact_dir(tmp_
     """Runs the script with `echo` standing in for mlflow: the command it would exec."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(LESA_MLFLOW_BIN="echo", MLFLOW_DATA_DIR=str(tmp_path))
-    out = subprocess.run([str(CLUSTER / "mlflow-server.sh")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(CLUSTER / "mlflow-server.sh")], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[0] == "server"
     args = dict(zip(out[1::2], out[2::2]))
-    assert args == {"--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db",
-                    "--artifacts-destination": f"{tmp_path}/artifacts",
-                    "--host": "127.0.0.1", "--port": "5000", "--workers": "1"}
-    env.update(MLFLOW_BACKEND_STORE_URI="postgresql://mlflow@db:5432/mlflow",
-               MLFLOW_ARTIFACTS_DESTINATION="s3://bucket/mlflow", MLFLOW_PORT="5055")
-    out = subprocess.run([str(CLUSTER / "mlflow-server.sh"), "--allowed-hosts", "mlflow.example.com"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert args == {
+        "--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "--artifacts-destination": f"{tmp_path}/artifacts",
+        "--host": "127.0.0.1",
+        "--port": "5000",
+        "--workers": "1",
+    }
+    env.update(
+        MLFLOW_BACKEND_STORE_URI="postgresql://mlflow@db:5432/mlflow",
+        MLFLOW_ARTIFACTS_DESTINATION="s3://bucket/mlflow",
+        MLFLOW_PORT="5055",
+    )
+    out = subprocess.run(
+        [str(CLUSTER / "mlflow-server.sh"), "--allowed-hosts", "mlflow.example.com"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     args = dict(zip(out[1::2], out[2::2]))
     assert args["--backend-store-uri"] == "postgresql://mlflow@db:5432/mlflow"
     assert args["--artifacts-destination"] == "s3://bucket/mlflow"
@@ -375,8 +404,11 @@ def read_env_file(path: Path) -> dict:
 
 def live_session_processes(sessions: list[str]) -> list[str]:
     ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,comm="], capture_output=True, text=True, check=True)
-    return [line for line in ps.stdout.splitlines()
-            if len(line.split()) >= 3 and line.split()[1] in sessions and not line.split()[2].startswith("Z")]
+    return [
+        line
+        for line in ps.stdout.splitlines()
+        if len(line.split()) >= 3 and line.split()[1] in sessions and not line.split()[2].startswith("Z")
+    ]
 
 
 @pytest.fixture
@@ -436,8 +468,9 @@ def test_local_multinode_cluster_runs_two_nodes_with_token_auth(two_node_cluster
     assert f"export RAY_ADDRESS={env['RAY_ADDRESS']}" in two_node_cluster["stdout"]
 
     # Two alive nodes, and work lands on both.
-    client = subprocess.run([sys.executable, "-c", CLIENT], env=client_env(env), capture_output=True,
-                            text=True, timeout=90)
+    client = subprocess.run(
+        [sys.executable, "-c", CLIENT], env=client_env(env), capture_output=True, text=True, timeout=90
+    )
     assert client.returncode == 0, client.stderr[-3000:]
     seen = json.loads(client.stdout.strip().splitlines()[-1])
     assert seen["alive"] == 2 and seen["task_nodes"] == 2, seen
@@ -446,8 +479,13 @@ def test_local_multinode_cluster_runs_two_nodes_with_token_auth(two_node_cluster
     # a few seconds, so it is asked again until it catches up.
     deadline = time.monotonic() + 45
     while True:
-        status = subprocess.run([two_node_cluster["script"], "status", str(two_node_cluster["state"])],
-                                env=two_node_cluster["script_env"], capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [two_node_cluster["script"], "status", str(two_node_cluster["state"])],
+            env=two_node_cluster["script_env"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stderr
         active = status.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
         if len(re.findall(r"node_[0-9a-f]+", active)) == 2 or time.monotonic() > deadline:
@@ -458,10 +496,20 @@ def test_local_multinode_cluster_runs_two_nodes_with_token_auth(two_node_cluster
     # A job driver reaches the cluster the way `lesa train` does under `ray job submit`:
     # ray.init() with the RAY_ADDRESS that Ray sets for the job, and the token from the nodes' env.
     job = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--",
-         sys.executable, "-c",
-         "import ray; ray.init(); print('JOB-NODES', sum(n['Alive'] for n in ray.nodes()))"],
-        env=client_env(env), capture_output=True, text=True, timeout=90)
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "job",
+            "submit",
+            "--",
+            sys.executable,
+            "-c",
+            "import ray; ray.init(); print('JOB-NODES', sum(n['Alive'] for n in ray.nodes()))",
+        ],
+        env=client_env(env),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "JOB-NODES 2" in job.stdout
 

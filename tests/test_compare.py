@@ -27,15 +27,28 @@ ALL_MODELS = ["lesa", "fast0tag", "labelem", "conse", "one_attention_per_label"]
 
 def fake_metrics(mAP: float) -> dict:
     setting = {f"{m}@{k}": mAP / 2 for m in ("P", "R", "F1") for k in (3, 5)} | {"mAP": mAP}
-    return {"zsl": setting, "gzsl": setting, "chance_mAP": {"zsl": 9.0, "gzsl": 20.0}, "step": 4,
-            "num_test_images": 64, "mlflow_run_id": "child"}
+    return {
+        "zsl": setting,
+        "gzsl": setting,
+        "chance_mAP": {"zsl": 9.0, "gzsl": 20.0},
+        "step": 4,
+        "num_test_images": 64,
+        "mlflow_run_id": "child",
+    }
 
 
 def test_table_in_the_papers_layout_with_a_failed_row():
-    table = {"k": [3, 5], "steps": 400, "workers": 2, "seed": 0, "data": "d", "rows": [
-        {"title": "Fast0Tag", "status": "ok", **fake_metrics(41.25)},
-        {"title": "CONSE", "status": "failed", "reason": "ValueError: a | b"},
-    ]}
+    table = {
+        "k": [3, 5],
+        "steps": 400,
+        "workers": 2,
+        "seed": 0,
+        "data": "d",
+        "rows": [
+            {"title": "Fast0Tag", "status": "ok", **fake_metrics(41.25)},
+            {"title": "CONSE", "status": "failed", "reason": "ValueError: a | b"},
+        ],
+    }
     lines = format_table_md(table).splitlines()
     assert lines[0] == "| method | ZSL K=3 | ZSL K=5 | ZSL mAP | GZSL K=3 | GZSL K=5 | GZSL mAP |"
     assert lines[2] == "| Fast0Tag | 20.6/20.6/20.6 | 20.6/20.6/20.6 | 41.2 | 20.6/20.6/20.6 | 20.6/20.6/20.6 | 41.2 |"
@@ -52,12 +65,36 @@ def test_failure_reason_is_the_last_line_of_the_error():
 
 def test_rows_are_the_models_then_the_ablations(monkeypatch):
     asked = {}
-    monkeypatch.setattr(launch.compare, "run_compare",
-                        lambda config, variants, out, sets: asked.update(variants=variants, sets=sets) or {"rows": []})
-    main(["compare", CONFIG, "--models", "conse", "lesa", "--ablations", "--out", "unused",
-          "--set", "data.url=unused", "--set", "model.num_attentions=7"])
-    assert [v.title for v in asked["variants"]] == ["CONSE", "LESA (M=7)", "LESA without L_dist", "LESA without L_rel",
-                                                    "LESA without L_div", "LESA (M=1)", "LESA (M=5)"]
+    monkeypatch.setattr(
+        launch.compare,
+        "run_compare",
+        lambda config, variants, out, sets: asked.update(variants=variants, sets=sets) or {"rows": []},
+    )
+    main(
+        [
+            "compare",
+            CONFIG,
+            "--models",
+            "conse",
+            "lesa",
+            "--ablations",
+            "--out",
+            "unused",
+            "--set",
+            "data.url=unused",
+            "--set",
+            "model.num_attentions=7",
+        ]
+    )
+    assert [v.title for v in asked["variants"]] == [
+        "CONSE",
+        "LESA (M=7)",
+        "LESA without L_dist",
+        "LESA without L_rel",
+        "LESA without L_div",
+        "LESA (M=1)",
+        "LESA (M=5)",
+    ]
     assert asked["variants"][5].overrides == ["model.name=lesa", "model.num_attentions=1"]
     assert asked["sets"] == ["data.url=unused", "model.num_attentions=7"]
 
@@ -77,13 +114,21 @@ def test_a_failed_model_is_reported_and_the_others_still_run(tmp_path, monkeypat
     table = run_compare(CONFIG, variants, tmp_path / "cmp", ["data.url=unused", f"mlflow.tracking_uri={uri}"])
 
     parent_id = table["mlflow_parent_run_id"]
-    assert trained == [("labelem", 0.1, "labelem", parent_id), ("lesa", 0.1, "lesa", parent_id),
-                       ("lesa", 0.0, "lesa_no_dist", parent_id)]
+    assert trained == [
+        ("labelem", 0.1, "labelem", parent_id),
+        ("lesa", 0.1, "lesa", parent_id),
+        ("lesa", 0.0, "lesa_no_dist", parent_id),
+    ]
     saved = json.loads((tmp_path / "cmp" / "table.json").read_text())
-    assert [(r["name"], r["status"]) for r in saved["rows"]] == [("labelem", "failed"), ("lesa", "ok"),
-                                                                 ("lesa_no_dist", "ok")]
+    assert [(r["name"], r["status"]) for r in saved["rows"]] == [
+        ("labelem", "failed"),
+        ("lesa", "ok"),
+        ("lesa_no_dist", "ok"),
+    ]
     assert saved["rows"][0]["reason"] == "RuntimeError: MemoryError: out of memory"
-    assert "LabelEM: **failed**: RuntimeError: MemoryError: out of memory" in (tmp_path / "cmp" / "table.md").read_text()
+    assert (
+        "LabelEM: **failed**: RuntimeError: MemoryError: out of memory" in (tmp_path / "cmp" / "table.md").read_text()
+    )
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
@@ -102,11 +147,33 @@ def test_seeds_give_one_comparison_each_and_their_mean_table(tmp_path, monkeypat
 
     monkeypatch.setattr(launch.driver, "run_training", fake_training)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    main(["compare", CONFIG, "--models", "lesa", "labelem", "--seeds", "0", "2", "--out", str(tmp_path / "cmp"),
-          "--set", "data.url=unused", "--set", f"mlflow.tracking_uri={uri}", "--set", "mlflow.run_name=grid"])
+    main(
+        [
+            "compare",
+            CONFIG,
+            "--models",
+            "lesa",
+            "labelem",
+            "--seeds",
+            "0",
+            "2",
+            "--out",
+            str(tmp_path / "cmp"),
+            "--set",
+            "data.url=unused",
+            "--set",
+            f"mlflow.tracking_uri={uri}",
+            "--set",
+            "mlflow.run_name=grid",
+        ]
+    )
 
-    assert trained == [(0, "lesa", "seed0", "lesa"), (0, "labelem", "seed0", "labelem"),
-                       (2, "lesa", "seed2", "lesa"), (2, "labelem", "seed2", "labelem")]
+    assert trained == [
+        (0, "lesa", "seed0", "lesa"),
+        (0, "labelem", "seed0", "labelem"),
+        (2, "lesa", "seed2", "lesa"),
+        (2, "labelem", "seed2", "labelem"),
+    ]
     for seed in (0, 2):  # each seed is a whole comparison, with its own parent run
         per_seed = json.loads((tmp_path / "cmp" / f"seed{seed}" / "table.json").read_text())
         assert per_seed["seed"] == seed
@@ -114,13 +181,16 @@ def test_seeds_give_one_comparison_each_and_their_mean_table(tmp_path, monkeypat
     table = json.loads((tmp_path / "cmp" / "table.json").read_text())
     assert table["seeds"] == [0, 2] and len(table["mlflow_parent_run_ids"]) == 2
     lesa, labelem = table["rows"]
-    assert lesa["zsl"]["mAP"] == 41.0 and lesa["gzsl"]["F1@3"] == 20.5      # (40 + 42) / 2, (20 + 21) / 2
+    assert lesa["zsl"]["mAP"] == 41.0 and lesa["gzsl"]["F1@3"] == 20.5  # (40 + 42) / 2, (20 + 21) / 2
     assert [r["mAP"] for r in lesa["zsl_per_seed"]] == [40.0, 42.0]
     assert labelem["status"] == "failed" and labelem["reason"] == "seed 2: RuntimeError: MemoryError: out of memory"
     text = (tmp_path / "cmp" / "table.md").read_text()
     assert "| LESA (M=10) | 20.5/20.5/20.5 | 20.5/20.5/20.5 | 41.0 |" in text
     assert "mean over seeds 0, 2" in text and "LabelEM: **failed**: seed 2: RuntimeError" in text
-    assert "| method | ZSL mAP, seeds 0 / 2 | ZSL F1@3, seeds 0 / 2 | GZSL mAP, seeds 0 / 2 | GZSL F1@3, seeds 0 / 2 |" in text
+    assert (
+        "| method | ZSL mAP, seeds 0 / 2 | ZSL F1@3, seeds 0 / 2 | GZSL mAP, seeds 0 / 2 | GZSL F1@3, seeds 0 / 2 |"
+        in text
+    )
     assert "| LESA (M=10) | 40.0 / 42.0 | 20.0 / 21.0 | 40.0 / 42.0 | 20.0 / 21.0 |" in text
 
 
@@ -149,20 +219,47 @@ def test_a_bad_override_fails_before_anything_trains(tmp_path):
 
 # ----------------------------------------------------------------------------------- end to end
 
+
 @pytest.mark.integration
 def test_compare_trains_every_model_and_nests_their_runs(tmp_path):
     data = tmp_path / "data"
     write_synthetic(str(data), seed=1, sizes={"train": 128, "test": 64}, image_size=48, shard_size=32, workers=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("RAY_ADDRESS", None)
     # The ablations are LESA with other config values (test_rows_are_the_models_then_the_ablations,
     # test_baselines.py::test_lesa_ablations_are_config_only); five models keep this at ~2 minutes.
-    cmd = [sys.executable, "-m", "launch.cli", "compare", CONFIG, "--models", *ALL_MODELS,
-           "--out", str(tmp_path / "cmp"), "--set", f"data.url={data}", "--set", "data.image_size=48",
-           "--set", "train.max_steps=4", "--set", "checkpoint.every=0", "--set", "checkpoint.max_failures=0",
-           "--set", f"mlflow.tracking_uri={uri}", "--set", "mlflow.experiment=compare"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "compare",
+        CONFIG,
+        "--models",
+        *ALL_MODELS,
+        "--out",
+        str(tmp_path / "cmp"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        "data.image_size=48",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "checkpoint.max_failures=0",
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "mlflow.experiment=compare",
+    ]
     proc = run_cli(cmd, timeout=900, cwd=tmp_path, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

@@ -20,13 +20,16 @@ def write_yaml(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
 
 @pytest.fixture
 def base_yaml(tmp_path):
-    return write_yaml(tmp_path, {
-        "data": {"url": "/data/synth", "batch_size": 8},
-        "model": {"backbone": "small_cnn", "num_attentions": 4},
-        "optim": {"name": "adamw", "lr": 0.01},
-        "train": {"max_steps": 50},
-        "eval": {"k": [1, 3]},
-    })
+    return write_yaml(
+        tmp_path,
+        {
+            "data": {"url": "/data/synth", "batch_size": 8},
+            "model": {"backbone": "small_cnn", "num_attentions": 4},
+            "optim": {"name": "adamw", "lr": 0.01},
+            "train": {"max_steps": 50},
+            "eval": {"k": [1, 3]},
+        },
+    )
 
 
 def test_load_from_yaml(base_yaml):
@@ -44,11 +47,21 @@ def test_load_from_yaml(base_yaml):
 
 
 def test_set_overrides(base_yaml):
-    cfg = load_config(base_yaml, [
-        "eval.k=[10,20]", "train.max_steps=7", "optim.lr=3.0e-4", "scaling.use_gpu=true",
-        "model.adapter=false", "data.url=s3://bucket/root", "mlflow.run_name=my run",
-        "deepspeed.bf16=True", "model.backbone_weights=/w/vgg.pth", "data.max_bad_fraction=0.5",
-    ])
+    cfg = load_config(
+        base_yaml,
+        [
+            "eval.k=[10,20]",
+            "train.max_steps=7",
+            "optim.lr=3.0e-4",
+            "scaling.use_gpu=true",
+            "model.adapter=false",
+            "data.url=s3://bucket/root",
+            "mlflow.run_name=my run",
+            "deepspeed.bf16=True",
+            "model.backbone_weights=/w/vgg.pth",
+            "data.max_bad_fraction=0.5",
+        ],
+    )
     assert cfg.eval.k == [10, 20]
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
@@ -57,7 +70,7 @@ def test_set_overrides(base_yaml):
     assert cfg.mlflow.run_name == "my run"
     assert cfg.model.backbone_weights == "/w/vgg.pth"
     assert cfg.data.max_bad_fraction == 0.5
-    assert cfg.data.batch_size == 8          # from the file, not overridden
+    assert cfg.data.batch_size == 8  # from the file, not overridden
 
 
 @pytest.mark.parametrize("text", ["1e-4", "1E-4", "1.0e4"])
@@ -69,7 +82,7 @@ def test_exponent_notation_for_float_fields(text):
 def test_set_overrides_later_wins_and_without_file():
     cfg = load_config(None, ["data.url=/a", "train.max_steps=3", "train.max_steps=9", "eval.k=5"])
     assert cfg.data.url == "/a" and cfg.train.max_steps == 9
-    assert cfg.eval.k == [5]                 # a scalar for a list field becomes a one-element list
+    assert cfg.eval.k == [5]  # a scalar for a list field becomes a one-element list
 
 
 def test_set_on_base_dict():
@@ -102,22 +115,28 @@ def test_parse_override():
         parse_override("train.max_steps")
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"data": {"url": "/x"}, "bogus": 1}, "bogus"),
-    ({"data": {"url": "/x", "bacth_size": 4}}, "data.bacth_size"),
-    ({"data": {"url": "/x"}, "model": {"attentions": 3}}, "model.attentions"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"data": {"url": "/x"}, "bogus": 1}, "bogus"),
+        ({"data": {"url": "/x", "bacth_size": 4}}, "data.bacth_size"),
+        ({"data": {"url": "/x"}, "model": {"attentions": 3}}, "model.attentions"),
+    ],
+)
 def test_unknown_key_in_yaml(tmp_path, data, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(write_yaml(tmp_path, data))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trian.max_steps=3", "trian"),
-    ("bogus=1", "bogus"),
-    ("optim.learning_rate=0.1", "optim.learning_rate"),
-    ("eval.kk=[1]", "eval.kk"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trian.max_steps=3", "trian"),
+        ("bogus=1", "bogus"),
+        ("optim.learning_rate=0.1", "optim.learning_rate"),
+        ("eval.kk=[1]", "eval.kk"),
+    ],
+)
 def test_unknown_key_via_set(base_yaml, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(base_yaml, [override])
@@ -129,40 +148,46 @@ def test_set_into_a_value_is_an_error(base_yaml):
     assert "url" in str(info.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.max_steps=abc", "train.max_steps"),
-    ("train.max_steps=1.5", "train.max_steps"),
-    ("train.max_steps=true", "train.max_steps"),
-    ("scaling.use_gpu=3", "scaling.use_gpu"),
-    ("scaling.use_gpu=yes please", "scaling.use_gpu"),
-    ("optim.lr=fast", "optim.lr"),
-    ("optim.lr=true", "optim.lr"),
-    ("eval.k=[1,x]", "eval.k[1]"),
-    ("data.url=[1,2]", "data.url"),
-    ("model=3", "model"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.max_steps=true", "train.max_steps"),
+        ("scaling.use_gpu=3", "scaling.use_gpu"),
+        ("scaling.use_gpu=yes please", "scaling.use_gpu"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.lr=true", "optim.lr"),
+        ("eval.k=[1,x]", "eval.k[1]"),
+        ("data.url=[1,2]", "data.url"),
+        ("model=3", "model"),
+    ],
+)
 def test_wrong_types(base_yaml, override, key):
     with pytest.raises(ConfigError) as info:
         load_config(base_yaml, [override])
     assert str(info.value).startswith(f"{key}:"), str(info.value)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("scaling.num_workers=0", "scaling.num_workers"),
-    ("scaling.cpus_per_worker=-1", "scaling.cpus_per_worker"),
-    ("eval.k=[0]", "eval.k"),
-    ("eval.k=[5,-3]", "eval.k"),
-    ("eval.k=[]", "eval.k"),
-    ("eval.every=-1", "eval.every"),
-    ("train.max_steps=0", "train.max_steps"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("data.loader_workers=-1", "data.loader_workers"),
-    ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
-    ("optim.lr=0", "optim.lr"),
-    ("loss.div=-0.01", "loss.div"),
-    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
-    ("model.num_attentions=0", "model.num_attentions"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("scaling.cpus_per_worker=-1", "scaling.cpus_per_worker"),
+        ("eval.k=[0]", "eval.k"),
+        ("eval.k=[5,-3]", "eval.k"),
+        ("eval.k=[]", "eval.k"),
+        ("eval.every=-1", "eval.every"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.loader_workers=-1", "data.loader_workers"),
+        ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
+        ("optim.lr=0", "optim.lr"),
+        ("loss.div=-0.01", "loss.div"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("model.num_attentions=0", "model.num_attentions"),
+    ],
+)
 def test_out_of_range(base_yaml, override, key):
     with pytest.raises(ConfigError) as info:
         load_config(base_yaml, [override])
@@ -174,11 +199,14 @@ def test_zero_loader_workers_and_zero_loss_weight_are_allowed(base_yaml):
     assert cfg.data.loader_workers == 0 and cfg.loss.dist == 0.0
 
 
-@pytest.mark.parametrize("override, key, known", [
-    ("model.name=clip", "model.name", "lesa"),
-    ("model.backbone=resnet50", "model.backbone", "small_cnn"),
-    ("optim.name=sgd", "optim.name", "rmsprop_tf"),
-])
+@pytest.mark.parametrize(
+    "override, key, known",
+    [
+        ("model.name=clip", "model.name", "lesa"),
+        ("model.backbone=resnet50", "model.backbone", "small_cnn"),
+        ("optim.name=sgd", "optim.name", "rmsprop_tf"),
+    ],
+)
 def test_unknown_registry_names(base_yaml, override, key, known):
     with pytest.raises(ConfigError) as info:
         load_config(base_yaml, [override])

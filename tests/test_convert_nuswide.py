@@ -30,16 +30,23 @@ def key_of(name: str) -> str:
 
 def test_convert_nuswide(tmp_path):
     tags = ["sky", "water", "beach", "animal", "blue", "sunset", "dog", "airport", "car", "tree"]
-    concepts = ["airport", "animal", "beach", "fire", "whales"]       # 3 are tags, 2 are not
+    concepts = ["airport", "animal", "beach", "fire", "whales"]  # 3 are tags, 2 are not
     fx = make_nuswide(tmp_path / "nus", tags, concepts)
     vocab = sorted(set(tags) | set(concepts))
     np.save(tmp_path / "v.npy", np.arange(len(vocab) * 3, dtype=np.float32).reshape(-1, 3))
     (tmp_path / "v.txt").write_text("\n".join(vocab) + "\n")
     out = tmp_path / "dataset"
-    report = convert_nuswide(str(out), root=str(tmp_path / "nus"), vectors=str(tmp_path / "v.npy"),
-                             vector_names=str(tmp_path / "v.txt"), val_size=3, shard_size=4,
-                             placeholder=str(tmp_path / "nus" / "placeholder.jpg"), use_ray=False,
-                             log=lambda m: None)
+    report = convert_nuswide(
+        str(out),
+        root=str(tmp_path / "nus"),
+        vectors=str(tmp_path / "v.npy"),
+        vector_names=str(tmp_path / "v.txt"),
+        val_size=3,
+        shard_size=4,
+        placeholder=str(tmp_path / "nus" / "placeholder.jpg"),
+        use_ray=False,
+        log=lambda m: None,
+    )
 
     info = read_dataset(str(out))
     seen = [t for t in tags if t not in concepts]
@@ -59,8 +66,10 @@ def test_convert_nuswide(tmp_path):
             row = names.index(n)
             values = np.concatenate([fx["tag_values"][row, [tags.index(t) for t in seen]], fx["concept_values"][row]])
             # Every label is annotated: 1 -> pos, 0 -> neg, nothing unknown.
-            assert samples[key_of(n)] == {"pos": np.flatnonzero(values == 1).tolist(),
-                                          "neg": np.flatnonzero(values == 0).tolist()}
+            assert samples[key_of(n)] == {
+                "pos": np.flatnonzero(values == 1).tolist(),
+                "neg": np.flatnonzero(values == 0).tolist(),
+            }
     skipped = {split: rep["skipped"] for split, rep in report["splits"].items()}
     assert skipped["val"]["placeholder"] == {"count": 1, "examples": [key_of(names[1])]}
     assert skipped["val"]["too_small"] == {"count": 1, "examples": [key_of(names[2])]}
@@ -77,9 +86,15 @@ def test_real_vocabulary_and_glove_vectors(tmp_path):
     concepts = (nus / "nuswide_concepts81.txt").read_text().split()
     make_nuswide(tmp_path / "nus", tags, concepts, n_images=8)
     out = tmp_path / "dataset"
-    convert_nuswide(str(out), root=str(tmp_path / "nus"), val_size=2, use_ray=False, log=lambda m: None,
-                    vectors=[str(nus / "nuswide_tags1k_glove300.npy"), str(nus / "nuswide_concepts81_glove300.npy")],
-                    vector_names=[str(nus / "nuswide_tags1k.txt"), str(nus / "nuswide_concepts81.txt")])
+    convert_nuswide(
+        str(out),
+        root=str(tmp_path / "nus"),
+        val_size=2,
+        use_ray=False,
+        log=lambda m: None,
+        vectors=[str(nus / "nuswide_tags1k_glove300.npy"), str(nus / "nuswide_concepts81_glove300.npy")],
+        vector_names=[str(nus / "nuswide_tags1k.txt"), str(nus / "nuswide_concepts81.txt")],
+    )
     info = read_dataset(str(out))
     assert len(info.seen) == 925 and len(info.unseen) == 81
     tag_rows = np.load(nus / "nuswide_tags1k_glove300.npy")
@@ -96,10 +111,21 @@ def test_cli_with_precomputed_embeddings(tmp_path, capsys):
 
     tags, concepts = ["sky", "water", "beach"], ["beach", "fire"]
     make_nuswide(tmp_path / "nus", tags, concepts, n_images=8)
-    emb = np.arange(12, dtype=np.float32).reshape(4, 3)          # sky, water, then beach, fire
+    emb = np.arange(12, dtype=np.float32).reshape(4, 3)  # sky, water, then beach, fire
     np.save(tmp_path / "emb.npy", emb)
-    args = ["convert", "nuswide", "--root", str(tmp_path / "nus"), "--embeddings", str(tmp_path / "emb.npy"),
-            "--val-size", "2", "--no-ray", "--out", str(tmp_path / "d")]
+    args = [
+        "convert",
+        "nuswide",
+        "--root",
+        str(tmp_path / "nus"),
+        "--embeddings",
+        str(tmp_path / "emb.npy"),
+        "--val-size",
+        "2",
+        "--no-ray",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     assert main(args) == 0
     assert "too_small 1" in capsys.readouterr().out
     info = read_dataset(str(tmp_path / "d"))

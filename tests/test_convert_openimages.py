@@ -47,9 +47,18 @@ def read_split(root: Path, split: str) -> dict[str, tuple[dict, Image.Image]]:
 
 
 def convert(src: Path, out: Path, **kwargs) -> dict:
-    return convert_openimages(str(out), descriptions=str(src / "class-descriptions.csv"), seen=str(src / "seen.txt"),
-                              unseen=str(src / "unseen.tsv"), annotations=str(src), images=str(src / "images"),
-                              vectors=str(src / "glove.4d.txt"), shard_size=4, log=lambda m: None, **kwargs)
+    return convert_openimages(
+        str(out),
+        descriptions=str(src / "class-descriptions.csv"),
+        seen=str(src / "seen.txt"),
+        unseen=str(src / "unseen.tsv"),
+        annotations=str(src),
+        images=str(src / "images"),
+        vectors=str(src / "glove.4d.txt"),
+        shard_size=4,
+        log=lambda m: None,
+        **kwargs,
+    )
 
 
 @pytest.mark.integration
@@ -62,7 +71,8 @@ def test_convert_with_ray(tmp_path, monkeypatch):
 
     info = read_dataset(str(out))
     assert [(lab.id, lab.name, lab.role) for lab in info.labels] == (
-        [(m, n, "seen") for m, n in SEEN] + [(m, n, "unseen") for m, n in UNSEEN])
+        [(m, n, "seen") for m, n in SEEN] + [(m, n, "unseen") for m, n in UNSEEN]
+    )
     v = fx["vectors"]
     np.testing.assert_allclose(info.embeddings[1], (v["swimming"] + v["pool"]) / 2, rtol=1e-5)
     np.testing.assert_allclose(info.embeddings[7], (v["boeing"] + v["767"]) / 2, rtol=1e-5)
@@ -82,14 +92,14 @@ def test_convert_with_ray(tmp_path, monkeypatch):
     assert train[sp["far"]][0] == {"pos": [INDEX["/m/s0"], INDEX["/m/u2"]], "neg": [INDEX["/m/s3"]]}
     assert train[sp["conflict"]][0] == {"pos": [INDEX["/m/s1"]], "neg": [INDEX["/m/s2"]]}
     exif = train[sp["exif"]][1]
-    assert exif.size == (256, 341)                                  # portrait after orientation 6
+    assert exif.size == (256, 341)  # portrait after orientation 6
     top, bottom = exif.getpixel((128, 20)), exif.getpixel((128, 320))
-    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200          # red on top, as displayed
-    assert train[sp["small"]][1].size == (100, 80)                   # never upscaled
-    assert train[image_id("train0")][1].size == (320, 240)           # short side under 256: kept
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200  # red on top, as displayed
+    assert train[sp["small"]][1].size == (100, 80)  # never upscaled
+    assert train[image_id("train0")][1].size == (320, 240)  # short side under 256: kept
     assert train[sp["far"]][1].size == (256, 256)
     val = read_split(out, "val")
-    assert val[sp["val_oov_only"]][0] == {"pos": [], "neg": []}      # kept: val/test keep every image
+    assert val[sp["val_oov_only"]][0] == {"pos": [], "neg": []}  # kept: val/test keep every image
 
     rep = report["splits"]
     assert rep["train"]["skipped"]["missing"] == {"count": 1, "examples": [sp["missing"]]}
@@ -97,7 +107,9 @@ def test_convert_with_ray(tmp_path, monkeypatch):
     assert rep["train"]["skipped"]["unreadable"]["examples"][0][0] == sp["corrupt"]
     assert rep["test"]["skipped"]["missing"]["examples"] == [sp["test_missing"]]
     assert rep["train"]["written"] == len(train) and rep["train"]["planned"] == len(train) + 2
-    train_csv = next(v for k, v in report["annotations"].items() if k.endswith("/train-annotations-human-imagelabels.csv"))
+    train_csv = next(
+        v for k, v in report["annotations"].items() if k.endswith("/train-annotations-human-imagelabels.csv")
+    )
     assert train_csv["rows_outside_vocabulary"]["count"] == 2
     assert sorted(train_csv["rows_outside_vocabulary"]["examples"]) == ["/m/x0", "/m/x1"]
     assert train_csv["images_without_seen_label"] == 2
@@ -131,13 +143,15 @@ def test_rerun_rewrites_only_unfinished_shards(tmp_path):
 
 def test_streaming_groups_rows_across_chunks(tmp_path):
     path = tmp_path / "train-annotations-human-imagelabels.csv"
-    path.write_text("ImageID,Source,LabelName,Confidence\n"
-                    "bbb,verification,/m/a,1\naaa,verification,/m/b,0\nccc,verification,/m/x,1\n"
-                    "aaa,verification,/m/a,1\nbbb,verification,/m/b,0.5\n\nbbb,verification\n"
-                    "aaa,verification,/m/b,1\n")
+    path.write_text(
+        "ImageID,Source,LabelName,Confidence\n"
+        "bbb,verification,/m/a,1\naaa,verification,/m/b,0\nccc,verification,/m/x,1\n"
+        "aaa,verification,/m/a,1\nbbb,verification,/m/b,0.5\n\nbbb,verification\n"
+        "aaa,verification,/m/b,1\n"
+    )
     grouped, stats = read_annotations(str(path), {"/m/a": 0, "/m/b": 1}, chunk_rows=2)
     assert [i.decode() for i in grouped.image_ids] == ["aaa", "bbb", "ccc"]
-    assert [p.tolist() for p in grouped.pos_neg(0)] == [[0, 1], []]     # b: 0 then 1 -> present
+    assert [p.tolist() for p in grouped.pos_neg(0)] == [[0, 1], []]  # b: 0 then 1 -> present
     assert [p.tolist() for p in grouped.pos_neg(1)] == [[0], []]
     assert [p.tolist() for p in grouped.pos_neg(2)] == [[], []]
     assert stats["rows"] == 7 and stats["bad_rows"]["count"] == 2
@@ -154,15 +168,32 @@ def test_malformed_header_names_the_file(tmp_path):
 def test_cli_convert_and_bad_input(tmp_path, capsys):
     src = tmp_path / "oi"
     make_openimages(src, n_train=3, n_val=1, n_test=1)
-    args = ["convert", "openimages", "--class-descriptions", str(src / "class-descriptions.csv"),
-            "--seen", str(src / "seen.txt"), "--unseen", str(src / "unseen.tsv"), "--annotations", str(src),
-            "--images", str(src / "images"), "--vectors", str(src / "glove.4d.txt"), "--no-ray",
-            "--image-size", "64", "--shard-size", "3"]
+    args = [
+        "convert",
+        "openimages",
+        "--class-descriptions",
+        str(src / "class-descriptions.csv"),
+        "--seen",
+        str(src / "seen.txt"),
+        "--unseen",
+        str(src / "unseen.tsv"),
+        "--annotations",
+        str(src),
+        "--images",
+        str(src / "images"),
+        "--vectors",
+        str(src / "glove.4d.txt"),
+        "--no-ray",
+        "--image-size",
+        "64",
+        "--shard-size",
+        "3",
+    ]
     assert main(args + ["--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "train:" in out and "missing 1" in out and "convert_report.json" in out
     assert read_dataset(str(tmp_path / "d")).splits["train"]
-    assert max(read_split(tmp_path / "d", "test")[image_id("test0")][1].size) <= 86   # short side 64
+    assert max(read_split(tmp_path / "d", "test")[image_id("test0")][1].size) <= 86  # short side 64
 
     (src / "test-annotations-human-imagelabels.csv").write_text("ImageID;Source;LabelName;Confidence\n")
     assert main(args + ["--out", str(tmp_path / "e")]) == 2
@@ -174,7 +205,9 @@ def test_cli_convert_and_bad_input(tmp_path, capsys):
     assert "share 1 MIDs" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHARED / "openimages-2018_04").exists(), reason="../shared/data/openimages-2018_04 not present")
+@pytest.mark.skipif(
+    not (SHARED / "openimages-2018_04").exists(), reason="../shared/data/openimages-2018_04 not present"
+)
 def test_real_lesa_split_lists():
     oi = SHARED / "openimages-2018_04"
     seen = read_mid_list(str(oi / "openimages_seen_7186.tsv"))
@@ -186,7 +219,8 @@ def test_real_lesa_split_lists():
     names = read_class_descriptions(str(oi / "class-descriptions.csv"))
     assert len(names) == 19995
     assert all(m in names for m in seen + unseen)
-    labels = build_vocabulary(str(oi / "openimages_seen_7186.tsv"), str(oi / "openimages_unseen_400.tsv"),
-                              str(oi / "class-descriptions.csv"))
+    labels = build_vocabulary(
+        str(oi / "openimages_seen_7186.tsv"), str(oi / "openimages_unseen_400.tsv"), str(oi / "class-descriptions.csv")
+    )
     assert [lab.name for lab in labels[7186:7191]] == ["Fauna", "Flora", "Exercise", "Dirt track racing", "Nectar"]
     assert labels[1].name == "Isle of man tt"

@@ -46,14 +46,33 @@ def trained(tmp_path_factory):
     # eval.every validates on the val split (trainer/schedule.py): the best model comes back too
     write_synthetic(str(data), seed=1, sizes={"train": 256, "val": 32, "test": 96}, image_size=48, shard_size=64)
     add_bad_shard(data)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(work / "run"),
-                  "--set", f"data.url={data}", "--set", "data.image_size=48",
-                  "--set", f"train.max_steps={STEPS}", "--set", f"train.log_every={LOG_EVERY}",
-                  "--set", "eval.every=16", "--set", "mlflow.experiment=e2e"]
+    cmd = LESA + [
+        "train",
+        str(REPO / "launch" / "synthetic.yaml"),
+        "--out",
+        str(work / "run"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        "data.image_size=48",
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        f"train.log_every={LOG_EVERY}",
+        "--set",
+        "eval.every=16",
+        "--set",
+        "mlflow.experiment=e2e",
+    ]
     proc = run_cli(cmd, timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -101,8 +120,7 @@ def test_mlflow_run_holds_params_losses_and_eval_metrics(trained):
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "lesa" and run.data.params["scaling.num_workers"] == "2"
-    for key in ("loss", "loss/rank", "loss/dist", "loss/rel", "loss/div", "lr", "samples_per_s",
-                "data_wait_fraction"):
+    for key in ("loss", "loss/rank", "loss/dist", "loss/rel", "loss/div", "lr", "samples_per_s", "data_wait_fraction"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), key
     zsl_map = client.get_metric_history(run.info.run_id, "zsl/mAP")
@@ -116,20 +134,36 @@ def test_mlflow_run_holds_params_losses_and_eval_metrics(trained):
 
 
 def test_config_error_names_the_key_before_any_cluster_work(tmp_path):
-    proc = subprocess.run(LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path),
-                                  "--set", "train.max_stepz=3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path), "--set", "train.max_stepz=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr
     assert "ray" not in proc.stderr.lower()
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    proc = subprocess.run(LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path / "o"),
-                                  "--set", f"data.url={tmp_path / 'nowhere'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        LESA
+        + [
+            "train",
+            str(REPO / "launch" / "synthetic.yaml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--set",
+            f"data.url={tmp_path / 'nowhere'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2
     assert "nowhere/dataset.json: missing" in proc.stderr
 
@@ -142,11 +176,28 @@ def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = run_cli(LESA + ["evaluate", str(REPO / "launch" / "synthetic.yaml"),
-                           "--checkpoint", str(work / "run"), "--out", str(work / "eval3"),
-                           "--set", f"data.url={work / 'data'}", "--set", "data.image_size=48",
-                           "--set", "scaling.num_workers=3", "--set", "mlflow.experiment=e2e-eval"],
-                   timeout=600, cwd=work, env=env)
+    proc = run_cli(
+        LESA
+        + [
+            "evaluate",
+            str(REPO / "launch" / "synthetic.yaml"),
+            "--checkpoint",
+            str(work / "run"),
+            "--out",
+            str(work / "eval3"),
+            "--set",
+            f"data.url={work / 'data'}",
+            "--set",
+            "data.image_size=48",
+            "--set",
+            "scaling.num_workers=3",
+            "--set",
+            "mlflow.experiment=e2e-eval",
+        ],
+        timeout=600,
+        cwd=work,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = json.loads((work / "eval3" / "metrics.json").read_text())
     for setting in ("zsl", "gzsl"):
@@ -157,6 +208,7 @@ def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics
         rows = (work / "eval3" / f"per_label_{setting}.tsv").read_text().splitlines()
         assert rows[0].split("\t") == ["index", "id", "name", "role", "AP", "positives", "annotated"]
         assert len(rows) - 1 == (15 if setting == "zsl" else 64)
-        assert (work / "eval3" / f"per_label_{setting}.tsv").read_text() == \
-            (work / "run" / f"per_label_{setting}.tsv").read_text()
+        assert (work / "eval3" / f"per_label_{setting}.tsv").read_text() == (
+            work / "run" / f"per_label_{setting}.tsv"
+        ).read_text()
     assert "ZSL per label: best:" in proc.stdout

@@ -47,8 +47,8 @@ def test_text_file_mean_of_tokens(glove):
     assert vecs.dtype == np.float32 and vecs.shape == (6, 3)
     np.testing.assert_allclose(vecs[0], np.mean([[1, 1, 0], [0, 1, 0], [0, 0, 1], [2, 2, 2]], axis=0))
     np.testing.assert_allclose(vecs[1], [2, 2, 0])
-    np.testing.assert_allclose(vecs[2], [0, 0, 1])        # "man" comes first: the first of two keys wins
-    np.testing.assert_allclose(vecs[3], [7, 7, 7])        # word2vec-style phrase token "new_york"
+    np.testing.assert_allclose(vecs[2], [0, 0, 1])  # "man" comes first: the first of two keys wins
+    np.testing.assert_allclose(vecs[3], [7, 7, 7])  # word2vec-style phrase token "new_york"
     np.testing.assert_allclose(vecs[4], [2, 2, 2])
     np.testing.assert_allclose(vecs[5], 0)
     assert missing == ["zzz qqq"]
@@ -94,7 +94,7 @@ def test_npy_and_names(tmp_path):
     enc = load_label_encoder(str(tmp_path / "v.npy"), str(tmp_path / "names.txt"))
     vecs, missing = enc.encode(["blue sky", "Sea water", "boat"])
     np.testing.assert_allclose(vecs[0], [1.5, 2.5, 3.5])
-    np.testing.assert_allclose(vecs[1], [6, 7, 8])        # a row named with a phrase is used whole
+    np.testing.assert_allclose(vecs[1], [6, 7, 8])  # a row named with a phrase is used whole
     assert missing == ["boat"]
     (tmp_path / "short.txt").write_text("sky\nblue\n")
     with pytest.raises(DatasetError, match="short.txt: 2 names but .*4 rows"):
@@ -124,7 +124,7 @@ def test_missing_policies(glove):
     np.testing.assert_allclose(zero[2:], 0)
     rand = embed_labels(enc, names, missing="random", log=lambda m: None)
     again = embed_labels(enc, names, missing="random", log=lambda m: None)
-    np.testing.assert_array_equal(rand, again)                        # deterministic in the name
+    np.testing.assert_array_equal(rand, again)  # deterministic in the name
     mean_norm = np.linalg.norm(zero[:2], axis=1).mean()
     np.testing.assert_allclose(np.linalg.norm(rand[2:], axis=1), mean_norm, rtol=1e-5)
     assert not np.allclose(rand[2], rand[3])
@@ -145,8 +145,7 @@ def test_real_nuswide_glove_rows():
     assert missing == [] and tag_enc.dim == 300
     np.testing.assert_array_equal(vecs, tag_rows[[tags.index(t) for t in seen]])
 
-    concept_enc = load_label_encoder(str(nus / "nuswide_concepts81_glove300.npy"),
-                                     str(nus / "nuswide_concepts81.txt"))
+    concept_enc = load_label_encoder(str(nus / "nuswide_concepts81_glove300.npy"), str(nus / "nuswide_concepts81.txt"))
     vecs81, missing = concept_enc.encode(concepts)
     assert missing == []
     np.testing.assert_array_equal(vecs81, concept_rows)
@@ -156,8 +155,9 @@ def test_real_nuswide_glove_rows():
     assert len(overlap) == 75
     from_tags, missing = tag_enc.encode(concepts)
     assert sorted(missing) == ["computer", "fire", "map", "swimmers", "tattoo", "whales"]
-    np.testing.assert_array_equal(from_tags[[concepts.index(c) for c in overlap]],
-                                  concept_rows[[concepts.index(c) for c in overlap]])
+    np.testing.assert_array_equal(
+        from_tags[[concepts.index(c) for c in overlap]], concept_rows[[concepts.index(c) for c in overlap]]
+    )
 
 
 def test_wordllama_bundled_and_offline(monkeypatch):

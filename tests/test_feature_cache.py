@@ -35,7 +35,7 @@ from trainer.backbones import FeatureInput, VGG19Conv54
 from trainer.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE, GRID, CHANNELS = 64, (4, 4), 512           # VGG-19 conv5_4 at 64 px: 4 x 4 x 512
+SIZE, GRID, CHANNELS = 64, (4, 4), 512  # VGG-19 conv5_4 at 64 px: 4 x 4 x 512
 STEPS = 6
 
 
@@ -73,8 +73,14 @@ def work(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("feature_cache")
-    write_synthetic(str(root / "images"), seed=2, sizes={"train": 64, "test": 32}, image_size=SIZE,
-                    shard_size=16, log=lambda *a: None)
+    write_synthetic(
+        str(root / "images"),
+        seed=2,
+        sizes={"train": 64, "test": 32},
+        image_size=SIZE,
+        shard_size=16,
+        log=lambda *a: None,
+    )
     add_corrupt_test_shard(root / "images")
     random_vgg19(root / "vgg19.pth")
     yield root
@@ -83,13 +89,26 @@ def work(tmp_path_factory):
 
 def overrides(work: Path, data: str, **extra) -> list[str]:
     """The one config of every command here; only data.url differs between image and feature runs."""
-    values = {"data.url": str(work / data), "data.image_size": SIZE, "data.batch_size": 8,
-              "data.loader_workers": 0, "data.shuffle_buffer": 32,
-              "model.backbone": "vgg19", "model.backbone_weights": str(work / "vgg19.pth"),
-              "optim.name": "rmsprop_tf", "train.max_steps": STEPS, "train.log_every": 1, "train.seed": 3,
-              "checkpoint.every": 0, "eval.batch_size": 16, "eval.overlays": 0, "scaling.num_workers": 1,
-              "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.experiment": "feature-cache",
-              **extra}
+    values = {
+        "data.url": str(work / data),
+        "data.image_size": SIZE,
+        "data.batch_size": 8,
+        "data.loader_workers": 0,
+        "data.shuffle_buffer": 32,
+        "model.backbone": "vgg19",
+        "model.backbone_weights": str(work / "vgg19.pth"),
+        "optim.name": "rmsprop_tf",
+        "train.max_steps": STEPS,
+        "train.log_every": 1,
+        "train.seed": 3,
+        "checkpoint.every": 0,
+        "eval.batch_size": 16,
+        "eval.overlays": 0,
+        "scaling.num_workers": 1,
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "mlflow.experiment": "feature-cache",
+        **extra,
+    }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -99,8 +118,9 @@ def lesa(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def extracted(work):
-    assert lesa("extract", "--out", str(work / "features"), *overrides(work, "images",
-                                                                       **{"scaling.num_workers": 2})) == 0
+    assert (
+        lesa("extract", "--out", str(work / "features"), *overrides(work, "images", **{"scaling.num_workers": 2})) == 0
+    )
     return work / "features"
 
 
@@ -122,6 +142,7 @@ def trained(work, extracted):
 
 # --- lesa extract -----------------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 def test_extract_writes_a_feature_dataset_shard_for_shard(work, extracted, capsys):
     images, features = read_dataset(str(work / "images")), read_dataset(str(extracted))
@@ -134,13 +155,14 @@ def test_extract_writes_a_feature_dataset_shard_for_shard(work, extracted, capsy
     np.testing.assert_array_equal(features.embeddings, images.embeddings)
     for split in ("train", "test"):
         src, dst = images.shards(split), features.shards(split)
-        assert [s.url.replace(str(work / "images"), "") for s in src] == \
-               [s.url.replace(str(extracted), "") for s in dst]
+        assert [s.url.replace(str(work / "images"), "") for s in src] == [
+            s.url.replace(str(extracted), "") for s in dst
+        ]
         bad = [s for s in src if "badtest" in s.url]
         assert [d.samples for d in dst] == [s.samples - (s in bad) for s in src]  # the corrupt image is gone
         for s, d in zip(src, dst):
             a, b = tar_members(Path(s.url)), tar_members(Path(d.url))
-            keys = [n[:-len(".labels.json")] for n in a if n.endswith(".labels.json") and n != "corrupt.labels.json"]
+            keys = [n[: -len(".labels.json")] for n in a if n.endswith(".labels.json") and n != "corrupt.labels.json"]
             assert sorted(b) == sorted([f"{k}.feat.npy" for k in keys] + [f"{k}.labels.json" for k in keys])
             for k in keys:
                 assert json.loads(b[f"{k}.labels.json"]) == json.loads(a[f"{k}.labels.json"])
@@ -148,14 +170,15 @@ def test_extract_writes_a_feature_dataset_shard_for_shard(work, extracted, capsy
     # The cached rows are VGG-19's conv5_4 map of the decoded image, row-major, rounded to float16.
     members = tar_members(Path(images.shards("train")[1].url))
     key = sorted(n for n in members if n.endswith(".jpg"))[3][:-4]
-    cached = np.load(io.BytesIO(tar_members(Path(features.shards("train")[1].url))[f"{key}.feat.npy"]),
-                     allow_pickle=False)
+    cached = np.load(
+        io.BytesIO(tar_members(Path(features.shards("train")[1].url))[f"{key}.feat.npy"]), allow_pickle=False
+    )
     assert cached.dtype == np.float16 and cached.shape == (16, 512)
     vgg = VGG19Conv54(str(work / "vgg19.pth"))
     with torch.no_grad():
         fmap = vgg(torch.from_numpy(decode_image(members[f"{key}.jpg"], SIZE).copy())[None])[0]
-    expected = fmap.flatten(1).T.numpy()                       # [C, 4, 4] -> [16 regions, C]
-    assert expected.max() > 1.0                                  # a real signal, not vanishing
+    expected = fmap.flatten(1).T.numpy()  # [C, 4, 4] -> [16 regions, C]
+    assert expected.max() > 1.0  # a real signal, not vanishing
     np.testing.assert_allclose(cached.astype(np.float32), expected, rtol=2e-3, atol=1e-3 * expected.max())
 
     report = json.loads((extracted / "extract" / "report.json").read_text())
@@ -169,7 +192,7 @@ def test_extract_writes_a_feature_dataset_shard_for_shard(work, extracted, capsy
 def test_rerun_extracts_only_unfinished_shards(work, extracted, capsys):
     unfinished = extracted / "test" / "test-000001.tar"
     before = unfinished.read_bytes()
-    (extracted / "extract" / "test" / "test-000001.tar.json").unlink()   # as if stopped while writing it
+    (extracted / "extract" / "test" / "test-000001.tar.json").unlink()  # as if stopped while writing it
     unfinished.write_bytes(before[:1000])
     kept = extracted / "train" / "train-000002.tar"
     kept_mtime = kept.stat().st_mtime_ns
@@ -178,9 +201,9 @@ def test_rerun_extracts_only_unfinished_shards(work, extracted, capsys):
     assert "6 shards done already, 1 to do" in log and "1/1 shards" in log
     report = json.loads((extracted / "extract" / "report.json").read_text())
     assert report["shards_extracted"] == 1 and report["shards_reused"] == 6
-    assert report["skipped"] == 1   # the totals still cover every shard
+    assert report["skipped"] == 1  # the totals still cover every shard
     assert kept.stat().st_mtime_ns == kept_mtime
-    assert tar_members(unfinished) == tar_members(io.BytesIO(before))   # the same features again
+    assert tar_members(unfinished) == tar_members(io.BytesIO(before))  # the same features again
 
 
 def test_extract_refuses_an_out_made_with_other_settings(work, extracted, capsys):
@@ -207,18 +230,32 @@ def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path)
     torch.manual_seed(4)
     weights = tmp_path / "model.pt"
     torch.save({f"backbone.{k}": v for k, v in SmallCNN().state_dict().items()} | {"head.W": torch.zeros(1)}, weights)
-    cfg = load_config(str(REPO / "launch" / "synthetic.yaml"), overrides(work, "images", **{
-        "model.backbone": "small_cnn_frozen", "model.backbone_weights": str(weights)})[1::2])
+    cfg = load_config(
+        str(REPO / "launch" / "synthetic.yaml"),
+        overrides(work, "images", **{"model.backbone": "small_cnn_frozen", "model.backbone_weights": str(weights)})[
+            1::2
+        ],
+    )
     extractor = ShardExtractor(cfg.to_dict())
     shard = read_dataset(str(work / "images")).shards("train")[0]
-    job = {"split": "train", "relpath": "train/0.tar", "source": shard.url, "samples": shard.samples,
-           "num_labels": 64, "out": str(tmp_path / "train-0.tar"), "record": str(tmp_path / "record.json")}
+    job = {
+        "split": "train",
+        "relpath": "train/0.tar",
+        "source": shard.url,
+        "samples": shard.samples,
+        "num_labels": 64,
+        "out": str(tmp_path / "train-0.tar"),
+        "record": str(tmp_path / "record.json"),
+    }
     record = extractor.extract(job)
     assert record["samples"] == shard.samples and record["made_with"]["backbone"] == "small_cnn_frozen"
     assert record["made_with"]["grid"] == [SIZE // 8, SIZE // 8] and record["made_with"]["channels"] == 128
 
-    features = {name: np.load(io.BytesIO(data)) for name, data in tar_members(Path(job["out"])).items()
-                if name.endswith(".feat.npy")}
+    features = {
+        name: np.load(io.BytesIO(data))
+        for name, data in tar_members(Path(job["out"])).items()
+        if name.endswith(".feat.npy")
+    }
     images = {name: data for name, data in tar_members(Path(shard.url)).items() if name.endswith(".jpg")}
     name = sorted(images)[0]
     image = torch.from_numpy(decode_image(images[name], SIZE).copy())[None]
@@ -228,6 +265,7 @@ def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path)
 
 
 # --- training and evaluation on feature shards -------------------------------------------------------
+
 
 @pytest.mark.integration
 def test_training_on_features_follows_training_on_images(trained):
@@ -240,7 +278,7 @@ def test_training_on_features_follows_training_on_images(trained):
     assert loss_feat[0] == pytest.approx(loss_img[0], rel=1e-4)
     np.testing.assert_allclose(loss_feat, loss_img, rtol=5e-3)
     assert m_img["num_test_images"] == m_feat["num_test_images"] == 34
-    assert m_img["bad_samples"]["eval"]["by_kind"] == {"corrupt image": 1}   # skipped by extract instead
+    assert m_img["bad_samples"]["eval"]["by_kind"] == {"corrupt image": 1}  # skipped by extract instead
     assert m_feat["bad_samples"]["eval"]["count"] == 0
     assert_metrics_agree(m_feat, m_img)
 
@@ -259,8 +297,17 @@ def assert_metrics_agree(ours: dict, reference: dict) -> None:
 def test_the_same_model_scores_alike_on_images_and_features(work, trained):
     """One model.pt (trained on images, so it holds the VGG-19 weights too) evaluated on features."""
     m_img, _ = trained["images"]
-    assert lesa("evaluate", "--checkpoint", str(work / "run_images" / "model.pt"), "--out", str(work / "eval_features"),
-                *overrides(work, "features", **{"scaling.num_workers": 2})) == 0
+    assert (
+        lesa(
+            "evaluate",
+            "--checkpoint",
+            str(work / "run_images" / "model.pt"),
+            "--out",
+            str(work / "eval_features"),
+            *overrides(work, "features", **{"scaling.num_workers": 2}),
+        )
+        == 0
+    )
     m_eval = json.loads((work / "eval_features" / "metrics.json").read_text())
     assert m_eval["num_test_images"] == 34 and m_eval["bad_samples"]["eval"]["count"] == 0
     assert_metrics_agree(m_eval, m_img)
@@ -270,8 +317,9 @@ def test_a_feature_dataset_needs_the_backbone_and_image_size_it_was_made_with(wo
     from launch.driver import check_data
 
     def check(**extra):
-        cfg = load_config(REPO / "launch" / "synthetic.yaml", [a for a in overrides(work, "features", **extra)
-                                                                 if a != "--set"])
+        cfg = load_config(
+            REPO / "launch" / "synthetic.yaml", [a for a in overrides(work, "features", **extra) if a != "--set"]
+        )
         check_data(cfg, ["train", "test"])
 
     check()
@@ -289,13 +337,25 @@ def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, c
     cfg = load_config(REPO / "launch" / "synthetic.yaml", args)  # the config alone is valid
     with pytest.raises(ConfigError, match=f"model.backbone_weights: {work / 'images'} holds images"):
         check_data(cfg, ["train", "test"])
-    assert lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{"model.backbone_weights": "null"})) == 2
+    assert (
+        lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{"model.backbone_weights": "null"}))
+        == 2
+    )
     assert "vgg19 is frozen, so it needs pretrained weights" in capsys.readouterr().err
     assert not (work / "never").exists()
     # weights named but absent: said before any actor starts, not by every actor
     missing = work / "no_such_run" / "model.pt"
-    assert lesa("extract", "--out", str(work / "never"), *overrides(work, "images", **{
-        "model.backbone": "small_cnn_frozen", "model.backbone_weights": str(missing)})) == 2
+    assert (
+        lesa(
+            "extract",
+            "--out",
+            str(work / "never"),
+            *overrides(
+                work, "images", **{"model.backbone": "small_cnn_frozen", "model.backbone_weights": str(missing)}
+            ),
+        )
+        == 2
+    )
     assert f"model.backbone_weights: {missing} does not exist" in capsys.readouterr().err
     assert not (work / "never").exists()
 
@@ -322,10 +382,11 @@ def test_a_model_pt_moves_between_image_and_feature_inputs(work, tmp_path):
 
 # --- reading feature shards ----------------------------------------------------------------------------
 
+
 def test_feature_rows_rebuild_the_backbone_map():
     spec = read_spec()
     fmap = torch.randn(2, CHANNELS, *GRID)
-    rows = fmap.flatten(2).transpose(1, 2)                      # what extract stores, r = row * w + col
+    rows = fmap.flatten(2).transpose(1, 2)  # what extract stores, r = row * w + col
     torch.testing.assert_close(FeatureInput(spec)(rows.half()), fmap.half().float())
     assert rows[0, 1 * GRID[1] + 2, 7] == fmap[0, 7, 1, 2]
 
@@ -335,21 +396,36 @@ def test_bad_feature_arrays_are_skipped_with_shard_key_and_kind(tmp_path):
     label = encode_labels([0], [1])
     object_array = io.BytesIO()
     np.save(object_array, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    samples = {"ok": encode_npy(good), "garbage": b"not an npy", "pickled": object_array.getvalue(),
-               "wrongshape": encode_npy(np.ones((9, CHANNELS), np.float16)),
-               "nan": encode_npy(np.full((16, CHANNELS), np.nan, np.float16))}
+    samples = {
+        "ok": encode_npy(good),
+        "garbage": b"not an npy",
+        "pickled": object_array.getvalue(),
+        "wrongshape": encode_npy(np.ones((9, CHANNELS), np.float16)),
+        "nan": encode_npy(np.full((16, CHANNELS), np.nan, np.float16)),
+    }
     with SplitWriter(str(tmp_path), "s", maxcount=100) as writer:
         for key, feat in samples.items():
             writer.write(key, {"feat.npy": feat, "labels.json": label})
         writer.write("nofeat", {"labels.json": label})
-    spec = StreamSpec(shards=[Shard(str(tmp_path / "s" / "s-000000.tar"), 6)], num_labels=3, image_size=SIZE,
-                      batch_size=8, train=False, features=read_spec())
+    spec = StreamSpec(
+        shards=[Shard(str(tmp_path / "s" / "s-000000.tar"), 6)],
+        num_labels=3,
+        image_size=SIZE,
+        batch_size=8,
+        train=False,
+        features=read_spec(),
+    )
     (batch,) = list(ShardStream(spec))
     assert batch["keys"] == ["ok"] and batch["images"].dtype == torch.float16
     assert tuple(batch["images"].shape) == (1, 16, CHANNELS)
     kinds = {key: kind for shard, key, kind, _ in batch["skipped"]}
-    assert kinds == {"garbage": "corrupt feature", "pickled": "corrupt feature", "wrongshape": "feature shape mismatch",
-                     "nan": "corrupt feature", "nofeat": "missing feature"}
+    assert kinds == {
+        "garbage": "corrupt feature",
+        "pickled": "corrupt feature",
+        "wrongshape": "feature shape mismatch",
+        "nan": "corrupt feature",
+        "nofeat": "missing feature",
+    }
     assert all(shard.endswith("s-000000.tar") for shard, *_ in batch["skipped"])
     with pytest.raises(BadSample, match=r"\[9, 512\], expected \[16, 512\]"):
         decode_feature(samples["wrongshape"], (16, CHANNELS))

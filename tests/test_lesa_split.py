@@ -49,10 +49,15 @@ class EvalCall:
 def test_malicious_pickle_refused_without_running(tmp_path, payload):
     target = tmp_path / "pwned"
     path = tmp_path / "unseen_labels.pkl"
-    obj = {"system": SystemCall(target), "eval": EvalCall(),
-           "inside_array": np.array(["/m/u0", SystemCall(target)], dtype=object)}[payload]
+    obj = {
+        "system": SystemCall(target),
+        "eval": EvalCall(),
+        "inside_array": np.array(["/m/u0", SystemCall(target)], dtype=object),
+    }[payload]
     path.write_bytes(pickle.dumps(obj))
-    with pytest.raises(DatasetError, match=r"unseen_labels.pkl: refused to unpickle global (posix|os|builtins)\.(system|eval)"):
+    with pytest.raises(
+        DatasetError, match=r"unseen_labels.pkl: refused to unpickle global (posix|os|builtins)\.(system|eval)"
+    ):
         load_restricted_pickle(str(path))
     assert not target.exists()
 
@@ -63,7 +68,7 @@ def test_bad_split_files(tmp_path, capsys):
     with pytest.raises(DatasetError, match=r"top_400_unseen.csv: indices \[9\] out of range for the 5 MIDs"):
         convert_lesa_split(str(src), str(tmp_path / "out"))
     with open(src / "unseen_labels.pkl", "wb") as f:
-        pickle.dump(np.array([1, 2, 3]), f)         # a numeric array: allowed globals, wrong content
+        pickle.dump(np.array([1, 2, 3]), f)  # a numeric array: allowed globals, wrong content
     (src / "top_400_unseen.csv").write_text("0\n")
     with pytest.raises(DatasetError, match="unseen_labels.pkl: expected MID strings"):
         convert_lesa_split(str(src), str(tmp_path / "out"))

@@ -29,10 +29,8 @@ def t(rows) -> torch.Tensor:
 # Image 1: label 0 positive (3.0), labels 1, 2 negative (0.0), labels 3, 4 unknown.
 #   (p0, n1) = (p0, n2): 1 + 0 - 3 = -2 -> 0; no violating pair -> contributes 0, still counts in B.
 # L_rank = (0.9 + 0) / 2 = 0.45
-RANK_SCORES = [[2.0, 0.5, 1.0, -0.2, 3.0],
-               [3.0, 0.0, 0.0, 0.5, 0.0]]
-RANK_Y = [[1, 1, -1, -1, 0],
-          [1, -1, -1, 0, 0]]
+RANK_SCORES = [[2.0, 0.5, 1.0, -0.2, 3.0], [3.0, 0.0, 0.0, 0.5, 0.0]]
+RANK_Y = [[1, 1, -1, -1, 0], [1, -1, -1, 0, 0]]
 
 
 def test_ranking_loss_by_hand():
@@ -79,12 +77,12 @@ def test_ranking_loss_gradient_only_from_violating_pairs():
     # image 0: d/ds of (hinge(p1,n2) + hinge(p1,n3)) / 2 / B with B = 2:
     #   s0 (p0) in no violating pair -> 0; s1 (p1) -> -2 * 1/4 = -0.5; s2, s3 -> +1/4 each; s4 unknown -> 0
     #   image 1: no violating pair -> all 0
-    expected = [[0.0, -0.5, 0.25, 0.25, 0.0],
-                [0.0, 0.0, 0.0, 0.0, 0.0]]
+    expected = [[0.0, -0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
     torch.testing.assert_close(scores.grad, t(expected))
 
 
 # ------------------------------------------------------------------------------------ distribution
+
 
 def test_distribution_loss_by_hand():
     # attention_scores [B=2, M=2, K=3]; pi = softmax over the M attentions for each label.
@@ -98,15 +96,14 @@ def test_distribution_loss_by_hand():
     #   Q = (0.5, 0.5); squares 0.25 + 0.25 = 0.5
     # L_dist = (2.125 + 0.5) / (B * M = 4) = 0.65625
     ln3 = math.log(3.0)
-    attention_scores = t([[[0.0, ln3, 5.0],
-                           [0.0, 0.0, -5.0]],
-                          [[9.0, 9.0, 0.0],
-                           [1.0, -3.0, 0.0]]])
+    attention_scores = t([[[0.0, ln3, 5.0], [0.0, 0.0, -5.0]], [[9.0, 9.0, 0.0], [1.0, -3.0, 0.0]]])
     y = t([[1, 1, -1], [0, -1, 1]])
     out = {"attention_scores": attention_scores}
     assert distribution_loss(out, y).item() == pytest.approx(0.65625, rel=1e-6)
     # image 0 alone: 2.125 / 2 = 1.0625
-    assert distribution_loss({"attention_scores": attention_scores[:1]}, y[:1]).item() == pytest.approx(1.0625, rel=1e-6)
+    assert distribution_loss({"attention_scores": attention_scores[:1]}, y[:1]).item() == pytest.approx(
+        1.0625, rel=1e-6
+    )
 
 
 def test_distribution_loss_not_normalised_by_number_of_positives():
@@ -120,6 +117,7 @@ def test_distribution_loss_not_normalised_by_number_of_positives():
 
 # --------------------------------------------------------------------------------------- relevance
 
+
 def test_relevance_loss_by_hand():
     # Image 0: s = [1.0, 2.0, 1.5, 3.0], g = [2.0, 1.5, 1.0, -4.0], y = [+1, +1, -1, 0]
     #   k0 (+): -(1.0 - 2.0) = 1.0      k1 (+): -(2.0 - 1.5) = -0.5 -> 0
@@ -129,8 +127,10 @@ def test_relevance_loss_by_hand():
     #   k0 (+): -(0 - 1) = 1.0          k3 (-): +(0 - 1) = -1 -> 0
     #   sum = 1.0
     # L_rel = 1.5 + 1.0 = 2.5 (summed over the batch, not averaged: the mean would be 1.25)
-    out = {"scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
-           "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]])}
+    out = {
+        "scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
+    }
     y = t([[1, 1, -1, 0], [1, 0, 0, -1]])
     assert relevance_loss(out, y).item() == pytest.approx(2.5, rel=1e-6)
     # Integer labels work the same.
@@ -144,13 +144,16 @@ def test_relevance_loss_ignores_unknowns_with_margin():
     # Image 1: k0 1 + 0.25 = 1.25; k1, k2 unknown -> 0; k3 -1 + 0.25 -> 0
     #   = 1.25
     # total 3.25
-    out = {"scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
-           "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]])}
+    out = {
+        "scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
+    }
     y = t([[1, 1, -1, 0], [1, 0, 0, -1]])
     assert relevance_loss(out, y, delta=0.25).item() == pytest.approx(3.25, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------- diversity
+
 
 def test_diversity_loss_by_hand():
     # Logits e [B=2, M=2, R=3] (pre-softmax, not attention weights).
@@ -159,8 +162,7 @@ def test_diversity_loss_by_hand():
     # Image 1: e0 = (2, 0, 0) -> (1, 0, 0); e1 = (-1, -1, 0) -> -(1, 1, 0)/sqrt 2
     #   cos = -1/sqrt 2; two entries -> 2 * 0.5 = 1.0
     # L_div = sqrt(0.8192 + 1.0) = sqrt(1.8192)   (one Frobenius norm over the whole batch)
-    e = t([[[3.0, 4.0, 0.0], [0.0, 4.0, 3.0]],
-           [[2.0, 0.0, 0.0], [-1.0, -1.0, 0.0]]])
+    e = t([[[3.0, 4.0, 0.0], [0.0, 4.0, 3.0]], [[2.0, 0.0, 0.0], [-1.0, -1.0, 0.0]]])
     expected = math.sqrt(1.8192)  # = 1.34877...
     out = {"attention_logits": e, "attention": e.softmax(dim=-1)}
     assert diversity_loss(out, None).item() == pytest.approx(expected, rel=1e-5)
@@ -200,6 +202,7 @@ def test_diversity_loss_single_attention_is_zero_with_finite_gradient():
 
 # ------------------------------------------------------------------------------------------- total
 
+
 def test_spec_log_row_arithmetic():
     # lesa_spec §2.5: released NUS log.csv row 0.
     rank, dist, rel, div = 1.11435, 0.74215, 5818.38, 16.5616
@@ -224,7 +227,8 @@ def test_total_loss_weights_real_components():
     rel = relevance_loss(out, y).item()
     div = diversity_loss(out, y).item()
     assert {k: v.item() for k, v in parts.items()} == pytest.approx(
-        {"rank": rank, "dist": dist, "rel": rel, "div": div}, rel=1e-6)
+        {"rank": rank, "dist": dist, "rel": rel, "div": div}, rel=1e-6
+    )
     assert total.item() == pytest.approx(1.0 * rank + 0.1 * dist + 0.001 * rel + 0.01 * div, rel=1e-5)
     assert not any(value.requires_grad for value in parts.values())  # logged, never back-propagated
     assert total.requires_grad
@@ -248,6 +252,7 @@ def test_total_loss_skips_zero_weights():
 
 # ----------------------------------------------------------------------------------------- RMSprop
 
+
 def test_rmsprop_tf_two_steps_by_hand():
     # theta = (1.0, -2.0), constant gradient g = (0.5, -1.0), lr 0.1, alpha 0.9, momentum 0.9, eps 1.
     # Step 1 (ms starts at 1, mom at 0):
@@ -263,8 +268,8 @@ def test_rmsprop_tf_two_steps_by_hand():
 
     p.grad = g.clone()
     opt.step()
-    mom1 = (0.05 / math.sqrt(1.925), -0.1 / math.sqrt(2.0))     # (0.036037..., -0.070710...)
-    theta1 = (1.0 - mom1[0], -2.0 - mom1[1])                    # (0.963962..., -1.929289...)
+    mom1 = (0.05 / math.sqrt(1.925), -0.1 / math.sqrt(2.0))  # (0.036037..., -0.070710...)
+    theta1 = (1.0 - mom1[0], -2.0 - mom1[1])  # (0.963962..., -1.929289...)
     assert p.tolist() == pytest.approx(theta1, rel=1e-6)
     state = opt.state[p]
     assert state["square_avg"].tolist() == pytest.approx([0.925, 1.0], rel=1e-6)
@@ -297,7 +302,7 @@ def test_rmsprop_tf_updates_many_parameters_at_once_as_each_alone():
     for step in range(4):
         if step == 2:
             for o in (opt, *singles):
-                o.param_groups[0]["lr"] = 0.02   # as the adaptive schedule does
+                o.param_groups[0]["lr"] = 0.02  # as the adaptive schedule does
         grads = [torch.randn(shape) for shape in shapes]
         for q, r, g in zip(together, alone, grads):
             q.grad, r.grad = g.clone(), g.clone()
@@ -312,7 +317,7 @@ def test_rmsprop_tf_updates_many_parameters_at_once_as_each_alone():
 
 def test_rmsprop_tf_skips_params_without_grad_and_registry():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    opt = RMSpropTF([a, b])                 # defaults lr 1e-3, alpha 0.9, momentum 0.9, eps 1.0
+    opt = RMSpropTF([a, b])  # defaults lr 1e-3, alpha 0.9, momentum 0.9, eps 1.0
     a.grad = t([1.0, 0.0])
     opt.step()
     assert b not in opt.state and b.tolist() == [1.0, 1.0]

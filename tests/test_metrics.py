@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def sklearn_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The reference: per label, sklearn AP over annotated images; 0 if no positive there."""
     out = []
@@ -52,15 +53,16 @@ def random_problem(rng: np.random.Generator, n: int, c: int, levels: int = 4):
     scores = rng.integers(0, levels, size=(n, c)).astype(np.float64)
     labels = rng.choice(np.array([1, -1, 0], dtype=np.int8), size=(n, c), p=[0.3, 0.45, 0.25])
     if c >= 3 and n >= 3:
-        labels[:, 0] = np.where(labels[:, 0] > 0, -1, labels[:, 0])   # annotated, no positive
-        labels[:, 1] = 0                                              # not annotated anywhere
-        labels[:, 2] = 1                                              # positive on rows >= 2
-        labels[0, :] = np.where(labels[0, :] > 0, -1, labels[0, :])   # image without positives
-        labels[1, :] = 0                                              # image without annotation
+        labels[:, 0] = np.where(labels[:, 0] > 0, -1, labels[:, 0])  # annotated, no positive
+        labels[:, 1] = 0  # not annotated anywhere
+        labels[:, 2] = 1  # positive on rows >= 2
+        labels[0, :] = np.where(labels[0, :] > 0, -1, labels[0, :])  # image without positives
+        labels[1, :] = 0  # image without annotation
     return scores, labels
 
 
 # --- a. AP against sklearn -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(40))
 def test_per_label_ap_matches_sklearn_with_ties_and_unknowns(seed):
@@ -71,7 +73,7 @@ def test_per_label_ap_matches_sklearn_with_ties_and_unknowns(seed):
     got = per_label_ap(scores, labels)
     assert got.shape == (c,)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
-    assert got[0] == 0.0 and got[1] == 0.0          # no positive / no annotation -> AP 0
+    assert got[0] == 0.0 and got[1] == 0.0  # no positive / no annotation -> AP 0
     # the mean keeps the zero APs (all C labels), in percent
     assert compute_metrics(scores, labels, [1])["mAP"] == pytest.approx(100 * expected.mean(), abs=1e-10)
 
@@ -98,17 +100,17 @@ def test_average_precision_by_hand_ties_are_one_step():
 
 
 def test_average_precision_edge_cases():
-    assert average_precision(np.array([0.3, 0.2]), np.array([-1, -1])) == 0.0   # no positive
-    assert average_precision(np.array([0.3, 0.2]), np.array([0, 0])) == 0.0     # nothing annotated
+    assert average_precision(np.array([0.3, 0.2]), np.array([-1, -1])) == 0.0  # no positive
+    assert average_precision(np.array([0.3, 0.2]), np.array([0, 0])) == 0.0  # nothing annotated
     assert average_precision(np.array([]), np.array([], dtype=np.int8)) == 0.0  # no images
-    assert average_precision(np.array([0.1, 0.9]), np.array([1, 1])) == 1.0     # only positives
-    assert average_precision(np.array([0.1, 0.9]), np.array([1, -1])) == 0.5    # positive ranked 2nd
-    assert average_precision(np.array([2.0, 2.0]), np.array([1, -1])) == 0.5    # a full tie
+    assert average_precision(np.array([0.1, 0.9]), np.array([1, 1])) == 1.0  # only positives
+    assert average_precision(np.array([0.1, 0.9]), np.array([1, -1])) == 0.5  # positive ranked 2nd
+    assert average_precision(np.array([2.0, 2.0]), np.array([1, -1])) == 0.5  # a full tie
 
 
 def test_per_label_ap_of_images_without_positives_or_annotations():
     scores = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
-    labels = np.array([[0, 0], [-1, -1], [1, 1]], dtype=np.int8)   # image 0 unknown, image 1 all negative
+    labels = np.array([[0, 0], [-1, -1], [1, 1]], dtype=np.int8)  # image 0 unknown, image 1 all negative
     np.testing.assert_allclose(per_label_ap(scores, labels), [0.5, 1.0])
     np.testing.assert_allclose(per_label_ap(scores, labels), sklearn_ap(scores, labels))
 
@@ -116,16 +118,21 @@ def test_per_label_ap_of_images_without_positives_or_annotations():
 # --- b. top-K precision / recall / F1 by hand ----------------------------------------------------
 
 # 3 images x 4 labels.
-HAND_SCORES = np.array([
-    [0.9, 0.8, 0.1, 0.5],   # top-2: label 0 (+1, TP), label 1 (unknown -> FP)
-    [0.2, 0.2, 0.2, 0.7],   # top-2: label 3 (+1, TP), then the 3-way tie goes to label 0 (-1, FP)
-    [0.3, 0.6, 0.6, 0.0],   # no positive at all: top-2 labels 1, 2 are 2 FPs
-])
-HAND_LABELS = np.array([
-    [1, 0, 1, -1],          # 2 positives
-    [-1, 1, -1, 1],         # 2 positives
-    [-1, -1, -1, 0],        # 0 positives (and one unknown, never in the recall denominator)
-], dtype=np.int8)
+HAND_SCORES = np.array(
+    [
+        [0.9, 0.8, 0.1, 0.5],  # top-2: label 0 (+1, TP), label 1 (unknown -> FP)
+        [0.2, 0.2, 0.2, 0.7],  # top-2: label 3 (+1, TP), then the 3-way tie goes to label 0 (-1, FP)
+        [0.3, 0.6, 0.6, 0.0],  # no positive at all: top-2 labels 1, 2 are 2 FPs
+    ]
+)
+HAND_LABELS = np.array(
+    [
+        [1, 0, 1, -1],  # 2 positives
+        [-1, 1, -1, 1],  # 2 positives
+        [-1, -1, -1, 0],  # 0 positives (and one unknown, never in the recall denominator)
+    ],
+    dtype=np.int8,
+)
 # positives: 4.
 # K=1: picks 0 | 3 | 1 (tie 1/2 -> 1)        TP = 1 + 1 + 0 = 2  P = 2/3  R = 2/4
 # K=2: picks 0,1 | 3,0 | 1,2                 TP = 1 + 1 + 0 = 2  P = 2/6  R = 2/4
@@ -230,15 +237,16 @@ def test_topk_over_many_rows_matches_stable_sort(levels):
 
 # --- c. compute_metrics output shape -------------------------------------------------------------
 
+
 def test_compute_metrics_keys_and_percent():
     out = compute_metrics(HAND_SCORES, HAND_LABELS, [3, 2])
     assert set(out) == {"P@3", "R@3", "F1@3", "P@2", "R@2", "F1@2", "mAP"}
     assert all(isinstance(v, float) for v in out.values())
     assert all(0.0 <= v <= 100.0 for v in out.values())
-    assert out["R@3"] == pytest.approx(75.0)            # percent, not a fraction
+    assert out["R@3"] == pytest.approx(75.0)  # percent, not a fraction
     perfect = compute_metrics(np.eye(3), np.where(np.eye(3) > 0, 1, -1), [1])
     assert perfect == {"P@1": 100.0, "R@1": 100.0, "F1@1": 100.0, "mAP": 100.0}
-    json.dumps(out)                                      # plain floats, JSON-able
+    json.dumps(out)  # plain floats, JSON-able
 
 
 def test_compute_metrics_equals_evaluate_settings_without_process_group():
@@ -252,13 +260,13 @@ def test_compute_metrics_equals_evaluate_settings_without_process_group():
 
 # --- d. distributed exactness (real gloo process groups) ------------------------------------------
 
+
 def _dist_worker(rank: int, world: int, workdir: str, num_problems: int) -> None:
     import torch.distributed as dist
 
     from trainer.metrics import evaluate_settings as evaluate
 
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'store')}",
-                            rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'store')}", rank=rank, world_size=world)
     try:
         for i in range(num_problems):
             data = np.load(os.path.join(workdir, f"problem-{i}.npz"))
@@ -274,17 +282,21 @@ def _dist_worker(rank: int, world: int, workdir: str, num_problems: int) -> None
 
 # per world size: problems as (rows per rank: uneven, one rank empty; number of labels; zsl columns)
 DIST_CASES = {
-    2: [([0, 37], 11, [2, 5, 6, 9]),                   # rank 0 holds no rows
-        ([30, 1], 5, [0, 3])],                         # a rank with a single row
-    3: [([9, 0, 28], 11, [0, 1, 4, 10]),               # rank 1 holds no rows
-        ([20, 17, 0], 2, [1])],                        # rank 2: no rows and, with 2 labels, no labels to own
+    2: [
+        ([0, 37], 11, [2, 5, 6, 9]),  # rank 0 holds no rows
+        ([30, 1], 5, [0, 3]),
+    ],  # a rank with a single row
+    3: [
+        ([9, 0, 28], 11, [0, 1, 4, 10]),  # rank 1 holds no rows
+        ([20, 17, 0], 2, [1]),
+    ],  # rank 2: no rows and, with 2 labels, no labels to own
 }
 
 
 def _dist_problem(seed: int, n: int, num_labels: int):
     rng = np.random.default_rng(seed)
     scores, labels = random_problem(rng, n, num_labels, levels=3)
-    if num_labels < 3:   # still force a label without positives and an image without positives
+    if num_labels < 3:  # still force a label without positives and an image without positives
         labels[:, 0] = np.where(labels[:, 0] > 0, -1, labels[:, 0])
         labels[0, :] = -1
         labels[1:4, 1] = 1
@@ -300,8 +312,15 @@ def test_distributed_evaluate_settings_is_exact(tmp_path, world):
     for i, (rows, num_labels, zsl) in enumerate(DIST_CASES[world]):
         scores, labels = _dist_problem(world * 100 + i, sum(rows), num_labels)
         zsl, gzsl = np.array(zsl), np.arange(num_labels)
-        np.savez(tmp_path / f"problem-{i}.npz", scores=scores, labels=labels, bounds=np.cumsum([0, *rows]),
-                 zsl=zsl, gzsl=gzsl, ks=np.array(ks))
+        np.savez(
+            tmp_path / f"problem-{i}.npz",
+            scores=scores,
+            labels=labels,
+            bounds=np.cumsum([0, *rows]),
+            zsl=zsl,
+            gzsl=gzsl,
+            ks=np.array(ks),
+        )
         problems.append((rows, evaluate_settings(scores, labels, {"zsl": zsl, "gzsl": gzsl}, ks)))
 
     mp.spawn(_dist_worker, args=(world, str(tmp_path), len(problems)), nprocs=world, join=True)
@@ -323,13 +342,14 @@ def test_distributed_reference_has_the_awkward_cases():
     for world, cases in DIST_CASES.items():
         for i, (rows, num_labels, _) in enumerate(cases):
             scores, labels = _dist_problem(world * 100 + i, sum(rows), num_labels)
-            assert len(np.unique(scores)) < scores.size                 # ties
-            assert (labels == 0).any()                                  # unknowns
-            assert not (labels > 0).any(axis=0).all()                   # a label without positives
-            assert not (labels > 0).any(axis=1).all()                   # an image without positives
+            assert len(np.unique(scores)) < scores.size  # ties
+            assert (labels == 0).any()  # unknowns
+            assert not (labels > 0).any(axis=0).all()  # a label without positives
+            assert not (labels > 0).any(axis=1).all()  # an image without positives
 
 
 # --- e. the CLI ------------------------------------------------------------------------------------
+
 
 def _write(tmp_path, scores, labels):
     s, y = tmp_path / "S.npy", tmp_path / "Y.npy"
@@ -363,8 +383,13 @@ def test_cli_metrics_console_script(tmp_path):
     s, y = _write(tmp_path, HAND_SCORES, HAND_LABELS)
     lesa = Path(sys.executable).with_name("lesa")
     cmd = [str(lesa)] if lesa.exists() else [sys.executable, "-m", "launch.cli"]
-    proc = subprocess.run([*cmd, "metrics", "--scores", str(s), "--labels", str(y), "--k", "3", "5"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [*cmd, "metrics", "--scores", str(s), "--labels", str(y), "--k", "3", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == pytest.approx(compute_metrics(HAND_SCORES, HAND_LABELS, [3, 5]))
 
@@ -397,22 +422,36 @@ def test_cli_metrics_bad_label_values_name_the_labels_file(tmp_path, bad):
 
 def test_cli_metrics_error_exit_status_and_stderr(tmp_path):
     s, y = _write(tmp_path, HAND_SCORES, np.full(HAND_SCORES.shape, 7, dtype=np.int8))
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "metrics", "--scores", str(s), "--labels", str(y)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "metrics", "--scores", str(s), "--labels", str(y)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode != 0
     assert str(y) in proc.stderr
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("shape,ks", [((300, 7586), [10, 20]), ((200, 40), [3, 5]), ((130, 7), [3, 7]),
-                                      ((70, 400), [1, 400]),
-                                      ((40, 64), [3, 5]), ((33, 65), [5]), ((20, 7587), [10, 20])])
+@pytest.mark.parametrize(
+    "shape,ks",
+    [
+        ((300, 7586), [10, 20]),
+        ((200, 40), [3, 5]),
+        ((130, 7), [3, 7]),
+        ((70, 400), [1, 400]),
+        ((40, 64), [3, 5]),
+        ((33, 65), [5]),
+        ((20, 7587), [10, 20]),
+    ],
+)
 def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
     from trainer.metrics import kth_largest
 
     rng = np.random.default_rng(sum(shape))
     scores = rng.standard_normal(shape).astype(np.float16).astype(np.float32)  # many ties
-    scores[::7, : shape[1] // 2] = 0.5                                          # whole runs of ties
+    scores[::7, : shape[1] // 2] = 0.5  # whole runs of ties
     scores[3, :] = -np.inf
     expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
     np.testing.assert_array_equal(kth_largest(scores, ks), expected)
@@ -435,8 +474,9 @@ def test_kth_largest_every_small_width(monkeypatch, sort_below):
         np.testing.assert_array_equal(kth_largest(scores, ks), expected, err_msg=f"width {width}, ks {ks}")
 
 
-@pytest.mark.parametrize("width,ks", [(2048, [3, 5]), (4095, [10, 20]), (7586, [1, 64]), (8191, [40, 129]),
-                                      (2048, [32, 33]), (3000, [3000])])
+@pytest.mark.parametrize(
+    "width,ks", [(2048, [3, 5]), (4095, [10, 20]), (7586, [1, 64]), (8191, [40, 129]), (2048, [32, 33]), (3000, [3000])]
+)
 def test_kth_kernel_around_its_group_layout(width, ks):
     """Widths that leave a tail past the last fold, K around the group count (2048 / 64 = 32
     groups: K = 33 scans whole rows) and K = the width; rows of one value, of -inf and +inf."""
@@ -447,7 +487,7 @@ def test_kth_kernel_around_its_group_layout(width, ks):
     scores[1] = 0.25
     scores[2, ::3] = np.inf
     scores[4] = -np.inf
-    scores[5, -7:] = 99.0                                    # the top sits in the tail
+    scores[5, -7:] = 99.0  # the top sits in the tail
     expected = -np.sort(-scores, axis=1)[:, np.asarray(ks) - 1]
     np.testing.assert_array_equal(kth_largest_f32(scores, ks), expected)
 
@@ -501,15 +541,17 @@ def test_ascending_key_orders_and_ties_exactly_as_the_floats():
     from trainer.metrics import ascending_key
 
     rng = np.random.default_rng(3)
-    special = np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, np.finfo(np.float32).max,
-                        np.finfo(np.float32).min, 1.0, -1.0], dtype=np.float32)
+    special = np.array(
+        [-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, np.finfo(np.float32).max, np.finfo(np.float32).min, 1.0, -1.0],
+        dtype=np.float32,
+    )
     values = np.concatenate([special, rng.standard_normal(500).astype(np.float16).astype(np.float32)])
     key = ascending_key(values)
-    assert key.dtype == np.uint64 and key.max() < 2 ** 32
+    assert key.dtype == np.uint64 and key.max() < 2**32
     i, j = np.meshgrid(np.arange(len(values)), np.arange(len(values)))
     np.testing.assert_array_equal(key[i] < key[j], values[i] < values[j])
     np.testing.assert_array_equal(key[i] == key[j], values[i] == values[j])  # -0.0 ties with 0.0
-    wide = rng.integers(0, 5, 50).astype(np.float64)   # other dtypes: their rank
+    wide = rng.integers(0, 5, 50).astype(np.float64)  # other dtypes: their rank
     np.testing.assert_array_equal(np.argsort(ascending_key(wide), kind="stable"), np.argsort(wide, kind="stable"))
 
 
@@ -562,13 +604,17 @@ def test_k_th_scores_on_the_gpu_equal_the_cpu_filter():
     scores = rng.standard_normal((700, 7586)).astype(np.float16).astype(np.float32)
     scores[::5, :3000] = 0.25
     for ks in ([10, 20], [1, 7586]):
-        np.testing.assert_array_equal(kth_largest_rows(torch.from_numpy(scores).cuda(), ks).cpu().numpy(),
-                                      kth_largest_rows(torch.from_numpy(scores), ks).numpy())
+        np.testing.assert_array_equal(
+            kth_largest_rows(torch.from_numpy(scores).cuda(), ks).cpu().numpy(),
+            kth_largest_rows(torch.from_numpy(scores), ks).numpy(),
+        )
     labels = rng.choice(np.array([1, -1, 0], dtype=np.int8), size=scores.shape, p=[0.01, 0.01, 0.98])
     results = []
     for device in ("cuda", "cpu"):
         metrics = StreamingMetrics({"all": np.arange(7586)}, 7586, [10, 20])
         for lo in range(0, 700, 128):
-            metrics.add(torch.from_numpy(scores[lo:lo + 128]).to(device), Annotations.from_dense(labels[lo:lo + 128]))
+            metrics.add(
+                torch.from_numpy(scores[lo : lo + 128]).to(device), Annotations.from_dense(labels[lo : lo + 128])
+            )
         results.append(metrics.result()[0])
     assert results[0] == results[1]

@@ -85,14 +85,16 @@ def test_head_without_adapter_matches_the_spec_formulas():
         alpha = torch.exp(e) / torch.exp(e).sum(dim=1, keepdim=True)
         for m in range(M):
             z = sum(alpha[m, r] * regions[r] for r in range(len(regions)))
-            projected = head.W.T @ z                                   # into the word space
+            projected = head.W.T @ z  # into the word space
             for k in range(K):
                 assert out["attention_scores"][0, m, k].item() == pytest.approx(
-                    float(projected @ v[k]), rel=1e-4, abs=1e-5)
+                    float(projected @ v[k]), rel=1e-4, abs=1e-5
+                )
         mean = sum(regions) / len(regions)
         for k in range(K):
-            assert out["global_scores"][0, k].item() == pytest.approx(float((head.W.T @ mean) @ v[k]),
-                                                                      rel=1e-4, abs=1e-5)
+            assert out["global_scores"][0, k].item() == pytest.approx(
+                float((head.W.T @ mean) @ v[k]), rel=1e-4, abs=1e-5
+            )
     torch.testing.assert_close(out["attention_logits"][0], e, rtol=1e-4, atol=1e-5)
 
 
@@ -103,7 +105,7 @@ def test_adapter_pads_like_tf_same():
     with torch.no_grad():
         adapter.conv.weight.copy_(torch.tensor([[[[a, b], [c, d]]]]))
     adapter.eval()  # BN with running mean 0, var 1: y = x / sqrt(1 + 1e-3)
-    x = torch.arange(1.0, 13.0).view(1, 1, 3, 4)   # positive, so the ReLU is the identity
+    x = torch.arange(1.0, 13.0).view(1, 1, 3, 4)  # positive, so the ReLU is the identity
     y = adapter(x)
     assert y.shape == x.shape
     grid = x[0, 0].tolist()
@@ -144,9 +146,14 @@ def test_gradient_reaches_head_and_trainable_backbone():
     loss, parts = total_loss(out, labels_for(B, K), WEIGHTS)
     assert set(parts) == set(WEIGHTS) and loss.item() > 0
     loss.backward()
-    for name, p in [("W", head.W), ("W1.weight", head.W1.weight), ("W1.bias", head.W1.bias),
-                    ("W2.weight", head.W2.weight), ("W2.bias", head.W2.bias),
-                    ("adapter.conv", head.adapter.conv.weight)]:
+    for name, p in [
+        ("W", head.W),
+        ("W1.weight", head.W1.weight),
+        ("W1.bias", head.W1.bias),
+        ("W2.weight", head.W2.weight),
+        ("W2.bias", head.W2.bias),
+        ("adapter.conv", head.adapter.conv.weight),
+    ]:
         assert nonzero_grad(p), name
     convs = [m for m in backbone.features if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 4
@@ -166,7 +173,7 @@ def test_vgg19_is_frozen_conv54(vgg):
     assert all(not p.requires_grad for p in vgg.parameters())
     convs = [m for m in vgg.features if isinstance(m, torch.nn.Conv2d)]
     pools = [m for m in vgg.features if isinstance(m, torch.nn.MaxPool2d)]
-    assert len(convs) == 16 and len(pools) == 4            # conv5_4 + ReLU, no pool5
+    assert len(convs) == 16 and len(pools) == 4  # conv5_4 + ReLU, no pool5
     assert isinstance(vgg.features[-1], torch.nn.ReLU)
     vgg.train()
     assert not vgg.training and not any(m.training for m in vgg.modules())
@@ -180,7 +187,7 @@ def test_vgg19_gradient_does_not_flow_to_backbone(vgg):
     images = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
     fmap = vgg(images)
     assert fmap.shape == (1, 512, 14, 14)
-    assert (fmap >= 0).all()                                # after the ReLU
+    assert (fmap >= 0).all()  # after the ReLU
     out = model(images, torch.arange(K))
     assert out["attention"].shape == (1, M, 196)
     loss, _ = total_loss(out, labels_for(1, K), WEIGHTS)
@@ -244,8 +251,9 @@ def test_small_cnn_frozen_takes_a_trained_model_pt(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(trained.state_dict(), path)
 
-    cfg = load_config(base={"data": {"url": "unused"},
-                            "model": {"backbone": "small_cnn_frozen", "backbone_weights": str(path)}})
+    cfg = load_config(
+        base={"data": {"url": "unused"}, "model": {"backbone": "small_cnn_frozen", "backbone_weights": str(path)}}
+    )
     frozen = build_backbone(cfg.model)
     assert isinstance(frozen, FrozenSmallCNN) and not frozen.trainable
     assert not any(m.training for m in frozen.modules())  # from the start, not only after train()
@@ -290,7 +298,7 @@ def test_label_vectors_are_l2_normalised_buffer():
     torch.testing.assert_close(lv[0], torch.tensor([0.6, 0.8, 0.0]))
     torch.testing.assert_close(lv[1], torch.tensor([0.0, 0.0, -1.0]))
     torch.testing.assert_close(lv[2], torch.full((3,), 1 / math.sqrt(3)))
-    assert "label_vectors" in model.state_dict()           # saved with the model
+    assert "label_vectors" in model.state_dict()  # saved with the model
     assert "label_vectors" not in dict(model.named_parameters())
 
 
@@ -313,8 +321,9 @@ def test_label_ids_select_rows():
 
 
 def test_build_model_from_config():
-    cfg = load_config(base={"data": {"url": "unused"},
-                            "model": {"backbone": "small_cnn", "num_attentions": 3, "adapter": False}})
+    cfg = load_config(
+        base={"data": {"url": "unused"}, "model": {"backbone": "small_cnn", "num_attentions": 3, "adapter": False}}
+    )
     vectors = np.random.default_rng(0).normal(size=(K, DIM)).astype(np.float32)
     model = build_model(cfg, vectors)
     assert isinstance(model.backbone, SmallCNN)

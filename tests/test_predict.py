@@ -28,8 +28,9 @@ NUSWIDE = Path("/work/shared/data/nuswide")
 
 def save_run(out: Path, data_url: str, embeddings: np.ndarray) -> torch.nn.Module:
     """What `lesa train --out` writes for predict: config.json and model.pt (a plain state dict)."""
-    cfg = load_config(base={"data": {"url": data_url, "image_size": IMAGE_SIZE},
-                            "model": {"num_attentions": NUM_ATTENTIONS}})
+    cfg = load_config(
+        base={"data": {"url": data_url, "image_size": IMAGE_SIZE}, "model": {"num_attentions": NUM_ATTENTIONS}}
+    )
     torch.manual_seed(0)
     model = build_model(cfg, embeddings)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +131,19 @@ def test_nothing_predictable_exits_nonzero(run, capsys):
 def test_overlays_one_png_per_image(run, tmp_path, capsys):
     out_dir, _, _, images = run
     sheets = tmp_path / "sheets"
-    code = main(["predict", str(images / "wide.jpg"), str(images / "tall.png"), "--checkpoint", str(out_dir),
-                 "--top-k", "3", "--overlays", str(sheets)])
+    code = main(
+        [
+            "predict",
+            str(images / "wide.jpg"),
+            str(images / "tall.png"),
+            "--checkpoint",
+            str(out_dir),
+            "--top-k",
+            "3",
+            "--overlays",
+            str(sheets),
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in sheets.iterdir()) == ["tall.png", "wide.png"]
     with Image.open(sheets / "wide.png") as sheet:
@@ -164,17 +176,35 @@ def test_new_names_get_glove_vectors_through_the_label_encoder(tmp_path, capsys)
     row = {name: i for i, name in enumerate(tags)}
     dataset_names = ["nature", "sky", "landscape", "light"]
     data = tmp_path / "data"
-    write_metadata(str(data), "nus-mini", "image",
-                   [Label(i, n, n, "seen" if i < 3 else "unseen") for i, n in enumerate(dataset_names)],
-                   glove[[row[n] for n in dataset_names]], splits={})
+    write_metadata(
+        str(data),
+        "nus-mini",
+        "image",
+        [Label(i, n, n, "seen" if i < 3 else "unseen") for i, n in enumerate(dataset_names)],
+        glove[[row[n] for n in dataset_names]],
+        splits={},
+    )
     model = save_run(tmp_path / "run", str(data), glove[[row[n] for n in dataset_names]])
     picture = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(picture)
 
-    code = main(["predict", str(picture), "--checkpoint", str(tmp_path / "run"),
-                 "--labels", "sky", "sunset", "blue water", "qqxqq",
-                 "--label-vectors", str(NUSWIDE / "nuswide_tags1k_glove300.npy"),
-                 "--label-vector-names", str(NUSWIDE / "nuswide_tags1k.txt")])
+    code = main(
+        [
+            "predict",
+            str(picture),
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--labels",
+            "sky",
+            "sunset",
+            "blue water",
+            "qqxqq",
+            "--label-vectors",
+            str(NUSWIDE / "nuswide_tags1k_glove300.npy"),
+            "--label-vector-names",
+            str(NUSWIDE / "nuswide_tags1k.txt"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "qqxqq" in captured.err

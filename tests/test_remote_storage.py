@@ -52,8 +52,11 @@ def s3_endpoint(tmp_path_factory):
     """moto's S3 server on a free loopback port, up until the module's tests are done."""
     port, log = free_port(), tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -88,9 +91,14 @@ def s3(s3_endpoint, tmp_path_factory):
         for name in list(os.environ):
             if name.startswith(("AWS_", "MLFLOW_S3_")):
                 mp.delenv(name)
-        for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "lesa-test-key",
-                            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty)}.items():
+        for name, value in {
+            "AWS_ENDPOINT_URL": s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "lesa-test-key",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": str(empty),
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+        }.items():
             mp.setenv(name, value)
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
@@ -112,8 +120,14 @@ def stream_all(shards, num_labels: int) -> dict[str, tuple[np.ndarray, np.ndarra
 def test_dataset_written_to_and_streamed_from_s3(s3, tmp_path):
     url = f"s3://{BUCKET}/tiny"
     write_synthetic(url, seed=2, sizes={"train": 24, "test": 12}, image_size=32, shard_size=8, log=lambda *_: None)
-    write_synthetic(str(tmp_path / "tiny"), seed=2, sizes={"train": 24, "test": 12}, image_size=32, shard_size=8,
-                    log=lambda *_: None)
+    write_synthetic(
+        str(tmp_path / "tiny"),
+        seed=2,
+        sizes={"train": 24, "test": 12},
+        image_size=32,
+        shard_size=8,
+        log=lambda *_: None,
+    )
     assert s3.isfile(f"{BUCKET}/tiny/dataset.json") and s3.isfile(f"{BUCKET}/tiny/train/train-000002.tar")
 
     info, local = read_dataset(url), read_dataset(str(tmp_path / "tiny"))
@@ -129,8 +143,9 @@ def test_dataset_written_to_and_streamed_from_s3(s3, tmp_path):
         assert np.array_equal(image, local_samples[key][0]) and np.array_equal(labels, local_samples[key][1])
 
     # Training reads shards in DataLoader processes (started after s3fs is in use here), endlessly.
-    spec = StreamSpec(shards=info.shards("train"), num_labels=info.num_labels, image_size=32, batch_size=8,
-                      seed=0, shuffle_buffer=16)
+    spec = StreamSpec(
+        shards=info.shards("train"), num_labels=info.num_labels, image_size=32, batch_size=8, seed=0, shuffle_buffer=16
+    )
     batches = []
     for batch in make_loader(spec, loader_workers=1):
         if batch["images"] is not None:
@@ -139,7 +154,8 @@ def test_dataset_written_to_and_streamed_from_s3(s3, tmp_path):
             break
     assert all(b["images"].shape == (8, 32, 32, 3) for b in batches)
     assert sorted(k for b in batches[:3] for k in b["keys"]) == sorted(
-        k for shard in range(3) for k in _shard_keys(s3, f"{BUCKET}/tiny/train/train-{shard:06d}.tar"))
+        k for shard in range(3) for k in _shard_keys(s3, f"{BUCKET}/tiny/train/train-{shard:06d}.tar")
+    )
 
 
 def _shard_keys(fs, path: str) -> list[str]:
@@ -180,8 +196,10 @@ def test_driver_storage_helpers_on_s3(s3, tmp_path, monkeypatch):
 
     # `lesa evaluate --checkpoint` and `lesa train --resume PATH` accept checkpoint folders on s3.
     s3.pipe(f"{BUCKET}/ck/checkpoint_1/model.pt", b"weights")
-    s3.pipe(f"{BUCKET}/ck/checkpoint_1/lesa_state.json",
-            json.dumps({"step": 4, "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x.db"}).encode())
+    s3.pipe(
+        f"{BUCKET}/ck/checkpoint_1/lesa_state.json",
+        json.dumps({"step": 4, "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x.db"}).encode(),
+    )
     assert model_file(f"s3://{BUCKET}/ck/checkpoint_1/") == f"s3://{BUCKET}/ck/checkpoint_1/model.pt"
     assert model_file(f"s3://{BUCKET}/ck/checkpoint_1/model.pt") == f"s3://{BUCKET}/ck/checkpoint_1/model.pt"
     assert model_file(f"s3://{BUCKET}/ck/nothing") is None
@@ -202,8 +220,13 @@ def test_driver_storage_helpers_on_s3(s3, tmp_path, monkeypatch):
     s3_endpoint_for_mlflow()
     assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == "http://elsewhere:9000"
     passed = storage_env()
-    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "MLFLOW_S3_ENDPOINT_URL"} <= passed.keys()
+    assert {
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "MLFLOW_S3_ENDPOINT_URL",
+    } <= passed.keys()
     assert passed["AWS_SECRET_ACCESS_KEY"] == SECRET and "PATH" not in passed and "HOME" not in passed
 
 
@@ -228,8 +251,13 @@ def test_driver_storage_helpers_keep_local_paths(tmp_path, monkeypatch):
 
 
 def run_lesa(work: Path, *args: str, env_extra: dict | None = None) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DS_ACCELERATOR": "cpu",
+    }
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
         env.pop(name, None)  # MLflow must find the endpoint through AWS_ENDPOINT_URL alone
     env.update(env_extra or {})
@@ -245,12 +273,45 @@ def test_train_and_resume_with_data_checkpoints_and_artifacts_on_s3(s3, tmp_path
     from mlflow.tracking import MlflowClient
 
     data, ckpt, artifacts = f"s3://{BUCKET}/data", f"s3://{BUCKET}/ckpt", f"s3://{BUCKET}/mlartifacts"
-    run_lesa(tmp_path, "synth", data, "--seed", "1", "--train", "128", "--val", "0", "--test", "48",
-             "--image-size", "32", "--shard-size", "32", "--workers", "2")
-    common = ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path / "run"),
-              "--set", f"data.url={data}", "--set", f"checkpoint.storage={ckpt}",
-              "--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "checkpoint.every=4",
-              "--set", "mlflow.experiment=s3test", "--set", f"mlflow.artifact_location={artifacts}"]
+    run_lesa(
+        tmp_path,
+        "synth",
+        data,
+        "--seed",
+        "1",
+        "--train",
+        "128",
+        "--val",
+        "0",
+        "--test",
+        "48",
+        "--image-size",
+        "32",
+        "--shard-size",
+        "32",
+        "--workers",
+        "2",
+    )
+    common = [
+        "train",
+        str(REPO / "launch" / "synthetic.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        f"checkpoint.storage={ckpt}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "checkpoint.every=4",
+        "--set",
+        "mlflow.experiment=s3test",
+        "--set",
+        f"mlflow.artifact_location={artifacts}",
+    ]
     first = run_lesa(tmp_path, *common, "--set", "train.max_steps=8")
     assert "checkpoint at step 8" in first
     second = run_lesa(tmp_path, *common, "--resume", "latest", "--set", "train.max_steps=12")
@@ -265,8 +326,11 @@ def test_train_and_resume_with_data_checkpoints_and_artifacts_on_s3(s3, tmp_path
     # The checkpoints are objects in the bucket: the last `checkpoint.keep` (2), the latest at step 12.
     s3.invalidate_cache()
     prefix = f"{BUCKET}/ckpt/{run['run_name']}"
-    folders = sorted(entry["name"] for entry in s3.ls(prefix, detail=True)
-                     if entry["type"] == "directory" and entry["name"].rsplit("/", 1)[-1].startswith("checkpoint_"))
+    folders = sorted(
+        entry["name"]
+        for entry in s3.ls(prefix, detail=True)
+        if entry["type"] == "directory" and entry["name"].rsplit("/", 1)[-1].startswith("checkpoint_")
+    )
     assert len(folders) == 2, s3.ls(prefix)
     assert metrics["checkpoint"] == f"s3://{folders[-1]}"
     for folder in folders:
@@ -277,7 +341,7 @@ def test_train_and_resume_with_data_checkpoints_and_artifacts_on_s3(s3, tmp_path
     # The MLflow run's artifacts are in the bucket, under the experiment's artifact location.
     mlflow_run = MlflowClient(run["tracking_uri"]).get_run(run["mlflow_run_id"])
     assert mlflow_run.info.artifact_uri.startswith(f"{artifacts}/")
-    stored = s3.ls(mlflow_run.info.artifact_uri[len("s3://"):])
+    stored = s3.ls(mlflow_run.info.artifact_uri[len("s3://") :])
     assert {"metrics.json", "config.json", "per_label_zsl.tsv"} <= {p.rsplit("/", 1)[-1] for p in stored}
     assert json.loads(s3.cat(f"{mlflow_run.info.artifact_uri}/metrics.json"))["step"] == 12
 
@@ -306,14 +370,35 @@ def ray_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3_", "RAY_"))}
     env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     port = free_port()
-    ports = {flag: free_port() for flag in ("dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "metrics-export-port",
-                                            "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    ports = {
+        flag: free_port()
+        for flag in (
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
     ray = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="lesa-s3-ray-")  # short: Ray's socket paths must fit 107 bytes
-    cmd = [ray, "start", "--head", "--block", "--num-cpus=2", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-           "--disable-usage-stats", *(f"--{flag}={value}" for flag, value in ports.items())]
+    cmd = [
+        ray,
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"--{flag}={value}" for flag, value in ports.items()),
+    ]
     log = tmp_path / "ray_head.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -345,15 +430,34 @@ def test_train_on_existing_cluster_gets_storage_env_from_driver(s3, ray_head, tm
     of a cluster that never saw the credentials or the endpoint: the driver hands them over."""
     data = f"s3://{BUCKET}/cluster-data"
     write_synthetic(data, seed=1, sizes={"train": 64, "test": 24}, image_size=32, shard_size=32, log=lambda *_: None)
-    run_lesa(tmp_path, "train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path / "run"),
-             "--set", f"data.url={data}", "--set", f"checkpoint.storage=s3://{BUCKET}/cluster-ckpt",
-             "--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "train.max_steps=2",
-             "--set", "checkpoint.every=0", "--set", "checkpoint.max_failures=0",
-             "--set", "mlflow.experiment=s3cluster",
-             "--set", f"mlflow.artifact_location=s3://{BUCKET}/cluster-mlartifacts",
-             env_extra={"RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"})
+    run_lesa(
+        tmp_path,
+        "train",
+        str(REPO / "launch" / "synthetic.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        f"checkpoint.storage=s3://{BUCKET}/cluster-ckpt",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "checkpoint.max_failures=0",
+        "--set",
+        "mlflow.experiment=s3cluster",
+        "--set",
+        f"mlflow.artifact_location=s3://{BUCKET}/cluster-mlartifacts",
+        env_extra={"RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"},
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["checkpoint"].startswith(f"s3://{BUCKET}/cluster-ckpt/")
     s3.invalidate_cache()
-    assert s3.isfile(metrics["checkpoint"][len("s3://"):] + "/lesa_state.json")
+    assert s3.isfile(metrics["checkpoint"][len("s3://") :] + "/lesa_state.json")
     assert s3.find(f"{BUCKET}/cluster-mlartifacts", withdirs=False)

@@ -39,10 +39,28 @@ def train(work: Path, data: Path, *extra: str, env_extra=None, background=False)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "launch.cli", "train", CONFIG, "--out", str(work / "run"),
-           "--set", f"data.url={data}", "--set", "data.image_size=32", "--set", "data.batch_size=8",
-           "--set", "data.ledger=true", "--set", "train.log_every=2", "--set", "mlflow.experiment=resume",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        CONFIG,
+        "--out",
+        str(work / "run"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "data.ledger=true",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "mlflow.experiment=resume",
+        *extra,
+    ]
     if background:
         return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = run_cli(cmd, timeout=600, cwd=work, env=env)
@@ -101,15 +119,35 @@ def test_stop_and_resume_on_one_then_three_workers(tmp_path, data):
     first = train(tmp_path, data, "--set", "train.max_steps=10", "--set", "checkpoint.every=4")
     assert_exactly_once(tmp_path, data, 10 * 16)
 
-    second = train(tmp_path, data, "--resume", "latest", "--set", "scaling.num_workers=1",
-                   "--set", "train.max_steps=20", "--set", "checkpoint.every=4")
+    second = train(
+        tmp_path,
+        data,
+        "--resume",
+        "latest",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "checkpoint.every=4",
+    )
     assert "resumed from step 10 on 1 workers" in second
     assert digest_at(second, "resumed from step 10") == digest_at(first, "checkpoint at step 10")
     counts = assert_exactly_once(tmp_path, data, 10 * 16 + 10 * 8)
     assert counts[0] == TRAIN_IMAGES  # epoch 0 was finished by the single worker
 
-    third = train(tmp_path, data, "--resume", "latest", "--set", "scaling.num_workers=3",
-                  "--set", "train.max_steps=26", "--set", "checkpoint.every=4")
+    third = train(
+        tmp_path,
+        data,
+        "--resume",
+        "latest",
+        "--set",
+        "scaling.num_workers=3",
+        "--set",
+        "train.max_steps=26",
+        "--set",
+        "checkpoint.every=4",
+    )
     assert "resumed from step 20 on 3 workers" in third
     assert digest_at(third, "resumed from step 20") == digest_at(second, "checkpoint at step 20")
     counts = assert_exactly_once(tmp_path, data, 10 * 16 + 10 * 8 + 6 * 24)
@@ -124,15 +162,37 @@ def test_stop_and_resume_on_one_then_three_workers(tmp_path, data):
 def test_without_resume_an_existing_run_is_not_overwritten(tmp_path, data):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", CONFIG, "--out", str(tmp_path / "run"),
-                           "--set", f"data.url={data}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "train",
+            CONFIG,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            f"data.url={data}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2 and "--resume latest" in proc.stderr
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, data):
-    log = train(tmp_path, data, "--set", "train.max_steps=16", "--set", "checkpoint.every=5",
-                env_extra={"LESA_FAULT": "checkpoint@10"})
+    log = train(
+        tmp_path,
+        data,
+        "--set",
+        "train.max_steps=16",
+        "--set",
+        "checkpoint.every=5",
+        env_extra={"LESA_FAULT": "checkpoint@10"},
+    )
     assert "dying at checkpoint of step 10" in log
     # the half-written checkpoint of step 10 never became the latest: the retry starts at step 5
     assert "resumed from step 5 on 2 workers" in log
@@ -177,8 +237,16 @@ def test_resume_from_a_checkpoint_folder_into_a_new_output(tmp_path, data):
     folder = next((tmp_path / "run" / "checkpoints").glob("*/checkpoint_*/"))
     other = tmp_path / "other"
     other.mkdir()
-    log = train(other, data, "--resume", str(folder), "--set", "train.max_steps=6",
-                "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    log = train(
+        other,
+        data,
+        "--resume",
+        str(folder),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     assert "resumed from step 4 on 2 workers" in log
     assert digest_at(log, "resumed from step 4") == digest_at(first, "checkpoint at step 4")
     assert json.loads((other / "run" / "metrics.json").read_text())["step"] == 6

@@ -29,6 +29,7 @@ def test_a_hung_command_fails_with_every_process_stack():
 
 
 def test_a_finished_command_returns_its_output():
-    proc = run_cli([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
-                   timeout=60)
+    proc = run_cli(
+        [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"], timeout=60
+    )
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")

@@ -26,28 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- AdaptiveLR: ema_t = 0.7 ema_{t-1} + 0.3 metric; decay x0.8 when ema falls, lr >= 1e-6, cooldown <= 0
 
+
 def test_adaptive_lr_follows_the_hand_worked_sequence():
     rule = AdaptiveLR(lr=1e-3, patience=2)
     # metric -> (ema, lr, cooldown) after the call, worked out by hand:
     expected = [
-        (10, 3.0, 1e-3, -1),          # 0.7*0 + 3 = 3: rises (EMA starts at 0)
-        (10, 5.1, 1e-3, -2),          # 2.1 + 3: rises
-        (5, 5.07, 8e-4, 1),           # 3.57 + 1.5 < 5.1, cooldown -2 <= 0: decay, cooldown 2 - 1
-        (5, 5.049, 8e-4, 0),          # falls, but cooldown 1 > 0: no decay
-        (5, 5.0343, 6.4e-4, 1),       # falls, cooldown 0: decay
-        (20, 9.52401, 6.4e-4, 0),     # rises
-        (0, 6.666807, 5.12e-4, 1),    # falls, cooldown 0: decay
+        (10, 3.0, 1e-3, -1),  # 0.7*0 + 3 = 3: rises (EMA starts at 0)
+        (10, 5.1, 1e-3, -2),  # 2.1 + 3: rises
+        (5, 5.07, 8e-4, 1),  # 3.57 + 1.5 < 5.1, cooldown -2 <= 0: decay, cooldown 2 - 1
+        (5, 5.049, 8e-4, 0),  # falls, but cooldown 1 > 0: no decay
+        (5, 5.0343, 6.4e-4, 1),  # falls, cooldown 0: decay
+        (20, 9.52401, 6.4e-4, 0),  # rises
+        (0, 6.666807, 5.12e-4, 1),  # falls, cooldown 0: decay
     ]
     for metric, ema, lr, cooldown in expected:
         assert rule.adapt(metric) == pytest.approx(lr, rel=1e-12)
-        assert (rule.ema, rule.lr, rule.cooldown) == (pytest.approx(ema, rel=1e-12), pytest.approx(lr, rel=1e-12),
-                                                      cooldown)
+        assert (rule.ema, rule.lr, rule.cooldown) == (
+            pytest.approx(ema, rel=1e-12),
+            pytest.approx(lr, rel=1e-12),
+            cooldown,
+        )
 
 
 def test_adaptive_lr_floor_allows_one_last_decay_below_it():
     rule = AdaptiveLR(lr=1.2e-6, patience=0, ema=10.0)
-    assert rule.adapt(0.0) == pytest.approx(0.96e-6)   # 1.2e-6 >= 1e-6: decays, lands just below
-    for _ in range(5):                                  # below the floor: never again
+    assert rule.adapt(0.0) == pytest.approx(0.96e-6)  # 1.2e-6 >= 1e-6: decays, lands just below
+    for _ in range(5):  # below the floor: never again
         assert rule.adapt(0.0) == pytest.approx(0.96e-6)
     assert rule.cooldown == -6
 
@@ -57,7 +61,7 @@ def test_adaptive_lr_patience_blocks_patience_minus_one_evaluations(patience, de
     rule = AdaptiveLR(lr=1.0, patience=patience, ema=100.0)
     for _ in range(6):
         rule.adapt(0.0)  # the EMA falls at every call
-    assert rule.lr == pytest.approx(0.8 ** decays)
+    assert rule.lr == pytest.approx(0.8**decays)
 
 
 def test_adaptive_lr_released_nus_run_ends_after_seven_decays():
@@ -70,10 +74,11 @@ def test_adaptive_lr_released_nus_run_ends_after_seven_decays():
 
 # --- EarlyStopping
 
+
 def test_early_stopping_counts_evaluations_without_improvement_beyond_min_delta():
     stop = EarlyStopping(patience=2, min_delta=0.5)
     assert [stop.update(m) for m in (10, 10.3, 11, 11, 10)] == [False, False, False, False, True]
-    assert (stop.best, stop.bad_evaluations) == (11, 2)   # 10.3 was not enough to count as better
+    assert (stop.best, stop.bad_evaluations) == (11, 2)  # 10.3 was not enough to count as better
 
 
 def test_early_stopping_improvement_resets_the_counter():
@@ -84,6 +89,7 @@ def test_early_stopping_improvement_resets_the_counter():
 
 
 # --- JSON round trips
+
 
 def test_rule_and_stopper_round_trip_through_json():
     rule, stop = AdaptiveLR(lr=1e-3, patience=5), EarlyStopping(patience=4, min_delta=0.1)
@@ -105,8 +111,9 @@ def tiny_model_and_optimizer(lr=1e-3):
 
 
 def test_validation_schedule_state_and_best_model_survive_a_round_trip(tmp_path):
-    cfg = schedule_cfg("optim.lr_patience=1", "optim.lr_ema=0", "train.early_stopping=true",
-                       "train.early_stopping_patience=3")
+    cfg = schedule_cfg(
+        "optim.lr_patience=1", "optim.lr_ema=0", "train.early_stopping=true", "train.early_stopping_patience=3"
+    )
     schedule = ValidationSchedule(cfg)
     model, optimizer = tiny_model_and_optimizer()
     for step, metric in ((5, 40.0), (10, 50.0), (15, 45.0)):
@@ -114,7 +121,7 @@ def test_validation_schedule_state_and_best_model_survive_a_round_trip(tmp_path)
             model[0].weight.add_(1.0)  # a different model at every validation
         logged = schedule.observe(step, metric, model, optimizer)
     assert logged == {"val/mAP": 45.0, "val/best": 50.0, "val/ema": 45.0, "val/bad_evaluations": 1}
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(8e-4)   # lr_ema 0: the EMA is the metric
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(8e-4)  # lr_ema 0: the EMA is the metric
     assert (schedule.best.step, schedule.best.metric) == (10, 50.0)
     assert "decayed from 0.001" in schedule.report
     for name, write in schedule.files().items():
@@ -129,7 +136,7 @@ def test_validation_schedule_state_and_best_model_survive_a_round_trip(tmp_path)
     fresh_model, fresh_optimizer = tiny_model_and_optimizer()
     again.apply_lr(fresh_optimizer)
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(8e-4)
-    with again.best.loaded_into(fresh_model):   # the best weights: two +1 steps after the init
+    with again.best.loaded_into(fresh_model):  # the best weights: two +1 steps after the init
         assert torch.allclose(fresh_model[0].weight, tiny_model_and_optimizer()[0][0].weight + 2.0)
     assert torch.equal(fresh_model[0].weight, tiny_model_and_optimizer()[0][0].weight)  # put back
 
@@ -182,15 +189,21 @@ print(json.dumps({"delta": (before - model.weight.detach().float()).tolist(), "e
 """
 
 
-@pytest.mark.parametrize("bf16, wrapper, tolerance", [("false", "RMSpropTF", 1e-5),
-                                                       ("true", "FP16_UnfusedOptimizer", 5e-2)])
+@pytest.mark.parametrize(
+    "bf16, wrapper, tolerance", [("false", "RMSpropTF", 1e-5), ("true", "FP16_UnfusedOptimizer", 5e-2)]
+)
 def test_the_lr_set_through_deepspeeds_optimizer_is_the_one_that_steps(bf16, wrapper, tolerance):
     """With bf16 DeepSpeed wraps the torch optimizer (fp32 master weights): set_lr reaches it too,
     and the gradient arrives unclipped."""
     port = 29500 + os.getpid() % 1000 + (bf16 == "true")
-    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_STEP, str(port), bf16],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_STEP, str(port), bf16],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # RMSpropTF's first step: ms = 0.9 + 0.1 g^2, delta = lr g / sqrt(ms + 1), with the raw g = 2
@@ -201,19 +214,23 @@ def test_the_lr_set_through_deepspeeds_optimizer_is_the_one_that_steps(bf16, wra
 
 # --- config checks
 
-@pytest.mark.parametrize("overrides, key", [
-    (["train.early_stopping=true", "eval.every=0"], "train.early_stopping"),
-    (["eval.val_split=null"], "eval.val_split"),
-    (["eval.val_split=test"], "eval.val_split"),
-    (["eval.val_metric=F1@0"], "eval.val_metric"),
-    (["eval.val_metric=accuracy"], "eval.val_metric"),
-    (["optim.lr_decay=0"], "optim.lr_decay"),
-    (["optim.lr_ema=1"], "optim.lr_ema"),
-    (["optim.lr_patience=-1"], "optim.lr_patience"),
-    (["optim.lr_floor=-1e-6"], "optim.lr_floor"),
-    (["train.early_stopping_patience=0"], "train.early_stopping_patience"),
-    (["train.early_stopping_min_delta=-1"], "train.early_stopping_min_delta"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.early_stopping=true", "eval.every=0"], "train.early_stopping"),
+        (["eval.val_split=null"], "eval.val_split"),
+        (["eval.val_split=test"], "eval.val_split"),
+        (["eval.val_metric=F1@0"], "eval.val_metric"),
+        (["eval.val_metric=accuracy"], "eval.val_metric"),
+        (["optim.lr_decay=0"], "optim.lr_decay"),
+        (["optim.lr_ema=1"], "optim.lr_ema"),
+        (["optim.lr_patience=-1"], "optim.lr_patience"),
+        (["optim.lr_floor=-1e-6"], "optim.lr_floor"),
+        (["train.early_stopping_patience=0"], "train.early_stopping_patience"),
+        (["train.early_stopping_min_delta=-1"], "train.early_stopping_min_delta"),
+    ],
+)
 def test_bad_schedule_settings_name_their_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, ["data.url=/x", "eval.every=5", *overrides])
@@ -221,8 +238,13 @@ def test_bad_schedule_settings_name_their_key(overrides, key):
 
 def test_schedule_defaults_follow_the_spec():
     cfg = load_config(None, ["data.url=/x"])
-    assert (cfg.optim.adaptive_lr, cfg.optim.lr_patience, cfg.optim.lr_decay, cfg.optim.lr_ema,
-            cfg.optim.lr_floor) == (True, 2, 0.8, 0.7, 1e-6)
+    assert (cfg.optim.adaptive_lr, cfg.optim.lr_patience, cfg.optim.lr_decay, cfg.optim.lr_ema, cfg.optim.lr_floor) == (
+        True,
+        2,
+        0.8,
+        0.7,
+        1e-6,
+    )
     assert (cfg.eval.val_split, cfg.eval.val_metric, cfg.train.early_stopping) == ("val", "mAP", False)
     # no validation at all is fine once nothing needs it
     load_config(None, ["data.url=/x", "eval.every=5", "eval.val_split=null", "optim.adaptive_lr=false"])
@@ -242,8 +264,9 @@ def write_data(root: Path) -> None:
     from datasets.shards import SplitWriter, encode_jpeg, encode_labels
     from datasets.synthetic import SyntheticBenchmark, write_synthetic
 
-    write_synthetic(str(root), seed=4, sizes={"train": 64, "test": 16}, image_size=32, shard_size=16,
-                    log=lambda *_: None)
+    write_synthetic(
+        str(root), seed=4, sizes={"train": 64, "test": 16}, image_size=32, shard_size=16, log=lambda *_: None
+    )
     bench = SyntheticBenchmark(seed=4, image_size=32)
     with SplitWriter(str(root), "val", maxcount=100) as writer:
         for i in range(16):
@@ -252,21 +275,59 @@ def write_data(root: Path) -> None:
     info = read_dataset(str(root))
     meta = json.loads((root / "dataset.json").read_text())
     splits = {name: [(s["path"], s["samples"]) for s in entry["shards"]] for name, entry in meta["splits"].items()}
-    write_metadata(str(root), meta["name"], meta["kind"], info.labels, info.embeddings, {**splits, "val": writer.shards})
+    write_metadata(
+        str(root), meta["name"], meta["kind"], info.labels, info.embeddings, {**splits, "val": writer.shards}
+    )
 
 
 def lesa_train(work: Path, data: Path, *extra: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "launch.cli", "train", CONFIG, "--out", str(work / "run"),
-           "--set", f"data.url={data}", "--set", "data.image_size=32", "--set", "data.batch_size=4",
-           "--set", "data.shuffle_buffer=16", "--set", "eval.batch_size=16", "--set", "eval.overlays=0",
-           "--set", f"eval.every={EVERY}", "--set", "eval.test_during_training=false",
-           "--set", "optim.lr=0.003", "--set", "optim.lr_patience=0", "--set", "optim.lr_ema=0",
-           "--set", "train.early_stopping=true", "--set", "train.early_stopping_patience=2",
-           "--set", "train.log_every=1", "--set", "checkpoint.every=4", "--set", "checkpoint.keep=1",
-           "--set", "mlflow.experiment=schedule", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "train",
+        CONFIG,
+        "--out",
+        str(work / "run"),
+        "--set",
+        f"data.url={data}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.shuffle_buffer=16",
+        "--set",
+        "eval.batch_size=16",
+        "--set",
+        "eval.overlays=0",
+        "--set",
+        f"eval.every={EVERY}",
+        "--set",
+        "eval.test_during_training=false",
+        "--set",
+        "optim.lr=0.003",
+        "--set",
+        "optim.lr_patience=0",
+        "--set",
+        "optim.lr_ema=0",
+        "--set",
+        "train.early_stopping=true",
+        "--set",
+        "train.early_stopping_patience=2",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "checkpoint.every=4",
+        "--set",
+        "checkpoint.keep=1",
+        "--set",
+        "mlflow.experiment=schedule",
+        *extra,
+    ]
     proc = run_cli(cmd, timeout=600, cwd=work, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -275,7 +336,12 @@ def lesa_train(work: Path, data: Path, *extra: str) -> str:
 
 def replay(history: list[dict], lr_patience: int, stop_patience: int) -> list[tuple]:
     """(lr, EMA, bad evaluations, best step) after each validation, recomputed from the metrics alone."""
-    rule, stop, best, out = AdaptiveLR(lr=0.003, patience=lr_patience, smoothing=0.0), EarlyStopping(stop_patience), None, []
+    rule, stop, best, out = (
+        AdaptiveLR(lr=0.003, patience=lr_patience, smoothing=0.0),
+        EarlyStopping(stop_patience),
+        None,
+        [],
+    )
     for entry in history:
         metric = entry["val/mAP"]
         rule.adapt(metric)
@@ -301,8 +367,9 @@ def test_lr_decays_early_stopping_ends_the_run_and_the_best_model_is_kept(stoppe
     history = [h for h in metrics["history"] if "val/mAP" in h]
     assert [h["step"] for h in history] == list(range(EVERY, metrics["step"] + 1, EVERY))
     # every decision follows from the recorded metrics by the spec's rule, on both workers alike
-    assert [(h["lr"], h["val/ema"], h["val/bad_evaluations"]) for h in history] == \
-        [r[:3] for r in replay(history, 0, 2)]
+    assert [(h["lr"], h["val/ema"], h["val/bad_evaluations"]) for h in history] == [
+        r[:3] for r in replay(history, 0, 2)
+    ]
     assert history[-1]["lr"] < 0.003, "the lr decayed"
     assert metrics["schedule"]["stopped_early"] and metrics["step"] < MAX_STEPS
     assert history[-1]["val/bad_evaluations"] == 2
@@ -329,8 +396,9 @@ def test_lr_decays_early_stopping_ends_the_run_and_the_best_model_is_kept(stoppe
     load_model_state(model, str(work / "run" / BEST_MODEL_FILE))
     assert validation_metric(model, info, cfg, 0, 1, torch.device("cpu")) == pytest.approx(best["val_metric"], abs=1e-9)
     last = torch.load(work / "run" / "model.pt", weights_only=True)
-    assert any(not torch.equal(v, last[k]) for k, v in torch.load(work / "run" / BEST_MODEL_FILE,
-                                                                    weights_only=True).items())
+    assert any(
+        not torch.equal(v, last[k]) for k, v in torch.load(work / "run" / BEST_MODEL_FILE, weights_only=True).items()
+    )
 
 
 @pytest.mark.integration
@@ -363,12 +431,23 @@ def test_resume_on_one_worker_continues_the_schedule(stopped_run):
     ckpt = Path(first["checkpoint"])
     saved = json.loads((ckpt / "lesa_state.json").read_text())["schedule"]
     assert (ckpt / BEST_MODEL_FILE).exists(), "the final checkpoint carries the best model"
-    assert len([p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()]) == 1, \
+    assert len([p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir()]) == 1, (
         "checkpoint.keep=1 deleted the older ones"
+    )
 
     # patience for early stopping raised so the run goes on; everything else as it was
-    log = lesa_train(work, work / "data", "--resume", "latest", "--set", "scaling.num_workers=1",
-                     "--set", f"train.max_steps={stopped_at + 2 * EVERY}", "--set", "train.early_stopping_patience=50")
+    log = lesa_train(
+        work,
+        work / "data",
+        "--resume",
+        "latest",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        f"train.max_steps={stopped_at + 2 * EVERY}",
+        "--set",
+        "train.early_stopping_patience=50",
+    )
     assert f"resumed from step {stopped_at} on 1 workers" in log
     saved["early_stopping"]["patience"] = 50  # hyperparameters come from the config, the state from the checkpoint
     assert f"resumed schedule: {json.dumps(saved)}" in log
@@ -378,7 +457,8 @@ def test_resume_on_one_worker_continues_the_schedule(stopped_run):
     assert [h["step"] for h in history] == list(range(EVERY, metrics["step"] + 1, EVERY))
     # the lr, EMA and counter carry on from the checkpoint: the whole history replays as one run
     # (the early-stopping counter with the raised patience counts the same way)
-    assert [(h["lr"], h["val/ema"], h["val/bad_evaluations"]) for h in history] == \
-        [r[:3] for r in replay(history, 0, 50)]
+    assert [(h["lr"], h["val/ema"], h["val/bad_evaluations"]) for h in history] == [
+        r[:3] for r in replay(history, 0, 50)
+    ]
     assert metrics["best"]["step"] == replay(history, 0, 50)[-1][3]
-    assert metrics["history"][:len(first["history"])] == first["history"]
+    assert metrics["history"][: len(first["history"])] == first["history"]

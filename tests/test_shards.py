@@ -32,10 +32,10 @@ def bands(h: int, w: int, horizontal: bool, outer: int = 40) -> np.ndarray:
     img = solid(h, w, COLOURS["green"])
     if horizontal:
         img[:, :outer] = COLOURS["red"]
-        img[:, w - outer:] = COLOURS["blue"]
+        img[:, w - outer :] = COLOURS["blue"]
     else:
         img[:outer] = COLOURS["red"]
-        img[h - outer:] = COLOURS["blue"]
+        img[h - outer :] = COLOURS["blue"]
     return img
 
 
@@ -61,14 +61,15 @@ def make_dataset(root, counts: dict[str, int], maxcount: int, odd_shapes: bool =
         with SplitWriter(str(root), split, maxcount=maxcount) as writer:
             for i in range(n):
                 if odd_shapes and i % 3 == 1:
-                    image = bands(32, 96, horizontal=True)        # landscape, 96 wide x 32 high
+                    image = bands(32, 96, horizontal=True)  # landscape, 96 wide x 32 high
                 elif odd_shapes and i % 3 == 2:
-                    image = bands(96, 32, horizontal=False)       # portrait, 32 wide x 96 high
+                    image = bands(96, 32, horizontal=False)  # portrait, 32 wide x 96 high
                 else:
                     image = solid(SIZE, SIZE, (10 * (i % 20), 100, 200))
                 pos, neg = sample_labels(i)
-                writer.write(f"{split}{i:04d}", {"jpg": encode_jpeg(image, quality=95),
-                                                 "labels.json": encode_labels(pos, neg)})
+                writer.write(
+                    f"{split}{i:04d}", {"jpg": encode_jpeg(image, quality=95), "labels.json": encode_labels(pos, neg)}
+                )
         splits[split] = writer.shards
     labels = [Label(j, f"id{j}", f"name {j}", ROLES[j]) for j in range(NUM_LABELS)]
     emb = np.arange(NUM_LABELS * 5, dtype=np.float64).reshape(NUM_LABELS, 5)
@@ -77,8 +78,7 @@ def make_dataset(root, counts: dict[str, int], maxcount: int, odd_shapes: bool =
 
 
 def spec_for(info, split="test", **kw) -> StreamSpec:
-    args = dict(shards=info.shards(split), num_labels=info.num_labels, image_size=SIZE, batch_size=3,
-                train=False)
+    args = dict(shards=info.shards(split), num_labels=info.num_labels, image_size=SIZE, batch_size=3, train=False)
     args.update(kw)
     return StreamSpec(**args)
 
@@ -105,10 +105,15 @@ def dataset(tmp_path_factory):
 
 # --- writing and metadata ------------------------------------------------------------------------
 
+
 def test_split_writer_numbers_and_counts_shards(dataset):
     root, splits, _ = dataset
-    assert splits["test"] == [("test/test-000000.tar", 2), ("test/test-000001.tar", 2),
-                              ("test/test-000002.tar", 2), ("test/test-000003.tar", 1)]
+    assert splits["test"] == [
+        ("test/test-000000.tar", 2),
+        ("test/test-000001.tar", 2),
+        ("test/test-000002.tar", 2),
+        ("test/test-000003.tar", 1),
+    ]
     assert [n for _, n in splits["train"]] == [2, 2, 2, 2]
     # each tar holds exactly __key__.jpg and __key__.labels.json per sample
     with tarfile.open(root / "test" / "test-000003.tar") as tar:
@@ -149,10 +154,11 @@ def test_read_dataset_accepts_file_url(dataset):
     root, _, _ = dataset
     info = read_dataset(f"file://{root}")
     assert info.num_labels == NUM_LABELS
-    assert len(collect(ShardStream(spec_for(info)))) == 3   # 7 samples, batches of 3, last partial
+    assert len(collect(ShardStream(spec_for(info)))) == 3  # 7 samples, batches of 3, last partial
 
 
 # --- read_dataset errors name the file -----------------------------------------------------------
+
 
 @pytest.fixture
 def small_root(tmp_path):
@@ -188,7 +194,7 @@ def test_bad_labels_tsv_header_named(small_root):
 def test_bad_labels_tsv_row_named_with_line(small_root):
     path = small_root / "labels.tsv"
     lines = path.read_text().splitlines()
-    lines[3] = lines[3].replace("unseen", "maybe")   # labels.tsv line 4 = label 2
+    lines[3] = lines[3].replace("unseen", "maybe")  # labels.tsv line 4 = label 2
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"labels\.tsv:4"):
         read_dataset(str(small_root))
@@ -204,7 +210,7 @@ def test_embeddings_row_count_mismatch_named(small_root):
     np.save(small_root / "embeddings.npy", np.zeros((NUM_LABELS + 1, 5), np.float32))
     with pytest.raises(DatasetError, match="embeddings.npy") as exc:
         read_dataset(str(small_root))
-    assert "labels.tsv" in str(exc.value)   # says what it should match
+    assert "labels.tsv" in str(exc.value)  # says what it should match
 
 
 def test_pickled_embeddings_refused_and_named(small_root):
@@ -230,10 +236,11 @@ def test_split_without_shards_named(small_root):
 
 # --- streaming: evaluation (one pass) --------------------------------------------------------------
 
+
 def test_eval_stream_yields_every_sample_once_with_labels_and_images(dataset):
     _, _, info = dataset
     batches = collect(ShardStream(spec_for(info)))
-    assert [len(b["keys"]) for b in batches] == [3, 3, 1]        # the last partial batch is kept
+    assert [len(b["keys"]) for b in batches] == [3, 3, 1]  # the last partial batch is kept
     assert keys_of(batches) == [f"test{i:04d}" for i in range(7)]  # shard order as listed, no shuffle
     for b in batches:
         assert set(b) == {"images", "labels", "keys", "epochs", "positions", "skipped"}
@@ -290,7 +297,7 @@ def test_non_square_png_larger_than_target(tmp_path):
     from PIL import Image
 
     image = np.zeros((24, 40, 3), np.uint8)
-    image[:, 4:36] = 255          # black only in the outer 4 columns: cropped away (a squash would keep them)
+    image[:, 4:36] = 255  # black only in the outer 4 columns: cropped away (a squash would keep them)
     buf = BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     with SplitWriter(str(tmp_path), "test") as writer:
@@ -309,7 +316,7 @@ def test_eval_split_over_two_ranks_is_disjoint_and_complete(dataset):
     per_rank = [keys_of(collect(ShardStream(spec_for(info, rank=r, world=2)))) for r in range(2)]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == [f"test{i:04d}" for i in range(7)]
-    assert len(per_rank[0] + per_rank[1]) == 7            # no padding, no duplicates
+    assert len(per_rank[0] + per_rank[1]) == 7  # no padding, no duplicates
     shards = info.shards("test")
     assert len(per_rank[0]) == sum(s.samples for s in shards[0::2])
     assert len(per_rank[1]) == sum(s.samples for s in shards[1::2])
@@ -328,7 +335,6 @@ def test_eval_loader_with_two_processes_is_disjoint_and_complete(dataset):
     assert sorted(keys) == [f"test{i:04d}" for i in range(7)]
 
 
-
 def test_loader_processes_start_from_the_fork_server(dataset):
     # A process forked from one with threads (a Ray Train worker) can inherit a lock held for good.
     _, _, info = dataset
@@ -339,7 +345,9 @@ def test_loader_processes_start_from_the_fork_server(dataset):
     assert len(loaders) == 2 and all(p.ppid() != me.pid for p in loaders)
     del loader
 
+
 # --- streaming: training (endless, reshuffled per epoch) -----------------------------------------
+
 
 def test_train_shard_order_is_deterministic_per_seed_and_epoch(dataset):
     _, _, info = dataset
@@ -348,26 +356,28 @@ def test_train_shard_order_is_deterministic_per_seed_and_epoch(dataset):
         assert epoch_shards(spec, epoch) == epoch_shards(spec_for(info, "train", train=True, seed=5), epoch)
         assert sorted(s.url for s in epoch_shards(spec, epoch)) == sorted(s.url for s in info.shards("train"))
     orders = {tuple(s.url for s in epoch_shards(spec, e)) for e in range(6)}
-    assert len(orders) > 1                                  # reshuffled across epochs
+    assert len(orders) > 1  # reshuffled across epochs
     other = {tuple(s.url for s in epoch_shards(spec_for(info, "train", train=True, seed=6), e)) for e in range(6)}
-    assert other != orders                                  # and depends on the seed
+    assert other != orders  # and depends on the seed
     # evaluation keeps the listed order
     assert epoch_shards(spec_for(info, "train", train=False), 3) == info.shards("train")
 
 
 def test_train_stream_is_deterministic_and_endless(dataset):
     _, _, info = dataset
-    n_batches = 9                                          # 27 samples from an 8-sample split
-    runs = [keys_of(collect(ShardStream(spec_for(info, "train", train=True, seed=3, shuffle_buffer=4)),
-                            n_batches)) for _ in range(2)]
+    n_batches = 9  # 27 samples from an 8-sample split
+    runs = [
+        keys_of(collect(ShardStream(spec_for(info, "train", train=True, seed=3, shuffle_buffer=4)), n_batches))
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     assert len(runs[0]) == 27
     all_keys = {f"train{i:04d}" for i in range(8)}
     assert set(runs[0]) == all_keys
     # every epoch covers the split exactly once: the first 3 epochs are permutations of it
     for epoch in range(3):
-        assert sorted(runs[0][epoch * 8:(epoch + 1) * 8]) == sorted(all_keys)
-    assert runs[0][:8] != runs[0][8:16] or runs[0][8:16] != runs[0][16:24]   # reshuffled
+        assert sorted(runs[0][epoch * 8 : (epoch + 1) * 8]) == sorted(all_keys)
+    assert runs[0][:8] != runs[0][8:16] or runs[0][8:16] != runs[0][16:24]  # reshuffled
 
 
 def test_train_stream_batches_are_full(dataset):
@@ -382,8 +392,10 @@ def test_train_stream_batches_are_full(dataset):
 
 def test_train_ranks_take_disjoint_shards_each_epoch(dataset):
     _, _, info = dataset
-    per_rank = [keys_of(collect(ShardStream(spec_for(info, "train", train=True, seed=1, rank=r, world=2,
-                                                     batch_size=4)), 1)) for r in range(2)]
+    per_rank = [
+        keys_of(collect(ShardStream(spec_for(info, "train", train=True, seed=1, rank=r, world=2, batch_size=4)), 1))
+        for r in range(2)
+    ]
     # 8 samples in 4 shards of 2: each rank's first epoch is its 2 shards = 4 samples = 1 batch
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == [f"train{i:04d}" for i in range(8)]
@@ -391,5 +403,5 @@ def test_train_ranks_take_disjoint_shards_each_epoch(dataset):
 
 def test_train_stream_of_a_rank_without_shards_ends(dataset):
     _, _, info = dataset
-    spec = spec_for(info, "test", train=True, rank=5, world=6)   # 4 shards, rank 5 gets none
+    spec = spec_for(info, "test", train=True, rank=5, world=6)  # 4 shards, rank 5 gets none
     assert collect(ShardStream(spec), 3) == []

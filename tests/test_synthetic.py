@@ -108,7 +108,7 @@ def test_train_and_val_have_no_unseen_positives(bench):
     for split in ("train", "val"):
         unseen_pos, unknown = check_labels(bench, split, 200 if split == "train" else 100)
         assert unseen_pos == 0, split
-        assert unknown > 0, split          # ~10% of negatives are left unannotated
+        assert unknown > 0, split  # ~10% of negatives are left unannotated
 
 
 def test_test_split_has_unseen_positives(bench):
@@ -127,7 +127,7 @@ def test_unknown_fraction(bench):
     for i in range(40):
         _, pos, neg = bench.sample("train", i)
         counts.append((64 - len(pos) - len(neg)) / (64 - len(pos)))
-    assert 0.04 < np.mean(counts) < 0.2   # unknown_fraction = 0.1
+    assert 0.04 < np.mean(counts) < 0.2  # unknown_fraction = 0.1
 
 
 def test_positive_objects_are_drawn(bench):
@@ -182,7 +182,7 @@ def test_write_synthetic_round_trip(tmp_path):
                 assert set(fields) == {"jpg", "labels.json"}
                 labels = json.loads(fields["labels.json"])
                 assert set(labels) == {"pos", "neg"}
-                index = int(key[len(split):])
+                index = int(key[len(split) :])
                 _, pos, neg = bench.sample(split, index)
                 assert labels == {"pos": pos, "neg": sorted(neg)}
                 image = np.asarray(Image.open(io.BytesIO(fields["jpg"])))
@@ -194,8 +194,9 @@ def test_write_synthetic_round_trip(tmp_path):
 def test_write_synthetic_is_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
-        write_synthetic(str(root), seed=5, sizes={"train": 6}, image_size=32, shard_size=4, workers=1,
-                        log=lambda _: None)
+        write_synthetic(
+            str(root), seed=5, sizes={"train": 6}, image_size=32, shard_size=4, workers=1, log=lambda _: None
+        )
     for rel in ("train/train-000000.tar", "train/train-000001.tar"):
         sa, sb = tar_samples(a / rel), tar_samples(b / rel)
         assert sa == sb and len(sa) in (4, 2)
@@ -209,8 +210,29 @@ def test_embed_noise_changes_only_the_label_vectors(tmp_path):
     from launch import cli
 
     root = tmp_path / "noisy"
-    assert cli.main(["synth", str(root), "--seed", "3", "--train", "4", "--val", "0", "--test", "0",
-                     "--image-size", "32", "--workers", "1", "--embed-noise", "1.0"]) == 0
+    assert (
+        cli.main(
+            [
+                "synth",
+                str(root),
+                "--seed",
+                "3",
+                "--train",
+                "4",
+                "--val",
+                "0",
+                "--test",
+                "0",
+                "--image-size",
+                "32",
+                "--workers",
+                "1",
+                "--embed-noise",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     info = read_dataset(str(root))
     assert json.loads((root / "dataset.json").read_text())["embed_noise"] == 1.0
     noisy = SyntheticBenchmark(seed=3, image_size=32, embed_noise=1.0)

@@ -54,8 +54,9 @@ def test_matches_tarfile_on_webdataset_shards():
     buf = io.BytesIO()
     with wds.TarWriter(buf) as writer:
         for i in range(20):
-            writer.write({"__key__": f"img{i:07d}", "jpg": bytes([i]) * (100 + 37 * i),
-                          "labels.json": b'{"pos": [], "neg": []}'})
+            writer.write(
+                {"__key__": f"img{i:07d}", "jpg": bytes([i]) * (100 + 37 * i), "labels.json": b'{"pos": [], "neg": []}'}
+            )
     data = buf.getvalue()
     got = list(iter_tar(io.BytesIO(data)))
     assert got == reference(data) and len(got) == 40
@@ -69,7 +70,7 @@ def test_truncated_archive_is_an_eof_error_naming_the_member():
     # A cut inside a header ends the archive at the previous member, as tarfile does.
     whole = list(iter_tar(io.BytesIO(data)))
     third_header = data.index(b"a/000001.labels.json") // 512 * 512
-    assert list(iter_tar(io.BytesIO(data[:third_header + 100]))) == whole[:1]
+    assert list(iter_tar(io.BytesIO(data[: third_header + 100]))) == whole[:1]
 
 
 def test_garbage_is_rejected():

@@ -27,16 +27,40 @@ from trainer.tracking import metric_key
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 3
 NUS_TAGS = ["sky", "water", "beach", "animal", "blue", "sunset", "dog", "airport", "car", "tree"]
-NUS_CONCEPTS = ["airport", "animal", "beach", "fire", "whales"]   # 3 are tags too, 2 are not
+NUS_CONCEPTS = ["airport", "animal", "beach", "fire", "whales"]  # 3 are tags too, 2 are not
 
 
 def convert_openimages(work: Path) -> Path:
     src, out = work / "oi", work / "openimages"
     make_openimages(src, n_train=16, n_val=6, n_test=10)
-    assert main(["convert", "openimages", "--class-descriptions", str(src / "class-descriptions.csv"),
-                 "--seen", str(src / "seen.txt"), "--unseen", str(src / "unseen.tsv"), "--annotations", str(src),
-                 "--images", str(src / "images"), "--vectors", str(src / "glove.4d.txt"), "--no-ray",
-                 "--image-size", "64", "--shard-size", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "openimages",
+                "--class-descriptions",
+                str(src / "class-descriptions.csv"),
+                "--seen",
+                str(src / "seen.txt"),
+                "--unseen",
+                str(src / "unseen.tsv"),
+                "--annotations",
+                str(src),
+                "--images",
+                str(src / "images"),
+                "--vectors",
+                str(src / "glove.4d.txt"),
+                "--no-ray",
+                "--image-size",
+                "64",
+                "--shard-size",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -44,18 +68,49 @@ def convert_nuswide(work: Path) -> Path:
     src, out = work / "nus", work / "nuswide"
     make_nuswide(src, NUS_TAGS, NUS_CONCEPTS, n_images=32)
     write_glove(src / "glove.txt", sorted(set(NUS_TAGS) | set(NUS_CONCEPTS)))
-    assert main(["convert", "nuswide", "--root", str(src), "--vectors", str(src / "glove.txt"),
-                 "--placeholder", str(src / "placeholder.jpg"), "--val-size", "5", "--no-ray",
-                 "--image-size", "64", "--shard-size", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "nuswide",
+                "--root",
+                str(src),
+                "--vectors",
+                str(src / "glove.txt"),
+                "--placeholder",
+                str(src / "placeholder.jpg"),
+                "--val-size",
+                "5",
+                "--no-ray",
+                "--image-size",
+                "64",
+                "--shard-size",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def cpu_overrides(data: Path, work: Path) -> list[str]:
-    values = {"data.url": data, "model.backbone": "small_cnn", "model.backbone_weights": "null",
-              "data.image_size": 64, "data.batch_size": 4, "data.loader_workers": 0,
-              "scaling.use_gpu": "false", "scaling.num_workers": 1, "scaling.cpus_per_worker": 1,
-              "train.max_steps": STEPS, "eval.every": EVERY,
-              "checkpoint.every": 0, "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}"}
+    values = {
+        "data.url": data,
+        "model.backbone": "small_cnn",
+        "model.backbone_weights": "null",
+        "data.image_size": 64,
+        "data.batch_size": 4,
+        "data.loader_workers": 0,
+        "scaling.use_gpu": "false",
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": 1,
+        "train.max_steps": STEPS,
+        "eval.every": EVERY,
+        "checkpoint.every": 0,
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+    }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -70,19 +125,22 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("real_formats")
     results = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)         # a local cluster, whatever the shell has
+        mp.delenv("RAY_ADDRESS", raising=False)  # a local cluster, whatever the shell has
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv("PYTHONPATH", str(REPO))              # Ray's worker processes import the checkout
+        mp.setenv("PYTHONPATH", str(REPO))  # Ray's worker processes import the checkout
         mp.chdir(work)
         try:
             for name, convert in EXPERIMENTS.items():
                 data = convert(work)
                 config = REPO / "launch" / f"{name}.yaml"
-                assert main(["train", str(config), "--out", str(work / f"run_{name}"),
-                             *cpu_overrides(data, work)]) == 0
-                results[name] = {"data": data, "run": work / f"run_{name}", "work": work,
-                                 "file": yaml.safe_load(config.read_text()),
-                                 "metrics": json.loads((work / f"run_{name}" / "metrics.json").read_text())}
+                assert main(["train", str(config), "--out", str(work / f"run_{name}"), *cpu_overrides(data, work)]) == 0
+                results[name] = {
+                    "data": data,
+                    "run": work / f"run_{name}",
+                    "work": work,
+                    "file": yaml.safe_load(config.read_text()),
+                    "metrics": json.loads((work / f"run_{name}" / "metrics.json").read_text()),
+                }
         finally:
             ray.shutdown()
     return results
@@ -93,7 +151,7 @@ def runs(tmp_path_factory):
 def test_experiment_file_trains_and_evaluates_zsl_and_gzsl(runs, name):
     run = runs[name]
     metrics, ks = run["metrics"], run["file"]["eval"]["k"]
-    assert ks == {"openimages": [10, 20], "nuswide": [3, 5]}[name]   # the paper's K, from the file
+    assert ks == {"openimages": [10, 20], "nuswide": [3, 5]}[name]  # the paper's K, from the file
     for setting in ("zsl", "gzsl"):
         assert set(metrics[setting]) == {f"{m}@{k}" for m in ("P", "R", "F1") for k in ks} | {"mAP"}, setting
         assert all(0.0 <= v <= 100.0 for v in metrics[setting].values()), metrics[setting]
@@ -134,7 +192,7 @@ def test_validation_drives_the_schedule_and_the_best_model(runs, name):
     val_key = f"val/{ev['val_metric']}"
     for h in history:
         assert 0.0 <= h[val_key] <= 100.0 and "val/ema" in h and h["lr"] > 0, h
-        assert not any(k.startswith(("zsl/", "gzsl/")) for k in h), h   # test_during_training: false
+        assert not any(k.startswith(("zsl/", "gzsl/")) for k in h), h  # test_during_training: false
     best = metrics["best"]
     assert best["step"] in [h["step"] for h in history]
     assert best["val_metric"] == max(h[val_key] for h in history)
@@ -150,7 +208,7 @@ def test_mlflow_run_in_the_files_experiment(runs, name):
     run = runs[name]
     metrics, ev = run["metrics"], run["file"]["eval"]
     client = MlflowClient(f"sqlite:///{run['work'] / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(run["file"]["mlflow"]["experiment"])   # lesa-openimages, lesa-nuswide
+    exp = client.get_experiment_by_name(run["file"]["mlflow"]["experiment"])  # lesa-openimages, lesa-nuswide
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [metrics["mlflow_run_id"]]
     mlrun = client.get_run(metrics["mlflow_run_id"])
     assert mlrun.info.status == "FINISHED"

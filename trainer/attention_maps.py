@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-TILE = 160          # side of one tile in pixels; synthetic images are 96 px, so they are enlarged
-COLUMNS = 6         # tiles per row: the image + 5 maps, then the next row
-LINE = 15           # caption line height in pixels (fixed, so the sheet size never depends on the font)
+TILE = 160  # side of one tile in pixels; synthetic images are 96 px, so they are enlarged
+COLUMNS = 6  # tiles per row: the image + 5 maps, then the next row
+LINE = 15  # caption line height in pixels (fixed, so the sheet size never depends on the font)
 PAD = 4
 FONT_SIZE = 12
 # A perceptually ordered dark-blue -> red -> yellow ramp (black-body-like); positions in [0, 1].
@@ -38,9 +38,10 @@ HEAT_COLOURS = np.array([[20, 20, 120], [200, 30, 60], [250, 140, 20], [255, 255
 @dataclass
 class ImageAttention:
     """One image's head outputs, on the CPU: everything a sheet needs."""
-    image: np.ndarray             # uint8 [S, S, 3], as the model saw it (decode_image)
-    attention: np.ndarray         # float [M, R]: softmax over regions per attention
-    scores: np.ndarray            # float [K]: s_k = max_m s_{m,k}
+
+    image: np.ndarray  # uint8 [S, S, 3], as the model saw it (decode_image)
+    attention: np.ndarray  # float [M, R]: softmax over regions per attention
+    scores: np.ndarray  # float [K]: s_k = max_m s_{m,k}
     attention_scores: np.ndarray  # float [M, K]: s_{m,k}
 
 
@@ -60,10 +61,12 @@ def attention_items(out: dict, images: torch.Tensor) -> list[ImageAttention] | N
     """Per-image pieces of a head's output for `images`; None if the head has no attention."""
     if "attention" not in out:
         return None
-    attention, scores, per_attention = (out[k].float().cpu().numpy()
-                                        for k in ("attention", "scores", "attention_scores"))
-    return [ImageAttention(images[i].cpu().numpy(), attention[i], scores[i], per_attention[i])
-            for i in range(len(images))]
+    attention, scores, per_attention = (
+        out[k].float().cpu().numpy() for k in ("attention", "scores", "attention_scores")
+    )
+    return [
+        ImageAttention(images[i].cpu().numpy(), attention[i], scores[i], per_attention[i]) for i in range(len(images))
+    ]
 
 
 def top_labels(scores: np.ndarray, k: int) -> np.ndarray:
@@ -135,8 +138,9 @@ def fit(draw: ImageDraw.ImageDraw, text: str, width: int, face) -> str:
     return text + "..."
 
 
-def sheet_captions(item: ImageAttention, names: list[str], title: str, top_k: int,
-                   marks: list[str] | None = None) -> list[list[tuple[str, str]]]:
+def sheet_captions(
+    item: ImageAttention, names: list[str], title: str, top_k: int, marks: list[str] | None = None
+) -> list[list[tuple[str, str]]]:
     """Caption lines of the M + 1 tiles, each line (text, right-aligned text). The image's tile lists
     the top-K labels with their score and chosen attention; tile m + 1 lists those that chose map m."""
     top = top_labels(item.scores, min(top_k, item.scores.size))
@@ -148,13 +152,16 @@ def sheet_captions(item: ImageAttention, names: list[str], title: str, top_k: in
         return f"{mark}{names[k]}", f"{item.scores[k]:.2f}{where}"
 
     captions = [[(title, "")] + [label_line(k, True) for k in top]]
-    captions += [[(f"attention a{m}", "")] + [label_line(k, False) for k in top if chosen[k] == m]
-                 for m in range(item.attention.shape[0])]
+    captions += [
+        [(f"attention a{m}", "")] + [label_line(k, False) for k in top if chosen[k] == m]
+        for m in range(item.attention.shape[0])
+    ]
     return captions
 
 
-def render_sheet(item: ImageAttention, names: list[str], title: str, top_k: int = 5,
-                 marks: list[str] | None = None, tile: int = TILE) -> Image.Image:
+def render_sheet(
+    item: ImageAttention, names: list[str], title: str, top_k: int = 5, marks: list[str] | None = None, tile: int = TILE
+) -> Image.Image:
     """The overlay sheet of one image. `names[k]` is label k's display name; `marks[k]`, if given,
     a short prefix such as '+' for a true label."""
     num_maps = item.attention.shape[0]
@@ -203,8 +210,11 @@ def eval_overlay_files(model, info, cfg, device) -> dict:
     if cfg.eval.overlays <= 0:
         return {}
     if getattr(info, "features", None) is not None:
-        print("attention overlays skipped: a feature dataset holds no images to draw the maps on "
-              "(`lesa predict --overlays` on the image files draws them)", flush=True)
+        print(
+            "attention overlays skipped: a feature dataset holds no images to draw the maps on "
+            "(`lesa predict --overlays` on the image files draws them)",
+            flush=True,
+        )
         return {}
     try:
         return render_eval_overlays(model, info, cfg, device)
@@ -217,8 +227,13 @@ def render_eval_overlays(model, info, cfg, device) -> dict:
     from datasets.stream import StreamSpec, make_loader
 
     count = cfg.eval.overlays
-    spec = StreamSpec(shards=info.shards(cfg.eval.split), num_labels=info.num_labels,
-                      image_size=cfg.data.image_size, batch_size=count, train=False)
+    spec = StreamSpec(
+        shards=info.shards(cfg.eval.split),
+        num_labels=info.num_labels,
+        image_size=cfg.data.image_size,
+        batch_size=count,
+        train=False,
+    )
     batch = next((b for b in make_loader(spec, 0) if b["images"] is not None), None)
     if batch is None:
         return {}

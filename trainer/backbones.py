@@ -62,8 +62,11 @@ class Backbone(nn.Module):
         model.pt that `lesa train` wrote (tensors only: weights_only=True never runs code)."""
         with fsspec.open(url, "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        mine = {key.removeprefix("backbone.").removeprefix("features."): value for key, value in state.items()
-                if key.startswith(("features.", "backbone.features."))}
+        mine = {
+            key.removeprefix("backbone.").removeprefix("features."): value
+            for key, value in state.items()
+            if key.startswith(("features.", "backbone.features."))
+        }
         own = self.features.state_dict()
         missing = sorted(set(own) - set(mine))
         if missing:
@@ -98,8 +101,10 @@ class SmallCNN(Backbone):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 64, 2),
-            *conv_bn_relu(64, 64, 1), *conv_bn_relu(64, 128, 2),
+            *conv_bn_relu(3, 32, 2),
+            *conv_bn_relu(32, 64, 2),
+            *conv_bn_relu(64, 64, 1),
+            *conv_bn_relu(64, 128, 2),
         )
 
 
@@ -117,8 +122,28 @@ class FrozenSmallCNN(SmallCNN):
         self.freeze(weights)
 
 
-VGG19_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-                512, 512, 512, 512]  # ends at conv5_4 + ReLU: LESA drops pool5
+VGG19_LAYERS = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+]  # ends at conv5_4 + ReLU: LESA drops pool5
 
 
 class VGG19Conv54(Backbone):
@@ -183,9 +208,11 @@ def check_weights(model_cfg, where: str) -> None:
     if BACKBONES[model_cfg.backbone].trainable:
         return
     if weights is None:
-        raise ConfigError(f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
-                          f"needs pretrained weights: a state dict path or URL (or train on the feature "
-                          f"dataset `lesa extract` makes, which needs none)")
+        raise ConfigError(
+            f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
+            f"needs pretrained weights: a state dict path or URL (or train on the feature "
+            f"dataset `lesa extract` makes, which needs none)"
+        )
     fs, path = fsspec.core.url_to_fs(weights)
     if not fs.exists(path):  # said here, before every worker fails on it
         raise ConfigError(f"model.backbone_weights: {weights} does not exist")
@@ -194,11 +221,15 @@ def check_weights(model_cfg, where: str) -> None:
 def check_features(model_cfg, image_size: int, spec, where: str) -> None:
     """A feature dataset can stand in only for the backbone, at the image size, it was made with."""
     if spec.backbone != model_cfg.backbone:
-        raise ConfigError(f"model.backbone: {where} holds features of {spec.backbone!r}, but the config asks "
-                          f"for {model_cfg.backbone!r}; set model.backbone={spec.backbone} or train on images")
+        raise ConfigError(
+            f"model.backbone: {where} holds features of {spec.backbone!r}, but the config asks "
+            f"for {model_cfg.backbone!r}; set model.backbone={spec.backbone} or train on images"
+        )
     if spec.image_size != image_size:
-        raise ConfigError(f"data.image_size: {where} holds features of images at {spec.image_size}, "
-                          f"but the config says {image_size}; set data.image_size={spec.image_size}")
+        raise ConfigError(
+            f"data.image_size: {where} holds features of images at {spec.image_size}, "
+            f"but the config says {image_size}; set data.image_size={spec.image_size}"
+        )
 
 
 def build_backbone(model_cfg, features=None) -> nn.Module:

@@ -31,13 +31,17 @@ class BadSampleLog:
             self.by_kind[kind] += 1
             if len(self.examples) < EXAMPLES_KEPT:
                 self.examples.append({"shard": shard, "key": key, "kind": kind, "detail": detail})
-                print(f"[rank {self.rank}] skipped bad sample: shard {shard} key {key}: {kind}"
-                      + (f" ({detail})" if detail else ""), flush=True)
+                print(
+                    f"[rank {self.rank}] skipped bad sample: shard {shard} key {key}: {kind}"
+                    + (f" ({detail})" if detail else ""),
+                    flush=True,
+                )
         if self.read >= self.min_read and self.count > self.max_fraction * self.read:
             raise RuntimeError(
                 f"{self.count} of {self.read} samples read on rank {self.rank} were bad "
                 f"(more than data.max_bad_fraction={self.max_fraction}): {dict(self.by_kind)}; "
-                f"first: {self.examples[:3]}")
+                f"first: {self.examples[:3]}"
+            )
 
     def summary(self) -> dict:
         """Totals over all workers (a collective: every rank must call it)."""
@@ -50,5 +54,9 @@ class BadSampleLog:
         for part in parts:
             total.update(part["by_kind"])
         examples = [e for part in parts for e in part["examples"]][:EXAMPLES_KEPT]
-        return {"count": sum(total.values()), "read": sum(p["read"] for p in parts),
-                "by_kind": dict(total), "examples": examples}
+        return {
+            "count": sum(total.values()),
+            "read": sum(p["read"] for p in parts),
+            "by_kind": dict(total),
+            "examples": examples,
+        }

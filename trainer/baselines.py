@@ -78,8 +78,8 @@ class CONSEHead(nn.Module):
 
     def embed(self, seen_logits: torch.Tensor) -> torch.Tensor:
         """[B, S] classifier logits -> e(x) [B, dim]."""
-        p, ranked = seen_logits.sigmoid().topk(self.top, dim=1)               # [B, T]
-        mixed = (p[:, :, None] * self.seen_vectors[ranked]).sum(dim=1)        # [B, dim]
+        p, ranked = seen_logits.sigmoid().topk(self.top, dim=1)  # [B, T]
+        mixed = (p[:, :, None] * self.seen_vectors[ranked]).sum(dim=1)  # [B, dim]
         return mixed / p.sum(dim=1, keepdim=True)
 
     def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,12 +110,12 @@ class OneAttentionPerLabelHead(nn.Module):
         self.W = nn.Parameter(variance_scaling_(torch.empty(channels, embed_dim), channels))
 
     def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = fmap.flatten(2).transpose(1, 2)                     # [B, R, C]
-        keys, values = self.U(x), x @ self.W                     # [B, R, dim] each
+        x = fmap.flatten(2).transpose(1, 2)  # [B, R, C]
+        keys, values = self.U(x), x @ self.W  # [B, R, dim] each
         scores = [self.score_chunk(keys, values, v) for v in label_vectors.split(self.label_chunk)]
         return {"scores": torch.cat(scores, dim=1)}
 
     @staticmethod
     def score_chunk(keys: torch.Tensor, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        a = (keys @ v.T).softmax(dim=1)                          # [B, R, k]: over regions
-        return (a * (values @ v.T)).sum(dim=1)                   # [B, k]
+        a = (keys @ v.T).softmax(dim=1)  # [B, R, k]: over regions
+        return (a * (values @ v.T)).sum(dim=1)  # [B, k]

@@ -75,8 +75,7 @@ def restore(engine, fallback=None, read_files=None) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        path, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"{folder}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
         state = json.loads(Path(folder, STATE_FILE).read_text())

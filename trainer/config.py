@@ -23,24 +23,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    url: str = ""                 # dataset root in the contract of DESIGN.md (path or fsspec URL)
-    image_size: int = 96          # model input side; images are resized (short side) + centre-cropped
-    batch_size: int = 32          # per worker and step
-    loader_workers: int = 1       # DataLoader processes per training worker
-    shuffle_buffer: int = 1000    # samples held for shuffling within a worker's stream
+    url: str = ""  # dataset root in the contract of DESIGN.md (path or fsspec URL)
+    image_size: int = 96  # model input side; images are resized (short side) + centre-cropped
+    batch_size: int = 32  # per worker and step
+    loader_workers: int = 1  # DataLoader processes per training worker
+    shuffle_buffer: int = 1000  # samples held for shuffling within a worker's stream
     train_split: str = "train"
     max_bad_fraction: float = 0.05  # abort if more than this fraction of read samples are bad
-    ledger: bool = False          # write OUT/ledger/: one line per sample whose gradient is in the model
+    ledger: bool = False  # write OUT/ledger/: one line per sample whose gradient is in the model
 
 
 @dataclass
 class ModelConfig:
-    name: str = "lesa"            # registry in trainer/model.py
-    backbone: str = "small_cnn"   # registry in trainer/backbones.py
+    name: str = "lesa"  # registry in trainer/model.py
+    backbone: str = "small_cnn"  # registry in trainer/backbones.py
     backbone_weights: str | None = None  # path or fsspec URL of a state dict (frozen backbones)
-    num_attentions: int = 10      # M of lesa_spec §1.2
-    adapter: bool = True          # the 2x2 conv + BN + ReLU adapter of the official code
-    conse_top: int = 10           # conse only: T, the most probable seen labels an image embedding mixes
+    num_attentions: int = 10  # M of lesa_spec §1.2
+    adapter: bool = True  # the 2x2 conv + BN + ReLU adapter of the official code
+    conse_top: int = 10  # conse only: T, the most probable seen labels an image embedding mixes
     # torch.compile the backbone and the head, in place (checkpoints keep their keys). It pays for
     # the backbone on GPUs (frozen VGG-19 1.63x on an H200); the head alone gains nothing, its
     # step being bound by kernel launches (docs/performance.md). The first batches wait for it.
@@ -58,41 +58,41 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "rmsprop_tf"      # registry in trainer/optim.py: rmsprop_tf | adamw
+    name: str = "rmsprop_tf"  # registry in trainer/optim.py: rmsprop_tf | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
     # LESA's adaptive lr (lesa_spec §3, trainer/schedule.py) at every validation (eval.every):
     # ema = lr_ema * ema + (1 - lr_ema) * metric; when ema falls, lr >= lr_floor and no cooldown:
     # lr *= lr_decay and a cooldown of lr_patience evaluations. Inert when eval.every is 0.
     adaptive_lr: bool = True
-    lr_patience: int = 2          # the official code: 2 on Open Images, 5 on NUS-WIDE
+    lr_patience: int = 2  # the official code: 2 on Open Images, 5 on NUS-WIDE
     lr_decay: float = 0.8
-    lr_ema: float = 0.7           # weight of the previous EMA (the official signal strength is 0.3)
-    lr_floor: float = 1e-6        # no decay once lr is below this
+    lr_ema: float = 0.7  # weight of the previous EMA (the official signal strength is 0.3)
+    lr_floor: float = 1e-6  # no decay once lr is below this
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 400
     seed: int = 0
-    log_every: int = 10           # console + MLflow cadence, in steps
+    log_every: int = 10  # console + MLflow cadence, in steps
     early_stopping: bool = False  # stop once the validation metric stalls (the official code trains to
-                                  # the end and only keeps the best model, which we always do)
-    early_stopping_patience: int = 10     # validations in a row without improvement before stopping
+    # the end and only keeps the best model, which we always do)
+    early_stopping_patience: int = 10  # validations in a row without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement must exceed this (metric units, percent)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0                # steps between evaluations during training; 0 = only at the end
+    every: int = 0  # steps between evaluations during training; 0 = only at the end
     k: list[int] = field(default_factory=lambda: [3, 5])
     split: str = "test"
     batch_size: int = 64
-    overlays: int = 4             # attention overlay PNGs of eval images at the end (OUT/attention/); 0: none
+    overlays: int = 4  # attention overlay PNGs of eval images at the end (OUT/attention/); 0: none
     # Validation every `every` steps: val_metric on the seen labels of val_split drives the adaptive
     # lr, early stopping and the best model (model_best.pt). null: no validation. Never the test split.
     val_split: str | None = "val"
-    val_metric: str = "mAP"       # mAP (Open Images), or P@K / R@K / F1@K (F1@5 on NUS-WIDE)
+    val_metric: str = "mAP"  # mAP (Open Images), or P@K / R@K / F1@K (F1@5 on NUS-WIDE)
     test_during_training: bool = True  # also evaluate `split` every `every` steps (metrics.json history)
 
 
@@ -105,21 +105,21 @@ class ScalingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0           # only 0: optimizer state whole, so a run resumes on any world size
+    zero_stage: int = 0  # only 0: optimizer state whole, so a run resumes on any world size
     bf16: bool = False
 
 
 @dataclass
 class CheckpointConfig:
-    storage: str | None = None    # Ray Train storage for the run's checkpoints; default OUT/checkpoints
-    every: int = 100              # steps between checkpoints (0: only the final one)
-    keep: int = 2                 # checkpoints kept in storage
-    max_failures: int = 3         # worker failures Ray Train recovers from by resuming
+    storage: str | None = None  # Ray Train storage for the run's checkpoints; default OUT/checkpoints
+    every: int = 100  # steps between checkpoints (0: only the final one)
+    keep: int = 2  # checkpoints kept in storage
+    max_failures: int = 3  # worker failures Ray Train recovers from by resuming
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = None   # default: $MLFLOW_TRACKING_URI, else sqlite in the cwd
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the cwd
     artifact_location: str | None = None  # default: ./mlartifacts next to the sqlite store
     experiment: str = "lesa"
     run_name: str | None = None
@@ -128,9 +128,10 @@ class MlflowConfig:
 @dataclass
 class SubmitConfig:
     """Read by `lesa submit` only: how the job reaches the cluster (launch/submit.py)."""
-    address: str | None = None    # Ray dashboard URL; default $RAY_ADDRESS, else http://127.0.0.1:8265
-    working_dir: str = "."        # shipped to the cluster with the job; CONFIG must lie inside it
-    out: str | None = None        # --out of `lesa train` on the cluster (a path on the head node)
+
+    address: str | None = None  # Ray dashboard URL; default $RAY_ADDRESS, else http://127.0.0.1:8265
+    working_dir: str = "."  # shipped to the cluster with the job; CONFIG must lie inside it
+    out: str | None = None  # --out of `lesa train` on the cluster (a path on the head node)
     runtime_env: dict = field(default_factory=dict)  # Ray runtime_env: env_vars, excludes, pip, ...
 
 
@@ -219,9 +220,17 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: {why}")
 
     need(bool(cfg.data.url), "data.url", "is required (the dataset root, see DESIGN.md)")
-    for key in ("data.image_size", "data.batch_size", "train.max_steps", "train.log_every",
-                "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
-                "model.num_attentions", "model.conse_top"):
+    for key in (
+        "data.image_size",
+        "data.batch_size",
+        "train.max_steps",
+        "train.log_every",
+        "eval.batch_size",
+        "scaling.num_workers",
+        "scaling.cpus_per_worker",
+        "model.num_attentions",
+        "model.conse_top",
+    ):
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) >= 1, key, "must be at least 1")
     need(cfg.data.loader_workers >= 0, "data.loader_workers", "must be 0 or more")
@@ -232,11 +241,17 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be 0 (end only) or a number of steps")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be 0 or more")
-    need(cfg.deepspeed.zero_stage == 0, "deepspeed.zero_stage",
-         "only 0 is supported: its checkpoints resume on any number of workers (stages 1-3 would "
-         "need an offline universal-checkpoint conversion), and LESA's head fits every GPU whole")
-    need(len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k), "eval.k",
-         "must be a non-empty list of positive integers")
+    need(
+        cfg.deepspeed.zero_stage == 0,
+        "deepspeed.zero_stage",
+        "only 0 is supported: its checkpoints resume on any number of workers (stages 1-3 would "
+        "need an offline universal-checkpoint conversion), and LESA's head fits every GPU whole",
+    )
+    need(
+        len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k),
+        "eval.k",
+        "must be a non-empty list of positive integers",
+    )
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check_schedule(cfg, need)
     for name in ("rank", "dist", "rel", "div"):
@@ -247,10 +262,8 @@ def _check(cfg: Config) -> None:
     from trainer.optim import OPTIMIZERS
 
     need(cfg.model.name in MODELS, "model.name", f"unknown model (known: {', '.join(MODELS)})")
-    need(cfg.model.backbone in BACKBONES, "model.backbone",
-         f"unknown backbone (known: {', '.join(BACKBONES)})")
-    need(cfg.optim.name in OPTIMIZERS, "optim.name",
-         f"unknown optimizer (known: {', '.join(OPTIMIZERS)})")
+    need(cfg.model.backbone in BACKBONES, "model.backbone", f"unknown backbone (known: {', '.join(BACKBONES)})")
+    need(cfg.optim.name in OPTIMIZERS, "optim.name", f"unknown optimizer (known: {', '.join(OPTIMIZERS)})")
 
 
 def _check_schedule(cfg: Config, need) -> None:
@@ -264,14 +277,26 @@ def _check_schedule(cfg: Config, need) -> None:
     need(o.lr_floor >= 0, "optim.lr_floor", "must be 0 or more")
     need(t.early_stopping_patience >= 1, "train.early_stopping_patience", "must be at least 1")
     need(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be 0 or more")
-    need(VAL_METRIC.fullmatch(e.val_metric) is not None, "eval.val_metric",
-         f"expected mAP, P@K, R@K or F1@K (K a positive integer), got {e.val_metric!r}")
-    need(e.val_split != e.split, "eval.val_split",
-         f"must differ from eval.split ({e.split}): the schedule and the best model never see the test split")
-    need(not t.early_stopping or e.every > 0, "train.early_stopping",
-         "stops on validations, which run every eval.every steps: set eval.every > 0")
-    need(not (t.early_stopping or o.adaptive_lr) or e.every == 0 or bool(e.val_split), "eval.val_split",
-         "is null, but optim.adaptive_lr or train.early_stopping needs a validation split")
+    need(
+        VAL_METRIC.fullmatch(e.val_metric) is not None,
+        "eval.val_metric",
+        f"expected mAP, P@K, R@K or F1@K (K a positive integer), got {e.val_metric!r}",
+    )
+    need(
+        e.val_split != e.split,
+        "eval.val_split",
+        f"must differ from eval.split ({e.split}): the schedule and the best model never see the test split",
+    )
+    need(
+        not t.early_stopping or e.every > 0,
+        "train.early_stopping",
+        "stops on validations, which run every eval.every steps: set eval.every > 0",
+    )
+    need(
+        not (t.early_stopping or o.adaptive_lr) or e.every == 0 or bool(e.val_split),
+        "eval.val_split",
+        "is null, but optim.adaptive_lr or train.early_stopping needs a validation split",
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], object]:

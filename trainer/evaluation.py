@@ -31,14 +31,31 @@ def settings_of(info: DatasetInfo) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def score_split(model, info: DatasetInfo, split: str, cfg, rank: int, world: int, device,
-                bad: BadSampleLog, metrics: StreamingMetrics, label_ids: np.ndarray | None = None) -> None:
+def score_split(
+    model,
+    info: DatasetInfo,
+    split: str,
+    cfg,
+    rank: int,
+    world: int,
+    device,
+    bad: BadSampleLog,
+    metrics: StreamingMetrics,
+    label_ids: np.ndarray | None = None,
+) -> None:
     """Scores this worker's share of `split`, for all labels or only `label_ids` (columns then in
     that order), batch by batch into `metrics`, on the model's device."""
     shards = info.shards(split)
-    spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
-                      batch_size=cfg.eval.batch_size, rank=rank, world=world, train=False,
-                      features=info.features)
+    spec = StreamSpec(
+        shards=shards,
+        num_labels=info.num_labels,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.eval.batch_size,
+        rank=rank,
+        world=world,
+        train=False,
+        features=info.features,
+    )
     mine = split_by_rank(shards, rank, world)  # the reader's own split
     loader = make_loader(spec, min(cfg.data.loader_workers, len(mine)), pin_memory=device.type == "cuda")
     if label_ids is None:
@@ -92,8 +109,9 @@ def validation_metric(model, info: DatasetInfo, cfg, rank: int, world: int, devi
     model.eval()
     k = metric_k(cfg.eval.val_metric)
     metrics = StreamingMetrics({"seen": np.arange(len(info.seen))}, len(info.seen), [k or 1])
-    score_split(model, info, cfg.eval.val_split, cfg, rank, world, device, BadSampleLog(rank), metrics,
-                label_ids=info.seen)
+    score_split(
+        model, info, cfg.eval.val_split, cfg, rank, world, device, BadSampleLog(rank), metrics, label_ids=info.seen
+    )
     model.train(was_training)
     results, _ = metrics.result(device)
     value = torch.tensor(results["seen"][cfg.eval.val_metric], dtype=torch.float64, device=device)

@@ -40,15 +40,23 @@ def _library() -> ctypes.CDLL | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent builders each rename a whole file
                 built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)],
-                               check=True, capture_output=True, text=True, timeout=120)
+                subprocess.run(
+                    [compiler, *FLAGS, "-o", str(built), str(SOURCE)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 os.replace(built, path)
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", None) or err
-        warnings.warn(f"could not build {SOURCE.name} with {compiler!r} ({detail}); "
-                      "top-K evaluation on the CPU sorts every row instead, several times slower",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"could not build {SOURCE.name} with {compiler!r} ({detail}); "
+            "top-K evaluation on the CPU sorts every row instead, several times slower",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.kth_largest_f32.argtypes = [pointer, size, size, pointer, size, size, pointer]
@@ -65,8 +73,9 @@ def kth_largest_f32(scores: np.ndarray, ks) -> np.ndarray | None:
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     ks = np.ascontiguousarray(ks, dtype=np.int64)
     out = np.empty((len(scores), len(ks)), dtype=np.float32)
-    status = library.kth_largest_f32(scores.ctypes.data, len(scores), scores.shape[1], ks.ctypes.data,
-                                     len(ks), int(ks.max()), out.ctypes.data)
+    status = library.kth_largest_f32(
+        scores.ctypes.data, len(scores), scores.shape[1], ks.ctypes.data, len(ks), int(ks.max()), out.ctypes.data
+    )
     if status != 0:
         raise MemoryError(f"kth_largest_f32: no memory for {scores.shape[1]} columns of scratch")
     return out

@@ -56,13 +56,18 @@ class LESAHead(nn.Module):
 
     def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """fmap [B, C, H, W], label_vectors [K, dim] (unit rows) -> scores and what the losses need."""
-        x = self.adapter(fmap).flatten(2).transpose(1, 2)       # [B, R, C]
-        h = torch.tanh(self.W1(x))                               # [B, R, C]
-        e = self.W2(h).transpose(1, 2)                           # [B, M, R]
-        a = e.softmax(dim=-1)                                    # [B, M, R]
-        z = a @ x                                                # [B, M, C]
-        attention_scores = (z @ self.W) @ label_vectors.T       # [B, M, K]
-        scores = attention_scores.max(dim=1).values              # [B, K]
+        x = self.adapter(fmap).flatten(2).transpose(1, 2)  # [B, R, C]
+        h = torch.tanh(self.W1(x))  # [B, R, C]
+        e = self.W2(h).transpose(1, 2)  # [B, M, R]
+        a = e.softmax(dim=-1)  # [B, M, R]
+        z = a @ x  # [B, M, C]
+        attention_scores = (z @ self.W) @ label_vectors.T  # [B, M, K]
+        scores = attention_scores.max(dim=1).values  # [B, K]
         global_scores = (x.mean(dim=1) @ self.W) @ label_vectors.T  # [B, K]
-        return {"scores": scores, "attention_scores": attention_scores, "attention_logits": e,
-                "attention": a, "global_scores": global_scores}
+        return {
+            "scores": scores,
+            "attention_scores": attention_scores,
+            "attention_logits": e,
+            "attention": a,
+            "global_scores": global_scores,
+        }

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 def ranking_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
     """(1/B) sum_i [sum_{p in P_i, n in N_i} max(0, 1 + s_n - s_p)] / (#violating pairs_i + 1e-8)."""
-    annotated = (y != 0).any(dim=0)        # drop labels unknown for the whole batch: value-neutral,
+    annotated = (y != 0).any(dim=0)  # drop labels unknown for the whole batch: value-neutral,
     s, y = out["scores"][:, annotated], y[:, annotated]  # and keeps B x K x K small at 7,186 labels
     pos, neg = (y > 0).float(), (y < 0).float()
-    hinge = (1 + s[:, None, :] - s[:, :, None]).clamp_min(0)   # [B, p, n]
+    hinge = (1 + s[:, None, :] - s[:, :, None]).clamp_min(0)  # [B, p, n]
     pairs = pos[:, :, None] * neg[:, None, :]
     violating = pairs * (hinge > 0).float()
     per_image = (hinge * pairs).sum(dim=(1, 2)) / (violating.sum(dim=(1, 2)) + 1e-8)
@@ -26,9 +26,9 @@ def ranking_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
 
 def distribution_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
     """(1/BM) sum_{i,m} (sum_{k in P_i} softmax_m(s_{i,m,k}))^2: positives spread over attentions."""
-    pi = out["attention_scores"].softmax(dim=1)                 # [B, M, K]
-    q = (pi * (y > 0).float()[:, None, :]).sum(dim=2)           # [B, M]
-    return (q ** 2).mean()
+    pi = out["attention_scores"].softmax(dim=1)  # [B, M, K]
+    q = (pi * (y > 0).float()[:, None, :]).sum(dim=2)  # [B, M]
+    return (q**2).mean()
 
 
 def relevance_loss(out: dict, y: torch.Tensor, delta: float = 0.0) -> torch.Tensor:
@@ -39,12 +39,12 @@ def relevance_loss(out: dict, y: torch.Tensor, delta: float = 0.0) -> torch.Tens
 
 def diversity_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
     """|| offdiag(E^ E^T) ||_F over the whole batch, E^ the row-normalised pre-softmax logits."""
-    e = out["attention_logits"]                                 # [B, M, R]
+    e = out["attention_logits"]  # [B, M, R]
     e_hat = e / e.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    gram = e_hat @ e_hat.transpose(1, 2)                        # [B, M, M]
+    gram = e_hat @ e_hat.transpose(1, 2)  # [B, M, M]
     off_diagonal = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))
     # clamp: sqrt's gradient at exactly 0 (M = 1) would be inf * 0 = nan.
-    return (off_diagonal ** 2).sum().clamp_min(1e-12).sqrt()
+    return (off_diagonal**2).sum().clamp_min(1e-12).sqrt()
 
 
 def seen_logistic_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
@@ -54,15 +54,22 @@ def seen_logistic_loss(out: dict, y: torch.Tensor) -> torch.Tensor:
     is the order of y's columns in training."""
     logits = out["seen_logits"]
     if logits.shape != y.shape:
-        raise ValueError(f"seen_logistic_loss: logits {tuple(logits.shape)} but labels {tuple(y.shape)}; "
-                         f"train on the seen labels, in the dataset's order")
+        raise ValueError(
+            f"seen_logistic_loss: logits {tuple(logits.shape)} but labels {tuple(y.shape)}; "
+            f"train on the seen labels, in the dataset's order"
+        )
     annotated = (y != 0).float()
     per_cell = F.binary_cross_entropy_with_logits(logits, (y > 0).float(), reduction="none")
     return (per_cell * annotated).sum() / annotated.sum().clamp_min(1)
 
 
-LOSSES = {"rank": ranking_loss, "dist": distribution_loss, "rel": relevance_loss, "div": diversity_loss,
-          "seen_logistic": seen_logistic_loss}
+LOSSES = {
+    "rank": ranking_loss,
+    "dist": distribution_loss,
+    "rel": relevance_loss,
+    "div": diversity_loss,
+    "seen_logistic": seen_logistic_loss,
+}
 
 
 def total_loss(out: dict, y: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

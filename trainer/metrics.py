@@ -51,7 +51,7 @@ def topk_true_positives(scores: np.ndarray, labels: np.ndarray, k: int) -> int:
     """Reference top-K: a stable sort per row, so ties go to the lower label index."""
     tp = 0
     for start in range(0, len(scores), ROW_CHUNK):
-        s, y = scores[start:start + ROW_CHUNK], labels[start:start + ROW_CHUNK]
+        s, y = scores[start : start + ROW_CHUNK], labels[start : start + ROW_CHUNK]
         top = np.argsort(-s, axis=1, kind="stable")[:, :k]
         tp += int((np.take_along_axis(y, top, axis=1) > 0).sum())
     return tp
@@ -59,8 +59,9 @@ def topk_true_positives(scores: np.ndarray, labels: np.ndarray, k: int) -> int:
 
 def _local_counts(scores, labels, ks) -> np.ndarray:
     """[num_images, num_positives, TP@k1, TP@k2, ...] of this worker's images."""
-    return np.array([len(scores), int((labels > 0).sum())]
-                    + [topk_true_positives(scores, labels, k) for k in ks], dtype=np.int64)
+    return np.array(
+        [len(scores), int((labels > 0).sum())] + [topk_true_positives(scores, labels, k) for k in ks], dtype=np.int64
+    )
 
 
 def _summarise(counts: np.ndarray, ap: np.ndarray, ks, num_labels: int) -> dict[str, float]:
@@ -86,6 +87,7 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, ks) -> dict[str, flo
 class Annotations:
     """The annotated cells of a worker's images x labels: row, label, +1 / -1. Unknown cells are
     absent, so memory follows the annotations (a few per image on Open Images), not the matrix."""
+
     rows: np.ndarray
     cols: np.ndarray
     values: np.ndarray
@@ -102,7 +104,7 @@ class Annotations:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "cols", "values")))
 
 
-SORT_BELOW = 2048   # rows narrower than this are sorted: the kernel's groups need width (docs/performance.md)
+SORT_BELOW = 2048  # rows narrower than this are sorted: the kernel's groups need width (docs/performance.md)
 
 
 def ascending_key(values: np.ndarray) -> np.ndarray:
@@ -132,8 +134,8 @@ def kth_largest(scores: np.ndarray, ks) -> np.ndarray:
             return found
     out = np.empty((len(scores), len(ks)), dtype=scores.dtype)
     for start in range(0, len(scores), ROW_CHUNK):
-        ordered = np.sort(scores[start:start + ROW_CHUNK], axis=1)
-        out[start:start + len(ordered)] = ordered[:, scores.shape[1] - ks]
+        ordered = np.sort(scores[start : start + ROW_CHUNK], axis=1)
+        out[start : start + len(ordered)] = ordered[:, scores.shape[1] - ks]
     return out
 
 
@@ -175,8 +177,9 @@ def topk_hits(scores: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Tens
     return hits
 
 
-def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np.ndarray,
-                              num_labels: int) -> np.ndarray:
+def grouped_average_precision(
+    label: np.ndarray, score: np.ndarray, positive: np.ndarray, num_labels: int
+) -> np.ndarray:
     """AP of every label at once from its annotated entries (label id, score, is-positive).
 
     One integer sort orders the entries by label, then by descending score: the key packs the
@@ -187,14 +190,15 @@ def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np
     if len(label) == 0:
         return ap
     descending = np.uint64(0xFFFFFFFF) - ascending_key(score)
-    key = np.sort((label.astype(np.uint64) << np.uint64(33)) | (descending << np.uint64(1))
-                  | positive.astype(np.uint64))
+    key = np.sort(
+        (label.astype(np.uint64) << np.uint64(33)) | (descending << np.uint64(1)) | positive.astype(np.uint64)
+    )
     label, threshold, positive = key >> np.uint64(33), key >> np.uint64(1), (key & np.uint64(1)).astype(np.int64)
     starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
     group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(label)]))
     tp = np.cumsum(positive)
-    tp = tp - (tp - positive)[starts][group]                 # true positives within the label
-    seen = np.arange(len(label)) - starts[group] + 1          # entries within the label so far
+    tp = tp - (tp - positive)[starts][group]  # true positives within the label
+    seen = np.arange(len(label)) - starts[group] + 1  # entries within the label so far
     ends = np.flatnonzero(np.r_[threshold[1:] != threshold[:-1], True])  # (label, score) changes
     num_pos = np.bincount(group, weights=positive)
     g = group[ends]
@@ -209,6 +213,7 @@ def grouped_average_precision(label: np.ndarray, score: np.ndarray, positive: np
 @dataclass
 class LabelStats:
     """Per label, over all workers: AP (fraction), positives and annotated images."""
+
     ap: np.ndarray
     positives: np.ndarray
     annotated: np.ndarray
@@ -220,8 +225,12 @@ def label_statistics(entries: "Entries", num_labels: int, device="cpu") -> Label
     Each worker sends every owner only the annotated cells of that owner's labels, so a worker
     holds the annotated cells of its own images plus those of 1/W of the labels.
     """
-    counts = np.stack([np.bincount(entries.labels[entries.positive], minlength=num_labels),
-                       np.bincount(entries.labels, minlength=num_labels)]).astype(np.int64)
+    counts = np.stack(
+        [
+            np.bincount(entries.labels[entries.positive], minlength=num_labels),
+            np.bincount(entries.labels, minlength=num_labels),
+        ]
+    ).astype(np.int64)
     if not _distributed():
         return LabelStats(grouped_average_precision(*entries.fields(), num_labels), *counts)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -251,6 +260,7 @@ def _distributed() -> bool:
 @dataclass
 class Entries:
     """The annotated cells as AP needs them: label id, score, is-positive."""
+
     labels: np.ndarray
     scores: np.ndarray
     positive: np.ndarray
@@ -318,8 +328,9 @@ class StreamingMetrics:
         return results, stats
 
 
-def evaluate_settings(scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks,
-                      device="cpu") -> dict[str, dict[str, float]]:
+def evaluate_settings(
+    scores: np.ndarray, labels: np.ndarray | Annotations, settings: dict[str, np.ndarray], ks, device="cpu"
+) -> dict[str, dict[str, float]]:
     """Metrics for each setting (name -> column indices) of a worker's score matrix, over all
     workers if distributed; equals compute_metrics per setting. The matrix is fed to
     StreamingMetrics in blocks of ROW_CHUNK rows. `labels`: the dense label matrix or its
@@ -329,8 +340,7 @@ def evaluate_settings(scores: np.ndarray, labels: np.ndarray | Annotations, sett
     ann = Annotations(ann.rows[order], ann.cols[order], ann.values[order])
     metrics = StreamingMetrics(settings, scores.shape[1], ks)
     for start in range(0, len(scores), ROW_CHUNK):
-        block = scores[start:start + ROW_CHUNK]
+        block = scores[start : start + ROW_CHUNK]
         lo, hi = np.searchsorted(ann.rows, [start, start + len(block)])
-        metrics.add(torch.from_numpy(block),
-                    Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]))
+        metrics.add(torch.from_numpy(block), Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]))
     return metrics.result(device)[0]

@@ -51,7 +51,7 @@ def conse_head(cfg, channels: int, vectors: np.ndarray, seen_ids) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    head: Callable          # (cfg, backbone channels, label vectors, seen ids) -> head module
+    head: Callable  # (cfg, backbone channels, label vectors, seen ids) -> head module
     loss_weights: Callable  # cfg -> {term of trainer.losses.LOSSES: weight}
 
 
@@ -68,13 +68,13 @@ MODELS = {
     "fast0tag": ModelEntry(lambda cfg, c, v, seen: Fast0TagHead(c, v.shape[1]), ranking_only),
     "labelem": ModelEntry(lambda cfg, c, v, seen: LabelEMHead(c, v.shape[1]), ranking_only),
     "conse": ModelEntry(conse_head, lambda cfg: {"seen_logistic": 1.0}),
-    "one_attention_per_label": ModelEntry(lambda cfg, c, v, seen: OneAttentionPerLabelHead(c, v.shape[1]),
-                                          ranking_only),
+    "one_attention_per_label": ModelEntry(
+        lambda cfg, c, v, seen: OneAttentionPerLabelHead(c, v.shape[1]), ranking_only
+    ),
 }
 
 
-def build_model(cfg, label_vectors: np.ndarray, seen_ids: np.ndarray | None = None,
-                features=None) -> TaggingModel:
+def build_model(cfg, label_vectors: np.ndarray, seen_ids: np.ndarray | None = None, features=None) -> TaggingModel:
     """`seen_ids`: the labels training sees (the dataset's seen role); CONSE's embedding needs them.
     `features`: the FeatureSpec of a feature dataset (`DatasetInfo.features`); its cached rows then
     stand in for the frozen backbone (trainer/backbones.py, FeatureInput)."""

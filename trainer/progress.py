@@ -26,19 +26,28 @@ class Progress:
         elapsed = time.time() - self.start
         eta = elapsed / max(step - self.first, 1) * (self.total - step)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
-        print(f"step {step}/{self.total} loss {row['loss']:.4f} ({losses}) "
-              f"{row['samples_per_s']:.0f} samples/s data-wait {100 * row['data_wait_fraction']:.0f}% "
-              f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}", flush=True)
+        print(
+            f"step {step}/{self.total} loss {row['loss']:.4f} ({losses}) "
+            f"{row['samples_per_s']:.0f} samples/s data-wait {100 * row['data_wait_fraction']:.0f}% "
+            f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}",
+            flush=True,
+        )
 
     def summary(self) -> dict[str, float]:
         """Steps and time of the whole run; samples/s from the end of the first logging window."""
         elapsed = time.time() - self.start
         first_step, first_time = self.window_start or (self.first, self.start)
-        steady = (self.step - first_step) / max(time.time() - first_time, 1e-9) if self.step > first_step else \
-            (self.step - self.first) / max(elapsed, 1e-9)
-        return {"steps": self.step - self.first, "seconds": elapsed,
-                "samples_per_s": steady * self.samples_per_step,
-                "data_wait_fraction": sum(self.data_wait) / max(len(self.data_wait), 1)}
+        steady = (
+            (self.step - first_step) / max(time.time() - first_time, 1e-9)
+            if self.step > first_step
+            else (self.step - self.first) / max(elapsed, 1e-9)
+        )
+        return {
+            "steps": self.step - self.first,
+            "seconds": elapsed,
+            "samples_per_s": steady * self.samples_per_step,
+            "data_wait_fraction": sum(self.data_wait) / max(len(self.data_wait), 1),
+        }
 
 
 SCORING_EVERY_S = 30.0
@@ -59,21 +68,30 @@ class ScoringProgress:
         if self.enabled and now - self.last >= self.every:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            print(f"scoring {self.split}: {self.done}/{self.total} images of this worker, {rate:.0f} images/s, "
-                  f"ETA {format_duration((self.total - self.done) / max(rate, 1e-9))}", flush=True)
+            print(
+                f"scoring {self.split}: {self.done}/{self.total} images of this worker, {rate:.0f} images/s, "
+                f"ETA {format_duration((self.total - self.done) / max(rate, 1e-9))}",
+                flush=True,
+            )
 
     def finish(self) -> None:
         if self.enabled:
             elapsed = time.time() - self.start
-            print(f"scored {self.split}: {self.done} images of this worker in {format_duration(elapsed)} "
-                  f"({self.done / max(elapsed, 1e-9):.0f} images/s)", flush=True)
+            print(
+                f"scored {self.split}: {self.done} images of this worker in {format_duration(elapsed)} "
+                f"({self.done / max(elapsed, 1e-9):.0f} images/s)",
+                flush=True,
+            )
 
 
 def format_table(metrics: dict, ks) -> str:
     """ZSL and GZSL rows: P/R/F1 at each K, then mAP, in percent."""
     head = ["setting"] + [f"{m}@{k}" for k in ks for m in ("P", "R", "F1")] + ["mAP"]
-    rows = [[name.upper()] + [f"{metrics[name][col]:.2f}" for col in head[1:]]
-            for name in ("zsl", "gzsl") if name in metrics]
+    rows = [
+        [name.upper()] + [f"{metrics[name][col]:.2f}" for col in head[1:]]
+        for name in ("zsl", "gzsl")
+        if name in metrics
+    ]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -20,8 +20,17 @@ def write_per_label(path: Path, info: DatasetInfo, stats: LabelStats, cols: np.n
         out.writerow(COLUMNS)
         for j in cols:
             lab = info.labels[j]
-            out.writerow([lab.index, lab.id, lab.name, lab.role, f"{100 * stats.ap[j]:.4f}",
-                          int(stats.positives[j]), int(stats.annotated[j])])
+            out.writerow(
+                [
+                    lab.index,
+                    lab.id,
+                    lab.name,
+                    lab.role,
+                    f"{100 * stats.ap[j]:.4f}",
+                    int(stats.positives[j]),
+                    int(stats.annotated[j]),
+                ]
+            )
 
 
 def summarise_per_label(path: Path, show: int = 3) -> str:
@@ -30,5 +39,6 @@ def summarise_per_label(path: Path, show: int = 3) -> str:
     rows.sort(key=lambda r: float(r["AP"]), reverse=True)
     fmt = lambda r: f"{r['name']} {float(r['AP']):.1f} ({r['positives']}/{r['annotated']})"  # noqa: E731
     without = sum(int(r["positives"]) == 0 for r in rows)
-    return (f"best: {', '.join(fmt(r) for r in rows[:show])}; worst: {', '.join(fmt(r) for r in rows[-show:])}"
-            + (f"; {without} labels without positives count as AP 0" if without else ""))
+    return f"best: {', '.join(fmt(r) for r in rows[:show])}; worst: {', '.join(fmt(r) for r in rows[-show:])}" + (
+        f"; {without} labels without positives count as AP 0" if without else ""
+    )

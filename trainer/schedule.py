@@ -48,6 +48,7 @@ class AdaptiveLR:
     decay may take lr just below it, as in the official code. The cooldown is decremented after
     the check, so a decay blocks the next `patience - 1` evaluations.
     """
+
     lr: float
     patience: int
     decay: float = 0.8
@@ -77,10 +78,11 @@ class AdaptiveLR:
 class EarlyStopping:
     """Stop after `patience` evaluations in a row that did not beat the best by more than
     `min_delta` (metric units: percent). Higher is better for every metric we report."""
+
     patience: int
     min_delta: float = 0.0
-    best: float | None = None      # the value improvements are measured against
-    bad_evaluations: int = 0       # evaluations since the last improvement
+    best: float | None = None  # the value improvements are measured against
+    bad_evaluations: int = 0  # evaluations since the last improvement
 
     def update(self, metric: float) -> bool:
         """Count one evaluation; True when it is time to stop."""
@@ -106,6 +108,7 @@ class EarlyStopping:
 class BestModel:
     """The step and metric of the best validation so far, and a CPU copy of the weights then.
     Every rank keeps its own copy (data parallelism keeps them equal), so all can evaluate it."""
+
     step: int | None = None
     metric: float | None = None
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
@@ -161,8 +164,9 @@ class ValidationSchedule:
         self.every = cfg.eval.every if cfg.eval.val_split else 0
         o, t = cfg.optim, cfg.train
         self.adaptive = AdaptiveLR(o.lr, o.lr_patience, o.lr_decay, o.lr_ema, o.lr_floor) if o.adaptive_lr else None
-        self.stopping = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta) \
-            if t.early_stopping else None
+        self.stopping = (
+            EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta) if t.early_stopping else None
+        )
         self.best = BestModel()
         self.validations = 0
         self.report = ""
@@ -186,8 +190,10 @@ class ValidationSchedule:
         lr_before = current_lr(optimizer)
         self.best.update(step, metric, model)
         logged = {f"val/{self.metric_name}": metric, "val/best": self.best.metric}
-        self.report = (f"[val @ step {step}] {self.split} seen {self.metric_name} {metric:.2f}; "
-                       f"best {self.best.metric:.2f} at step {self.best.step}")
+        self.report = (
+            f"[val @ step {step}] {self.split} seen {self.metric_name} {metric:.2f}; "
+            f"best {self.best.metric:.2f} at step {self.best.step}"
+        )
         if self.adaptive:
             set_lr(optimizer, self.adaptive.adapt(metric))
             logged["val/ema"] = self.adaptive.ema
@@ -203,10 +209,14 @@ class ValidationSchedule:
         return logged
 
     def to_json(self) -> dict:
-        return {"metric": self.metric_name, "split": self.split, "validations": self.validations,
-                "best": self.best.to_json(),
-                "adaptive_lr": self.adaptive.to_json() if self.adaptive else None,
-                "early_stopping": self.stopping.to_json() if self.stopping else None}
+        return {
+            "metric": self.metric_name,
+            "split": self.split,
+            "validations": self.validations,
+            "best": self.best.to_json(),
+            "adaptive_lr": self.adaptive.to_json() if self.adaptive else None,
+            "early_stopping": self.stopping.to_json() if self.stopping else None,
+        }
 
     def load(self, state: dict | None, folder: Path | None = None) -> None:
         """Continue from a checkpoint's state (and its model_best.pt in `folder`). The config's
@@ -217,21 +227,25 @@ class ValidationSchedule:
         if not self.every:  # no validation from here on: carry the best along, labelled as it was
             self.metric_name, self.split = state["metric"], state["split"]
         elif (state["metric"], state["split"]) != (self.metric_name, self.split):
-            raise RuntimeError(f"the checkpoint's schedule follows {state['metric']} on '{state['split']}', not "
-                               f"{self.metric_name} on '{self.split}': resume with eval.val_metric="
-                               f"{state['metric']} eval.val_split={state['split']}")
+            raise RuntimeError(
+                f"the checkpoint's schedule follows {state['metric']} on '{state['split']}', not "
+                f"{self.metric_name} on '{self.split}': resume with eval.val_metric="
+                f"{state['metric']} eval.val_split={state['split']}"
+            )
         self.validations = state["validations"]
         self.best.step, self.best.metric = state["best"]["step"], state["best"]["metric"]
         if self.best.step is not None:
             self.best.load(Path(folder, BEST_MODEL_FILE))
         if self.adaptive and state["adaptive_lr"]:
             saved = state["adaptive_lr"]
-            self.adaptive = dataclasses.replace(self.adaptive, lr=saved["lr"], ema=saved["ema"],
-                                                cooldown=saved["cooldown"])
+            self.adaptive = dataclasses.replace(
+                self.adaptive, lr=saved["lr"], ema=saved["ema"], cooldown=saved["cooldown"]
+            )
         if self.stopping and state["early_stopping"]:
             saved = state["early_stopping"]
-            self.stopping = dataclasses.replace(self.stopping, best=saved["best"],
-                                                bad_evaluations=saved["bad_evaluations"])
+            self.stopping = dataclasses.replace(
+                self.stopping, best=saved["best"], bad_evaluations=saved["bad_evaluations"]
+            )
 
     def best_on_test(self, model: torch.nn.Module, step: int, last_results: dict, evaluate) -> dict | None:
         """metrics.json's "best": the best validated model on the test split (`evaluate()`, a
@@ -248,9 +262,14 @@ class ValidationSchedule:
 
     def summary(self, optimizer) -> dict:
         """metrics.json's "schedule": what validation did over the run."""
-        return {"val_split": self.split, "val_metric": self.metric_name, "validations": self.validations,
-                "adaptive_lr": self.adaptive is not None, "final_lr": current_lr(optimizer),
-                "stopped_early": self.should_stop}
+        return {
+            "val_split": self.split,
+            "val_metric": self.metric_name,
+            "validations": self.validations,
+            "adaptive_lr": self.adaptive is not None,
+            "final_lr": current_lr(optimizer),
+            "stopped_early": self.should_stop,
+        }
 
     def files(self) -> dict:
         """Files for rank 0 to put into a checkpoint: the best weights, once there are any."""

@@ -38,7 +38,7 @@ def resolve_tracking(mlflow_cfg) -> tuple[str, str | None]:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     artifacts = mlflow_cfg.artifact_location
     if artifacts is None and uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     elif artifacts is not None and "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
     return uri, artifacts
@@ -49,8 +49,14 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("@", "_at_"))
 
 
-def open_run(tracking_uri: str, artifact_location: str | None, experiment: str,
-             run_name: str | None, params: dict, parent_run_id: str | None = None) -> str:
+def open_run(
+    tracking_uri: str,
+    artifact_location: str | None,
+    experiment: str,
+    run_name: str | None,
+    params: dict,
+    parent_run_id: str | None = None,
+) -> str:
     """A new run; with `parent_run_id` it is nested under that run (`lesa compare`), which is
     what MLflow's tag mlflow.parentRunId means to its UI and search."""
     client = MlflowClient(tracking_uri)
@@ -60,7 +66,7 @@ def open_run(tracking_uri: str, artifact_location: str | None, experiment: str,
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start:start + 100])
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
 
 

@@ -46,7 +46,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; LESA's optimizer
         # (lesa_spec §3) and the baselines take the raw gradient.
         "gradient_clipping": 0.0,
-        "steps_per_print": 10 ** 9,  # our own progress line replaces DeepSpeed's
+        "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
 
@@ -62,8 +62,9 @@ def init_engine(cfg: Config, model: torch.nn.Module, world: int):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, world))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world)
+    )
     return engine, optimizer
 
 
@@ -101,8 +102,7 @@ def result_files(metrics: dict, results: dict, info, model=None) -> dict:
     per setting and, after training, model.pt (a plain state dict)."""
     files = {"metrics.json": lambda path: path.write_text(json.dumps(metrics, indent=1))}
     for name, cols in settings_of(info).items():
-        files[f"per_label_{name}.tsv"] = \
-            lambda path, cols=cols: write_per_label(path, info, results["per_label"], cols)
+        files[f"per_label_{name}.tsv"] = lambda path, cols=cols: write_per_label(path, info, results["per_label"], cols)
     if model is not None:
         files["model.pt"] = lambda path: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return files
@@ -124,8 +124,14 @@ def publish(rank: int, metrics: dict, results: dict, info, extra_files: dict | N
 
 def final_metrics(results: dict, step: int, **extra) -> dict:
     """The metrics.json of DESIGN.md: zsl and gzsl first, then what else the run knows."""
-    return {"zsl": results["zsl"], "gzsl": results["gzsl"], "chance_mAP": results["chance_mAP"],
-            "step": step, "num_test_images": results["num_images"], **extra}
+    return {
+        "zsl": results["zsl"],
+        "gzsl": results["gzsl"],
+        "chance_mAP": results["chance_mAP"],
+        "step": step,
+        "num_test_images": results["num_images"],
+        **extra,
+    }
 
 
 def flat_eval_metrics(results: dict) -> dict[str, float]:
@@ -161,21 +167,29 @@ def train_worker(payload: dict) -> None:
     shards = info.shards(cfg.data.train_split)
 
     schedule = ValidationSchedule(cfg)  # adaptive lr, early stopping, best model (trainer/schedule.py)
-    restored = restore(engine, fallback=payload.get("resume_from"),
-                       read_files=lambda state, folder: schedule.load(state.get("schedule"), folder))
+    restored = restore(
+        engine,
+        fallback=payload.get("resume_from"),
+        read_files=lambda state, folder: schedule.load(state.get("schedule"), folder),
+    )
     schedule.apply_lr(optimizer)  # the checkpoint's lr, not optim.lr
     step = restored["step"] if restored else 0
     sizes = [s.samples for s in shards]
     position = DataPosition.from_json(restored["position"]) if restored else DataPosition(sizes)
     if position.sizes != sizes:
-        raise RuntimeError(f"the checkpoint was written for other {cfg.data.train_split} shards than "
-                           f"{cfg.data.url} lists now; resume on the same dataset")
+        raise RuntimeError(
+            f"the checkpoint was written for other {cfg.data.train_split} shards than "
+            f"{cfg.data.url} lists now; resume on the same dataset"
+        )
     eval_history = restored["eval_history"] if restored else []
     if restored:
         set_rng_state(restored["rng"])
         if rank == 0:
-            print(f"resumed from step {step} on {world} workers: model digest {state_digest(model)}, "
-                  f"data at epoch {position.completed_epochs} (+{len(position.used)} in flight)", flush=True)
+            print(
+                f"resumed from step {step} on {world} workers: model digest {state_digest(model)}, "
+                f"data at epoch {position.completed_epochs} (+{len(position.used)} in flight)",
+                flush=True,
+            )
             print(f"resumed schedule: {json.dumps(schedule.to_json())}", flush=True)
     ledger_dir = Path(out, "ledger")
     if cfg.data.ledger and rank == 0:
@@ -185,10 +199,19 @@ def train_worker(payload: dict) -> None:
     ledger = Ledger(ledger_dir, rank) if cfg.data.ledger else None
     logger = RunLogger(payload["tracking_uri"], payload["run_id"], after_step=step) if rank == 0 else None
 
-    spec = StreamSpec(shards=shards, num_labels=info.num_labels, image_size=cfg.data.image_size,
-                      batch_size=cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
-                      train=True, shuffle_buffer=cfg.data.shuffle_buffer, position=position if restored else None,
-                      features=info.features)
+    spec = StreamSpec(
+        shards=shards,
+        num_labels=info.num_labels,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.data.batch_size,
+        rank=rank,
+        world=world,
+        seed=cfg.train.seed,
+        train=True,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        position=position if restored else None,
+        features=info.features,
+    )
     loader_workers = min(cfg.data.loader_workers, len(shards) // world)
     batches = iter(make_loader(spec, loader_workers, pin_memory=device.type == "cuda"))
     bad = BadSampleLog(rank, cfg.data.max_bad_fraction)
@@ -202,8 +225,10 @@ def train_worker(payload: dict) -> None:
             try:
                 batch = next(batches)
             except StopIteration:
-                raise RuntimeError(f"rank {rank}: the training stream ended; no readable samples in "
-                                   f"its shards (skipped: {dict(bad.by_kind)})") from None
+                raise RuntimeError(
+                    f"rank {rank}: the training stream ended; no readable samples in "
+                    f"its shards (skipped: {dict(bad.by_kind)})"
+                ) from None
             bad.add(batch)
             used.extend(batch["positions"])
             if batch["images"] is not None:
@@ -211,9 +236,14 @@ def train_worker(payload: dict) -> None:
 
     def checkpoint(metrics: dict, extra_files=None) -> None:
         gather_used(used, position)
-        state = {"position": position.to_json(), "eval_history": eval_history, "rng": rng_state(),
-                 "mlflow_run_id": payload["run_id"], "tracking_uri": payload["tracking_uri"],
-                 "schedule": schedule.to_json()}
+        state = {
+            "position": position.to_json(),
+            "eval_history": eval_history,
+            "rng": rng_state(),
+            "mlflow_run_id": payload["run_id"],
+            "tracking_uri": payload["tracking_uri"],
+            "schedule": schedule.to_json(),
+        }
         if ledger:
             ledger.commit(step)
         save(engine, rank, step, state, metrics, out, {**schedule.files(), **(extra_files or {})})
@@ -283,16 +313,27 @@ def train_worker(payload: dict) -> None:
     results = evaluate(model, info, cfg, rank, world, device)
     best = schedule.best_on_test(model, step, results, lambda: evaluate(model, info, cfg, rank, world, device))
     bad_train = bad.summary()
-    metrics = final_metrics(results, step,
-                            bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
-                            epochs_completed=position.completed_epochs,
-                            history=eval_history, throughput=throughput,
-                            best=best, schedule=schedule.summary(optimizer))
+    metrics = final_metrics(
+        results,
+        step,
+        bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
+        epochs_completed=position.completed_epochs,
+        history=eval_history,
+        throughput=throughput,
+        best=best,
+        schedule=schedule.summary(optimizer),
+    )
     if rank == 0:
-        logger.log({**flat_eval_metrics(results), "bad_samples/train": bad_train["count"],
-                    "bad_samples/eval": results["eval_bad_samples"]["count"],
-                    **({f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {})},
-                   step, flush=False)
+        logger.log(
+            {
+                **flat_eval_metrics(results),
+                "bad_samples/train": bad_train["count"],
+                "bad_samples/eval": results["eval_bad_samples"]["count"],
+                **({f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {}),
+            },
+            step,
+            flush=False,
+        )
     files = result_files(metrics, results, info, model)
     if rank == 0:  # attention overlays next to the numbers; a model without attention gives none
         files.update(eval_overlay_files(model, info, cfg, device))
@@ -315,8 +356,10 @@ def load_model_state(model: torch.nn.Module, url: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "label_vectors" and not (frozen and k.startswith("backbone."))]
     if missing or unexpected:
-        raise ValueError(f"{url}: does not match model.name/model.backbone of the config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{url}: does not match model.name/model.backbone of the config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def evaluate_worker(payload: dict) -> None:
@@ -327,6 +370,10 @@ def evaluate_worker(payload: dict) -> None:
     load_model_state(model, payload["checkpoint"])
     model.to(device)
     results = evaluate(model, info, cfg, rank, world, device, average_bn=False)
-    metrics = final_metrics(results, step=payload.get("step", 0),
-                            bad_samples={"eval": results["eval_bad_samples"]}, checkpoint=payload["checkpoint"])
+    metrics = final_metrics(
+        results,
+        step=payload.get("step", 0),
+        bad_samples={"eval": results["eval_bad_samples"]},
+        checkpoint=payload["checkpoint"],
+    )
     publish(rank, metrics, results, info, eval_overlay_files(model, info, cfg, device) if rank == 0 else None)
