@@ -16,7 +16,7 @@ from run_cli import run_cli
 
 from datasets.synthetic import write_synthetic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local-multinode.sh"
 VENV_BIN = Path(sys.executable).parent
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 IMAGE = "lesa:latest"  # what cluster/Dockerfile builds and cluster/README.md documents
 SECRET = "lesa-ray-auth"  # the Kubernetes Secret holding the Ray token (referenced, never inlined)
