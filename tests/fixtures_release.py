@@ -1,6 +1,6 @@
 """Small Open Images and NUS-WIDE releases in their exact file formats, shared by the converter
 tests (tests/test_convert_openimages.py, tests/test_convert_nuswide.py) and the training test on
-the converted data (tests/test_train_real_formats.py)."""
+the converted data (tests/integration/test_train_real_formats.py)."""
 
 import csv
 import hashlib

@@ -1,4 +1,5 @@
-"""Run a command the way the integration tests do, and leave evidence when it hangs.
+"""Run a command the way the integration tests do, and leave evidence when it hangs; `lesa` runs
+the CLI itself, in the environment every integration test gives it (lesa_env).
 
 A distributed run that stops making progress is killed at the test's timeout; before that, every
 Python process under it (the driver, the local Ray it started, the Ray Train workers and their
@@ -8,12 +9,18 @@ message then says where each process was waiting, instead of only that time ran 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 
+REPO = Path(__file__).resolve().parents[1]
+LESA = [sys.executable, "-m", "launch.cli"]
+# A test's run gets a local Ray and the tracking store its config names, whatever the shell has;
+# MLflow must find an S3 endpoint through AWS_ENDPOINT_URL alone (tests/integration/test_remote_storage.py).
+SHELL_ONLY = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
 PY_SPY = Path(sys.executable).parent / "py-spy"
 # Ray's own Python services: their stacks say nothing about a hung run.
 RAY_SERVICES = ("ray/dashboard", "ray/autoscaler", "log_monitor.py", "runtime_env/agent", "dashboard/agent")
@@ -38,6 +45,20 @@ def run_cli(cmd: list[str], timeout: float, **popen_kwargs) -> subprocess.Comple
             f"--- stderr tail:\n{stderr[-3000:]}"
         ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def lesa_env(**extra: str) -> dict[str, str]:
+    """This environment, less SHELL_ONLY, with the checkout importable by Ray's worker processes
+    and unbuffered output (a killed driver's log still reaches the test); `extra` goes last."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    for name in SHELL_ONLY:
+        env.pop(name, None)
+    return {**env, **extra}
+
+
+def lesa(*args, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`lesa ARGS` as a subprocess, in lesa_env() unless `env` is given."""
+    return run_cli(LESA + [str(a) for a in args], timeout=timeout, cwd=cwd, env=lesa_env() if env is None else env)
 
 
 def process_tree(pid: int) -> list[psutil.Process]:

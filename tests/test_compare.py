@@ -1,21 +1,16 @@
 """`lesa compare`: the table in the paper's format, failures reported in it, and the MLflow parent
-run with one nested run per model. The end-to-end test trains every model for a few steps on a
-real local Ray cluster with DeepSpeed, tar shards and an MLflow sqlite store."""
+run with one nested run per model; tests/integration/test_compare_e2e.py trains every model."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from run_cli import run_cli
 
 import launch.compare
 import launch.driver
-from datasets.synthetic import write_synthetic
 from launch.cli import main
 from launch.compare import ABLATIONS, Variant, failure_reason, format_table_md, model_variants, run_compare, run_seeds
 from trainer.config import ConfigError
@@ -215,78 +210,3 @@ def test_a_bad_override_fails_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match="model.name: unknown model"):
         run_compare(CONFIG, model_variants(["lesa", "fast1tag"], 10), tmp_path, ["data.url=unused"])
     assert not (tmp_path / "table.json").exists()
-
-
-# ----------------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.integration
-def test_compare_trains_every_model_and_nests_their_runs(tmp_path):
-    data = tmp_path / "data"
-    write_synthetic(str(data), seed=1, sizes={"train": 128, "test": 64}, image_size=48, shard_size=32, workers=1)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("RAY_ADDRESS", None)
-    # The ablations are LESA with other config values (test_rows_are_the_models_then_the_ablations,
-    # test_baselines.py::test_lesa_ablations_are_config_only); five models keep this at ~2 minutes.
-    cmd = [
-        sys.executable,
-        "-m",
-        "launch.cli",
-        "compare",
-        CONFIG,
-        "--models",
-        *ALL_MODELS,
-        "--out",
-        str(tmp_path / "cmp"),
-        "--set",
-        f"data.url={data}",
-        "--set",
-        "data.image_size=48",
-        "--set",
-        "train.max_steps=4",
-        "--set",
-        "checkpoint.every=0",
-        "--set",
-        "checkpoint.max_failures=0",
-        "--set",
-        f"mlflow.tracking_uri={uri}",
-        "--set",
-        "mlflow.experiment=compare",
-    ]
-    proc = run_cli(cmd, timeout=900, cwd=tmp_path, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-
-    table = json.loads((tmp_path / "cmp" / "table.json").read_text())
-    names = ALL_MODELS
-    assert [r["name"] for r in table["rows"]] == names
-    assert all(r["status"] == "ok" for r in table["rows"]), [r.get("reason") for r in table["rows"]]
-    for row in table["rows"]:
-        assert row["step"] == 4 and row["num_test_images"] == 64
-        assert 0 <= row["zsl"]["mAP"] <= 100 and 0 <= row["gzsl"]["F1@3"] <= 100
-        assert (tmp_path / "cmp" / row["name"] / "metrics.json").exists()
-    text = (tmp_path / "cmp" / "table.md").read_text()
-    for title in ("LESA (M=10)", "Fast0Tag", "LabelEM", "CONSE", "One Attention per Label"):
-        assert f"| {title} | " in text
-
-    client = MlflowClient(uri)
-    parent_id = table["mlflow_parent_run_id"]
-    exp = client.get_experiment_by_name("compare")
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    assert sorted(run.info.run_name for run in children) == sorted(names)
-    by_name = {run.info.run_name: run for run in children}
-    for row in table["rows"]:
-        child = by_name[row["name"]]
-        assert child.info.run_id == row["mlflow_run_id"] and child.info.status == "FINISHED"
-        assert child.data.params["model.name"] == row["name"]
-        assert child.data.metrics["zsl/mAP"] == pytest.approx(row["zsl"]["mAP"])
-    parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
-    assert parent.data.metrics["conse/gzsl/mAP"] == pytest.approx(table["rows"][3]["gzsl"]["mAP"])

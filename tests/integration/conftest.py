@@ -1,11 +1,55 @@
 """Everything in this folder starts a real local Ray cluster or runs the `lesa` CLI as a subprocess:
 `make test-unit` leaves it out, `make test` runs it."""
 
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
+from run_cli import lesa_env
+
+HERE = Path(__file__).resolve().parent
+
+# The session's Ray head: a driver that starts a local cluster (the way `lesa train` does without
+# RAY_ADDRESS), prints its address and holds it until its stdin closes; the cluster dies with it.
+HEAD = """import sys, ray
+ray.init(num_cpus=int(sys.argv[1]), _temp_dir=sys.argv[2], include_dashboard=True, dashboard_host="127.0.0.1",
+         logging_level="WARNING")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
 
 
 def pytest_collection_modifyitems(config, items):
-    here = __file__.rsplit("/", 1)[0]
     for item in items:
-        if str(item.fspath).startswith(here):
+        if HERE in Path(item.fspath).parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The address of one real local Ray cluster for the whole session, for runs whose subject is
+    not a fresh cluster (RAY_ADDRESS=it in lesa_env; launch/driver.py's start_ray then connects).
+    Its processes have this environment: PYTHONPATH is the checkout, as in a run's own cluster.
+    8 logical CPUs: start_ray gives a local cluster at least the CPUs its workers need."""
+    temp = tempfile.mkdtemp(prefix="lesa-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, "8", temp],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=lesa_env(),
+    )
+    try:
+        address = head.stdout.readline().strip()
+        assert address, f"the session's Ray head exited with {head.wait(timeout=60)}"
+        yield address
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -5,20 +5,16 @@ MLflow sqlite store; then the recorded run is checked."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from run_cli import run_cli
+from run_cli import REPO, lesa, lesa_env
 
 from datasets.contract import read_dataset, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.synthetic import SyntheticBenchmark, write_synthetic
 
-REPO = Path(__file__).resolve().parents[1]
-LESA = [sys.executable, "-m", "launch.cli"]
+CONFIG = REPO / "launch" / "synthetic.yaml"
 STEPS, LOG_EVERY = 24, 8
 
 
@@ -46,20 +42,12 @@ def trained(tmp_path_factory):
     # eval.every validates on the val split (trainer/schedule.py): the best model comes back too
     write_synthetic(str(data), seed=1, sizes={"train": 256, "val": 32, "test": 96}, image_size=48, shard_size=64)
     add_bad_shard(data)
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = LESA + [
+    # its own local Ray, started by `lesa train` as a user's first run starts it
+    proc = lesa(
         "train",
-        str(REPO / "launch" / "synthetic.yaml"),
+        CONFIG,
         "--out",
-        str(work / "run"),
+        work / "run",
         "--set",
         f"data.url={data}",
         "--set",
@@ -72,14 +60,14 @@ def trained(tmp_path_factory):
         "eval.every=16",
         "--set",
         "mlflow.experiment=e2e",
-    ]
-    proc = run_cli(cmd, timeout=600, cwd=work, env=env)
+        timeout=600,
+        cwd=work,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return work, log
 
 
-@pytest.mark.integration
 def test_train_writes_metrics_for_zsl_and_gzsl(trained):
     work, log = trained
     metrics = json.loads((work / "run" / "metrics.json").read_text())
@@ -94,7 +82,6 @@ def test_train_writes_metrics_for_zsl_and_gzsl(trained):
     assert metrics["best"]["step"] == 16 and (work / "run" / "model_best.pt").stat().st_size > 0
 
 
-@pytest.mark.integration
 def test_bad_samples_are_skipped_counted_and_reported(trained):
     work, log = trained
     bad = json.loads((work / "run" / "metrics.json").read_text())["bad_samples"]["train"]
@@ -107,7 +94,6 @@ def test_bad_samples_are_skipped_counted_and_reported(trained):
     assert "skipped bad sample: shard" in log and "key corrupt" in log
 
 
-@pytest.mark.integration
 def test_mlflow_run_holds_params_losses_and_eval_metrics(trained):
     from mlflow.tracking import MlflowClient
 
@@ -134,69 +120,43 @@ def test_mlflow_run_holds_params_losses_and_eval_metrics(trained):
 
 
 def test_config_error_names_the_key_before_any_cluster_work(tmp_path):
-    proc = subprocess.run(
-        LESA + ["train", str(REPO / "launch" / "synthetic.yaml"), "--out", str(tmp_path), "--set", "train.max_stepz=3"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = lesa("train", CONFIG, "--out", tmp_path, "--set", "train.max_stepz=3", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr
     assert "ray" not in proc.stderr.lower()
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        LESA
-        + [
-            "train",
-            str(REPO / "launch" / "synthetic.yaml"),
-            "--out",
-            str(tmp_path / "o"),
-            "--set",
-            f"data.url={tmp_path / 'nowhere'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    proc = lesa(
+        "train", CONFIG, "--out", tmp_path / "o", "--set", f"data.url={tmp_path / 'nowhere'}", cwd=tmp_path, timeout=120
     )
     assert proc.returncode == 2
     assert "nowhere/dataset.json: missing" in proc.stderr
 
 
-@pytest.mark.integration
-def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics(trained):
-    """`lesa evaluate` with 3 workers reproduces the 2-worker training's final metrics exactly."""
+def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics(trained, shared_ray):
+    """`lesa evaluate` with 3 workers reproduces the 2-worker training's final metrics exactly (on
+    the session's Ray: its subject is the checkpoint, not a fresh cluster)."""
     work, _ = trained
     trained_metrics = json.loads((work / "run" / "metrics.json").read_text())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = run_cli(
-        LESA
-        + [
-            "evaluate",
-            str(REPO / "launch" / "synthetic.yaml"),
-            "--checkpoint",
-            str(work / "run"),
-            "--out",
-            str(work / "eval3"),
-            "--set",
-            f"data.url={work / 'data'}",
-            "--set",
-            "data.image_size=48",
-            "--set",
-            "scaling.num_workers=3",
-            "--set",
-            "mlflow.experiment=e2e-eval",
-        ],
+    proc = lesa(
+        "evaluate",
+        CONFIG,
+        "--checkpoint",
+        work / "run",
+        "--out",
+        work / "eval3",
+        "--set",
+        f"data.url={work / 'data'}",
+        "--set",
+        "data.image_size=48",
+        "--set",
+        "scaling.num_workers=3",
+        "--set",
+        "mlflow.experiment=e2e-eval",
         timeout=600,
         cwd=work,
-        env=env,
+        env=lesa_env(RAY_ADDRESS=shared_ray),
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = json.loads((work / "eval3" / "metrics.json").read_text())

@@ -34,7 +34,7 @@ from launch import cli
 from trainer.backbones import FeatureInput, VGG19Conv54
 from trainer.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE, GRID, CHANNELS = 64, (4, 4), 512  # VGG-19 conv5_4 at 64 px: 4 x 4 x 512
 STEPS = 6
 

@@ -35,7 +35,7 @@ from datasets.contract import read_dataset  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, fork_server, make_loader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LESA = [sys.executable, "-m", "launch.cli"]
 BUCKET = "lesa-test"
 SECRET = "not-a-real-secret-7f3a"  # must never appear in a log

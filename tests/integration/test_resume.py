@@ -9,19 +9,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from run_cli import run_cli
+from run_cli import LESA, REPO, lesa, lesa_env, run_cli
 
 from datasets.contract import read_dataset
-from datasets.synthetic import write_synthetic
 from trainer.ledger import read_ledger
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "launch" / "synthetic.yaml")
 TRAIN_IMAGES = 192  # 8 shards of 24; 2 workers x 8 images = 16 per step, so 12 steps per epoch
 
@@ -29,20 +26,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume") / "data"
-    write_synthetic(str(root), seed=2, sizes={"train": TRAIN_IMAGES, "test": 48}, image_size=32, shard_size=24)
-    return root
+def data(synthetic):
+    return synthetic(2, 32, 24, train=TRAIN_IMAGES, test=48)
 
 
 def train(work: Path, data: Path, *extra: str, env_extra=None, background=False):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "launch.cli",
+    """`lesa train` on its own local Ray: a SIGKILLed driver connected to a shared cluster would
+    leave its Ray Train controller running there."""
+    env = lesa_env(**(env_extra or {}))
+    cmd = LESA + [
         "train",
         CONFIG,
         "--out",
@@ -162,24 +154,7 @@ def test_stop_and_resume_on_one_then_three_workers(tmp_path, data):
 def test_without_resume_an_existing_run_is_not_overwritten(tmp_path, data):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text("{}")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "train",
-            CONFIG,
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            f"data.url={data}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = lesa("train", CONFIG, "--out", tmp_path / "run", "--set", f"data.url={data}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "--resume latest" in proc.stderr
 
 

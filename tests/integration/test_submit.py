@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from run_cli import run_cli
 
-from datasets.synthetic import write_synthetic
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local-multinode.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -44,10 +42,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("submit") / "data"
-    write_synthetic(str(root), seed=4, sizes={"train": 64, "test": 32}, image_size=32, shard_size=16)
-    return root
+def data(synthetic):
+    return synthetic(4, 32, 16, train=64, test=32)
 
 
 def train_args(data: Path, out: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """The experiment files users submit, `launch/openimages.yaml` and `launch/nuswide.yaml`, train and
-evaluate through the same `lesa train` as the synthetic data (tests/test_e2e.py), on small Open
+evaluate through the same `lesa train` as the synthetic data (tests/integration/test_e2e.py), on small Open
 Images and NUS-WIDE releases in their exact file formats (tests/fixtures_release.py) converted
 with `lesa convert`.
 
@@ -24,7 +24,7 @@ from datasets.contract import read_dataset
 from launch.cli import main
 from trainer.tracking import metric_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 6, 3
 NUS_TAGS = ["sky", "water", "beach", "animal", "blue", "sunset", "dog", "airport", "car", "tree"]
 NUS_CONCEPTS = ["airport", "animal", "beach", "fire", "whales"]  # 3 are tags too, 2 are not
