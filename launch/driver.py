@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from datasets.contract import join, read_dataset
-from launch.storage import checkpoint_url, model_file, ray_storage, read_text, storage_env
+from launch.run_lock import hold
+from launch.storage import checkpoint_url, has_checkpoint, model_file, ray_storage, read_text, storage_env
 from trainer.checkpointing import STATE_FILE
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
 from trainer.report import summarise_per_label
-from trainer.tracking import RunLogger, open_run, resolve_tracking
+from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking
 
 
 def absolute(url: str) -> str:
@@ -93,6 +94,14 @@ def open_tracking(
     being continued (params not re-logged: MLflow refuses changed values, and a resume may change
     the number of workers)."""
     tracking_uri, artifact_location = resolve_tracking(cfg.mlflow)
+    if resume and resume["tracking_uri"] is None:  # a checkpoint from elsewhere: never its tracking URI
+        if find_run(tracking_uri, resume["mlflow_run_id"]) is not None:
+            resume = {**resume, "tracking_uri": tracking_uri}
+        else:
+            print(
+                f"the checkpoint's MLflow run {resume['mlflow_run_id']} is not in {tracking_uri}: continuing in a new run there"
+            )
+            resume = None
     if resume:
         tracking_uri, run_name = resume["tracking_uri"], resume["run_name"]
         logger = RunLogger(tracking_uri, resume["mlflow_run_id"])
@@ -127,6 +136,8 @@ def run_workers(
     in the storage resumes from the latest; `resume_from` names a checkpoint otherwise."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from trainer.failures import FailFast
 
     # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
     worker_env = {
@@ -163,6 +174,7 @@ def run_workers(
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=[FailFast()],  # trainer/failures.py: no retries of an error that would recur
             worker_runtime_env={"env_vars": worker_env},
         ),
     )
@@ -215,7 +227,20 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
     if resume == "latest":
         if not run_file.exists():
             raise ConfigError(f"--resume latest: {out} holds no run to resume ({RUN_FILE} is missing)")
-        return json.loads(run_file.read_text()), None
+        run = json.loads(run_file.read_text())
+        # A run that died before its first checkpoint logged no step: restarting it from step 0 is
+        # resuming it. Once steps are logged, starting over would log them twice.
+        logged = (
+            None
+            if has_checkpoint(run["storage"], run["run_name"], STATE_FILE)
+            else find_run(run["tracking_uri"], run["mlflow_run_id"])
+        )
+        if logged is not None and logged.data.metrics:
+            raise ConfigError(
+                f"--resume latest: {run['storage'].rstrip('/')}/{run['run_name']} holds no checkpoint of the run in {out}; "
+                f"start afresh in a new --out, or --resume PATH with a checkpoint folder of it"
+            )
+        return run, None
     resume = absolute(resume).rstrip("/")  # a checkpoint folder, local or at a URL
     state_text = read_text(join(resume, STATE_FILE))
     if state_text is None:
@@ -227,7 +252,7 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
         run = {
             "run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}",
             "mlflow_run_id": state["mlflow_run_id"],
-            "tracking_uri": state["tracking_uri"],
+            "tracking_uri": None,  # the user's store (open_tracking): a checkpoint must not redirect tracking
             "storage": None,
         }
     return run, resume
@@ -239,36 +264,39 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
 
     validating = cfg.eval.every > 0 and cfg.eval.val_split  # trainer/schedule.py
     out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split] + ([cfg.eval.val_split] if validating else []))
-    run, resume_from = resume_target(out, resume)
-    print(
-        f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
-        f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images"
-    )
-    if run is not None and run["storage"]:
-        cfg.checkpoint.storage = run["storage"]
-    tracking_uri, run_name, logger = open_tracking(cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id)
-    (out / RUN_FILE).write_text(
-        json.dumps(
-            {
-                "run_name": run_name,
-                "mlflow_run_id": logger.run_id,
-                "tracking_uri": tracking_uri,
-                "storage": cfg.checkpoint.storage,
-            }
+    with hold(out):  # launch/run_lock.py: one run per --out, before run.json is read or any MLflow/Ray work
+        run, resume_from = resume_target(out, resume)
+        print(
+            f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
+            f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images"
         )
-    )
-    metrics = run_workers(
-        cfg,
-        out,
-        train_worker,
-        {"tracking_uri": tracking_uri},
-        run_name,
-        logger,
-        log_metrics=False,
-        resume_from=resume_from,
-    )
-    print_summary(metrics, cfg, out, f"{cfg.model.name} after {metrics['step']} steps")
-    return metrics
+        if run is not None and run["storage"]:
+            cfg.checkpoint.storage = run["storage"]
+        tracking_uri, run_name, logger = open_tracking(
+            cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id
+        )
+        (out / RUN_FILE).write_text(
+            json.dumps(
+                {
+                    "run_name": run_name,
+                    "mlflow_run_id": logger.run_id,
+                    "tracking_uri": tracking_uri,
+                    "storage": cfg.checkpoint.storage,
+                }
+            )
+        )
+        metrics = run_workers(
+            cfg,
+            out,
+            train_worker,
+            {"tracking_uri": tracking_uri},
+            run_name,
+            logger,
+            log_metrics=False,
+            resume_from=resume_from,
+        )
+        print_summary(metrics, cfg, out, f"{cfg.model.name} after {metrics['step']} steps")
+        return metrics
 
 
 def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
@@ -276,13 +304,14 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
     from trainer.worker import evaluate_worker
 
     out, info = prepare(cfg, out, [cfg.eval.split])
-    checkpoint, given = model_file(absolute(checkpoint)), checkpoint
-    if checkpoint is None:
-        raise ConfigError(f"--checkpoint: {given} is not a model.pt nor a folder holding one")
-    tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
-    metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
-    print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")
-    return metrics
+    with hold(out):  # launch/run_lock.py: one run per --out
+        checkpoint, given = model_file(absolute(checkpoint)), checkpoint
+        if checkpoint is None:
+            raise ConfigError(f"--checkpoint: {given} is not a model.pt nor a folder holding one")
+        tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
+        metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
+        print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")
+        return metrics
 
 
 SETTINGS_FILES = ("per_label_zsl.tsv", "per_label_gzsl.tsv")

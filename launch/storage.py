@@ -75,3 +75,10 @@ def model_file(checkpoint: str) -> str | None:
     if fs.isdir(path):
         checkpoint, path = f"{checkpoint.rstrip('/')}/model.pt", f"{path.rstrip('/')}/model.pt"
     return checkpoint if fs.isfile(path) else None
+
+
+def has_checkpoint(storage: str, run_name: str, state_file: str) -> bool:
+    """Whether Ray Train's run folder `storage/run_name` (a path or URL) holds a checkpoint this
+    system wrote: a `checkpoint_*` folder with `state_file` in it."""
+    fs, path = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/{run_name}")
+    return bool(fs.glob(f"{path.rstrip('/')}/checkpoint_*/{state_file}"))

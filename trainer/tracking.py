@@ -107,3 +107,18 @@ class RunLogger:
     def finish(self, ok: bool) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def find_run(tracking_uri: str, run_id: str):
+    """The run `run_id` in the store at `tracking_uri`, or None if that store has no such run
+    (an id from a checkpoint written elsewhere)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as exc:
+        missing = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
+        if exc.error_code in missing:
+            return None
+        raise
