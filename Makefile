@@ -23,8 +23,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO)/run
 	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data
 
+# Everything (CI); `make test-unit` is the fast lane: tests/ without tests/integration (no Ray
+# cluster, no CLI subprocess) and without the few integration-marked tests left beside unit ones.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/integration -m "not integration"
 
 # Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.
 lint: $(STAMP)
