@@ -1,4 +1,4 @@
-"""The dataset contract of DESIGN.md: what a dataset root holds and how to read its metadata.
+"""The dataset contract of docs/dataset-format.md: what a dataset root holds and how to read its metadata.
 
 A root (any fsspec URL or path) holds `dataset.json`, `labels.tsv`, `embeddings.npy` and one folder
 of WebDataset shards per split. Converters write it with `DatasetWriter`; the trainer reads it with

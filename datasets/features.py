@@ -1,6 +1,6 @@
 """The feature cache: a frozen backbone's output for every image, as a dataset of kind "feature".
 
-LESA never fine-tunes its VGG-19 (lesa_spec §1.1): running it on every image in every epoch
+LESA never fine-tunes its VGG-19 (docs/protocol.md, Backbone): running it on every image in every epoch
 repeats the same work, so the official code extracts conv5_4 once and trains the head on that.
 Here `lesa extract` (launch/extract.py) deals the image shards out to Ray actors; each actor holds
 the backbone on its device and turns one image shard into one feature shard at the same relative

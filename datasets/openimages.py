@@ -1,13 +1,13 @@
 """`lesa convert openimages`: Open Images human-verified image labels to the dataset contract.
 
-Inputs (lesa_spec §4.2): `class-descriptions.csv` (`MID,display name`, no header), the seen and
+Inputs (docs/datasets.md): `class-descriptions.csv` (`MID,display name`, no header), the seen and
 unseen MID lists, `{train,validation,test}-annotations-human-imagelabels.csv`
 (`ImageID,Source,LabelName,Confidence`), the images (`<ImageID>.jpg`), and label vectors.
 
 Labels: seen first, then unseen (labels.tsv order). Confidence 1 -> pos, 0 -> neg, no row ->
 unknown; rows for MIDs outside the vocabulary are counted and ignored. All rows of an image are
 merged wherever they sit in the CSV (LESA's own extractor split images at 40,000-row partition
-boundaries, lesa_spec §4.2). Train keeps only images with at least one annotated seen label;
+boundaries, docs/datasets.md). Train keeps only images with at least one annotated seen label;
 validation and test keep every image of their CSV, as LESA's test set does.
 
 Memory: one pass over a CSV keeps three compact arrays per row (ImageID bytes, label int32,

@@ -12,10 +12,11 @@ streams make one pass over a disjoint share of the shards with no padding.
 Decode reads the image (`jpg`), or in a feature dataset (`lesa extract`) the cached backbone
 output (`feat.npy`, float16 [regions, channels]); nothing else changes for the stages around it.
 
-Bad input never stops the stream: a corrupt image or feature array, a missing or malformed
-`labels.json`, a label index out of range or a truncated shard is skipped, and a record (shard,
-key, kind, detail) travels with the next batch (`batch["skipped"]`) so the trainer can count and
-report it.
+Bad input never stops the stream: a corrupt, oversized or unsupported image (datasets/images.py),
+a corrupt feature array, a missing or malformed `labels.json`, a label index out of range or a
+truncated shard is skipped, and a record (shard, key, kind, detail) travels with the next batch
+(`batch["skipped"]`) so the trainer can count and report it. A shard that breaks counts as bad
+every sample dataset.json gives it that was not read (`Skip.samples`), not as one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field
@@ -36,6 +36,8 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from datasets.contract import FeatureSpec, Shard
+from datasets.images import BadSample, check_pixels, open_image
+from datasets.loader_process import fork_server, start_loader_process
 from datasets.position import DataPosition
 from datasets.tar import TruncatedMember, iter_tar
 
@@ -44,12 +46,22 @@ FEATURE_EXTENSION = "feat.npy"  # feature shards (`lesa extract`): float16 [regi
 TRUNCATED_SHARD = "unreadable or truncated shard"
 
 
-class BadSample(ValueError):
-    """A sample that cannot be used: `kind` is the category counted, `detail` the specifics."""
+class Skip(tuple):
+    """A skip record that stands for `samples` bad samples: a shard that broke off is one record
+    for all its unread samples. Still the 4-tuple (shard, key, kind, detail) every consumer
+    unpacks; a plain tuple record stands for one sample (`skipped_samples`)."""
 
-    def __init__(self, kind: str, detail: str = ""):
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind, self.detail = kind, detail
+    def __new__(cls, shard: str, key: str, kind: str, detail: str, samples: int = 1):
+        record = super().__new__(cls, (shard, key, kind, detail))
+        record.samples = samples
+        return record
+
+    def __reduce__(self):  # through a loader process's queue with its count
+        return (Skip, (*self, self.samples))
+
+
+def skipped_samples(record: tuple) -> int:
+    return getattr(record, "samples", 1)
 
 
 @dataclass
@@ -161,8 +173,10 @@ def read_samples(shards: list[tuple[int, Shard]], epoch: int, pending: Pending, 
                     yield sample
                 current = None
             where = cut_key or (current["__key__"] if current else "-")
-            pending.skipped.append((shard.url, where, TRUNCATED_SHARD, f"{type(exc).__name__}: {exc}"))
-            pending.used += [(epoch, index, i) for i in range(count, shard.samples) if unused is None or unused[i]]
+            unread = [(epoch, index, i) for i in range(count, shard.samples) if unused is None or unused[i]]
+            detail = f"{type(exc).__name__}: {exc}; {len(unread)} of its {shard.samples} samples unread, counted bad"
+            pending.skipped.append(Skip(shard.url, where, TRUNCATED_SHARD, detail, samples=max(1, len(unread))))
+            pending.used += unread
 
 
 # --- stage: shuffle ------------------------------------------------------------------------------
@@ -184,9 +198,11 @@ def shuffle(samples, buffer_size: int, rng: random.Random):
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: the short side resized to `size`, then a centre crop."""
+    """RGB uint8 [size, size, 3]: the short side resized to `size`, then a centre crop. Only the
+    formats of datasets/images.py are decoded, and only up to its pixel limit."""
+    image = open_image(data)
+    check_pixels(image)
     try:
-        image = Image.open(io.BytesIO(data))
         image = image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise BadSample("corrupt image", f"{type(exc).__name__}: {exc}") from None
@@ -361,28 +377,7 @@ def make_loader(spec: StreamSpec, loader_workers: int, pin_memory: bool = False)
         pin_memory=pin_memory,
         persistent_workers=False,
         multiprocessing_context=fork_server() if loader_workers else None,
-        worker_init_fn=functools.partial(set_environment, dict(os.environ)) if loader_workers else None,
+        worker_init_fn=functools.partial(start_loader_process, dict(os.environ), os.getpid())
+        if loader_workers
+        else None,
     )
-
-
-@functools.cache
-def fork_server():
-    """Loader processes start from a fork server, never by forking the process that iterates.
-
-    A Ray Train worker runs threads (Ray's core worker, gRPC, gloo, Ray Train's own); a process
-    forked from it while one of them holds a lock inherits that lock, held for good. Runs hung in
-    CI with a loader process forked for the final evaluation alive and not one batch scored
-    (Python 3.14 makes forkserver the default on Linux for this reason). The server imports the
-    caller's main module and this one (torch, PIL) once, so a loader process still starts fast.
-    As with any start method but fork, a script that makes a loader needs `if __name__ == "__main__":`.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
-    return context
-
-
-def set_environment(environment: dict[str, str], loader_id: int) -> None:
-    """A loader process sees the environment of the process that made the loader, as a forked one
-    would (storage credentials set after the fork server started, say)."""
-    os.environ.clear()
-    os.environ.update(environment)

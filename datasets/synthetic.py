@@ -1,6 +1,6 @@
 """The synthetic benchmark: small coloured shapes on clutter, labels = colour x shape compositions.
 
-It tests the paper's claim (DESIGN.md): a holistic image feature cannot bind the attributes of
+It tests the paper's claim (docs/datasets.md): a holistic image feature cannot bind the attributes of
 several small objects, shared attention can, and it transfers to unseen compositions.
 - Each image holds 2-5 objects, each at most a sixth of the image side, on noise and line clutter.
 - A label is a (colour, shape) pair present on one object. An image with a red circle and a blue

@@ -1,4 +1,4 @@
-"""`lesa convert nuswide`: a small NUS-WIDE release in its exact file formats (lesa_spec §4.1)."""
+"""`lesa convert nuswide`: a small NUS-WIDE release in its exact file formats (docs/datasets.md)."""
 
 import json
 import tarfile
@@ -77,7 +77,7 @@ def test_convert_nuswide(tmp_path):
     assert report["splits"]["train"]["written"] == len(fx["train"]) - 3
 
 
-@pytest.mark.skipif(not (SHARED / "nuswide").exists(), reason="../shared/data/nuswide not present")
+@pytest.mark.skipif(not (SHARED / "nuswide").exists(), reason="no real NUS-WIDE sample in a sibling shared/data")
 def test_real_vocabulary_and_glove_vectors(tmp_path):
     """The real 1k tags and 81 concepts give 925 seen + 81 unseen labels, embedded with the exact
     GloVe rows LESA trained with (tag vectors first, concept vectors for the six concepts no tag has)."""

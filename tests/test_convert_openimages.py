@@ -206,7 +206,7 @@ def test_cli_convert_and_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.skipif(
-    not (SHARED / "openimages-2018_04").exists(), reason="../shared/data/openimages-2018_04 not present"
+    not (SHARED / "openimages-2018_04").exists(), reason="no real Open Images sample in a sibling shared/data"
 )
 def test_real_lesa_split_lists():
     oi = SHARED / "openimages-2018_04"

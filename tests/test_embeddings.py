@@ -130,7 +130,7 @@ def test_missing_policies(glove):
     assert not np.allclose(rand[2], rand[3])
 
 
-@pytest.mark.skipif(not (SHARED / "nuswide").exists(), reason="../shared/data/nuswide not present")
+@pytest.mark.skipif(not (SHARED / "nuswide").exists(), reason="no real NUS-WIDE sample in a sibling shared/data")
 def test_real_nuswide_glove_rows():
     nus = SHARED / "nuswide"
     tags = (nus / "nuswide_tags1k.txt").read_text().split()
@@ -149,7 +149,7 @@ def test_real_nuswide_glove_rows():
     vecs81, missing = concept_enc.encode(concepts)
     assert missing == []
     np.testing.assert_array_equal(vecs81, concept_rows)
-    # The 75 concepts that are also tags have the same vector in both files (lesa_spec §1.3);
+    # The 75 concepts that are also tags have the same vector in both files (docs/datasets.md);
     # the six others are not tags at all.
     overlap = [c for c in concepts if c in tags]
     assert len(overlap) == 75

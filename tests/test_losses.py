@@ -1,4 +1,4 @@
-"""LESA's losses (lesa_spec §2) and the TF-style RMSprop (§3) against numbers worked out by hand."""
+"""LESA's losses (docs/protocol.md) and the TF-style RMSprop against numbers worked out by hand."""
 
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def test_diversity_loss_single_attention_is_zero_with_finite_gradient():
 
 
 def test_spec_log_row_arithmetic():
-    # lesa_spec §2.5: released NUS log.csv row 0.
+    # docs/protocol.md, Losses: the released NUS log.csv row 0.
     rank, dist, rel, div = 1.11435, 0.74215, 5818.38, 16.5616
     w = LossConfig()
     assert (w.rank, w.dist, w.rel, w.div) == (1.0, 0.1, 0.001, 0.01)

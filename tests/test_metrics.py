@@ -1,4 +1,4 @@
-"""LESA's evaluation protocol (lesa_spec.md section 5) as trainer/metrics.py implements it.
+"""LESA's evaluation protocol (docs/protocol.md) as trainer/metrics.py implements it.
 
 - AP per label equals sklearn's average_precision_score over the images annotated for that label
   (y != 0), ties grouped by threshold; a label without a positive gets AP 0 and stays in the mean.

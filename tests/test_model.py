@@ -1,4 +1,4 @@
-"""The LESA head, the backbones and TaggingModel (lesa_spec §1.1, §1.2)."""
+"""The LESA head, the backbones and TaggingModel (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Our top-level `datasets` package shadows Hugging Face `datasets` in the same process (DESIGN.md).
+"""Our top-level `datasets` package shadows Hugging Face `datasets` in the same process (docs/development.md).
 This keeps true that the stack we import alongside it does not need the Hugging Face one."""
 
 import subprocess

@@ -62,7 +62,7 @@ def test_adaptive_lr_patience_blocks_patience_minus_one_evaluations(patience, de
 
 
 def test_adaptive_lr_released_nus_run_ends_after_seven_decays():
-    """lesa_spec §3: the released NUS-WIDE run ended at lr = 2.097e-4 = 1e-3 * 0.8^7."""
+    """docs/protocol.md, Optimisation: the released NUS-WIDE run ended at lr = 2.097e-4 = 1e-3 * 0.8^7."""
     rule = AdaptiveLR(lr=1e-3, patience=5, ema=100.0)
     while rule.lr > 2.1e-4:
         rule.adapt(0.0)

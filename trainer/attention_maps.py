@@ -1,6 +1,6 @@
 """Attention overlays: where each of LESA's M shared attentions looks, and which labels use it.
 
-LESA scores label k with the best of its M attentions, s_k = max_m s_{m,k} (lesa_spec §1.2, step
+LESA scores label k with the best of its M attentions, s_k = max_m s_{m,k} (docs/protocol.md, The head, step
 5), so every label *selects* one attention: argmax_m s_{m,k}. One PNG per image shows that:
 
     +---------+---------+---------+-- ... --+

@@ -2,7 +2,9 @@
 
 The reader (datasets/stream.py) attaches (shard, key, kind, detail) records to batches; a long
 run must neither die on them nor hide them, so they are counted by kind, the first few are
-printed with shard and key, and the totals land in metrics.json and MLflow.
+printed with shard and key, and the totals land in metrics.json and MLflow. A shard that broke
+off is one record that counts as all its unread samples (datasets/stream.py, `Skip`), so
+data.max_bad_fraction sees 40% of the shards unreadable as 40% bad, not as one sample per shard.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 
 import torch.distributed as dist
+
+from datasets.stream import skipped_samples
 
 EXAMPLES_KEPT = 20
 
@@ -26,9 +30,10 @@ class BadSampleLog:
         return sum(self.by_kind.values())
 
     def add(self, batch: dict) -> None:
-        self.read += len(batch["keys"]) + len(batch["skipped"])
-        for shard, key, kind, detail in batch["skipped"]:
-            self.by_kind[kind] += 1
+        self.read += len(batch["keys"]) + sum(map(skipped_samples, batch["skipped"]))
+        for record in batch["skipped"]:
+            shard, key, kind, detail = record
+            self.by_kind[kind] += skipped_samples(record)
             if len(self.examples) < EXAMPLES_KEPT:
                 self.examples.append({"shard": shard, "key": key, "kind": kind, "detail": detail})
                 print(

@@ -1,4 +1,4 @@
-"""The baselines of LESA's tables (lesa_spec §6.2), each a head on the same backbone as LESA.
+"""The baselines of LESA's tables (docs/protocol.md, The paper's numbers), each a head on the same backbone as LESA.
 
 Every head takes the backbone's region map X = {x_r} [B, C, H, W] and unit label vectors v_k
 [K, dim] and returns {"scores": [B, K]}, like LESAHead, so training and evaluation treat all

@@ -99,7 +99,7 @@ def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, avera
 
 
 def validation_metric(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> float:
-    """`eval.val_metric` over the seen labels of `eval.val_split` (lesa_spec §3: validation uses
+    """`eval.val_metric` over the seen labels of `eval.val_split` (docs/protocol.md, Optimisation: validation uses
     seen labels only), computed exactly over all workers; rank 0's value on every rank, so the
     schedule's decisions (trainer/schedule.py) cannot differ between ranks. A collective."""
     from trainer.schedule import metric_k

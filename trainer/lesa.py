@@ -1,4 +1,4 @@
-"""The LESA head (Huynh & Elhamifar, CVPR 2020) as the official code computes it (lesa_spec §1.2).
+"""The LESA head (Huynh & Elhamifar, CVPR 2020) as the official code computes it (docs/protocol.md, The head).
 
     x_r      = ReLU(BN(conv2x2(X)))_r                      adapter features, r = 1..R regions
     h_r      = tanh(W1 x_r + b1)                          shared by all M attentions

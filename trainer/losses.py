@@ -1,4 +1,4 @@
-"""LESA's losses exactly as the official code computes them (lesa_spec §2).
+"""LESA's losses exactly as the official code computes them (docs/protocol.md, Losses).
 
 Labels y are +1 present, -1 verified absent, 0 unknown; unknowns take part in no loss. Each loss
 takes the head's outputs and y over the scored labels; `total_loss` weighs them by the config.

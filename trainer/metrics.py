@@ -1,4 +1,4 @@
-"""LESA's evaluation protocol (lesa_spec §5), single-process and exactly distributed.
+"""LESA's evaluation protocol (docs/protocol.md, Evaluation protocol), single-process and exactly distributed.
 
 - Top-K: per image the K highest scores are predicted (ties broken by label order, so results
   are deterministic); TP counted over all (image, label) pairs of all images; P = TP / (N K),

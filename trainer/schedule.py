@@ -3,7 +3,7 @@
 Every `eval.every` steps the workers compute `eval.val_metric` on the seen labels of
 `eval.val_split` (trainer/evaluation.py, validation_metric; never the test split) and hand it to
 `ValidationSchedule.observe`, which
-- adapts the learning rate (AdaptiveLR, lesa_spec §3) in the optimizer's param groups,
+- adapts the learning rate (AdaptiveLR, docs/protocol.md, Optimisation) in the optimizer's param groups,
 - counts evaluations without improvement (EarlyStopping) and says when to stop,
 - keeps a copy of the weights whenever the metric improves (BestModel).
 Every rank sees the same metric (rank 0's, broadcast), so every rank takes the same decisions.
