@@ -9,8 +9,11 @@ running, unless --stop-on-interrupt asks to stop it.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
+import re
 import shlex
+import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
@@ -28,6 +31,26 @@ DEFAULT_EXCLUDES = [
     ".pytest_cache/",
     ".whl/",
 ]
+# Nor credentials: the package is stored on the cluster and unpacked on every node, readable by any
+# job there. Patterns in the gitwildmatch syntax of runtime_env excludes (a name without a slash
+# matches at any depth); SSH keys by their ssh-keygen names, since a bare `id_*` would drop code.
+SECRET_FILES = [
+    ".env*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*credentials*",
+    "*service-account*.json",
+    ".netrc",
+    ".npmrc",
+    ".pypirc",
+]
+SECRET_DIRS = [".aws/", ".ssh/", ".gcloud/", ".config/gcloud/"]  # the last one only at the top
+# A Google service-account key under any other name is known by its content.
+SERVICE_ACCOUNT = re.compile(rb'"type"\s*:\s*"service_account"')
 
 
 def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, dict, str]:
@@ -47,7 +70,12 @@ def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, d
             "submit.out: where should the job write its results on the head node? "
             "Set submit.out in the YAML or pass --out"
         )
-    runtime_env = {"excludes": DEFAULT_EXCLUDES, **sub.runtime_env, "working_dir": str(working_dir)}
+    found, key_files = secrets_in(working_dir)
+    if found:
+        print(f"warning: not shipping what looks like credentials: {', '.join(found)}", file=sys.stderr)
+    # The user's excludes add to these, never replace them.
+    excludes = DEFAULT_EXCLUDES + SECRET_FILES + SECRET_DIRS + key_files + sub.runtime_env.get("excludes", [])
+    runtime_env = {**sub.runtime_env, "excludes": excludes, "working_dir": str(working_dir)}
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **runtime_env.get("env_vars", {})}
     runtime_env["env_vars"] = env_vars
     args = ["lesa", "train", str(config_in_job), "--out", out]
@@ -59,6 +87,37 @@ def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, d
         print(f"note: no mlflow.tracking_uri configured; the run is recorded in {out}/mlflow.db on the head node")
     address = sub.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     return shlex.join(args), runtime_env, address
+
+
+def secrets_in(working_dir: Path) -> tuple[list[str], list[str]]:
+    """(the paths in `working_dir` the secret excludes drop, as the warning lists them; an exclude
+    for each service-account key that no name pattern catches). Skips what is never shipped anyway."""
+    never = {entry.strip("/") for entry in DEFAULT_EXCLUDES if entry.endswith("/") and "*" not in entry}
+    secret_dirs = {entry.strip("/") for entry in SECRET_DIRS}
+    found, key_files = [], []
+    for root, dirs, files in os.walk(working_dir):
+        rel = Path(root).relative_to(working_dir)
+        for name in sorted(dirs):
+            path = (rel / name).as_posix()
+            if name in never or name == "__pycache__" or name in secret_dirs or path in secret_dirs:
+                dirs.remove(name)
+                if name in secret_dirs or path in secret_dirs:
+                    found.append(path + "/")
+        for name in sorted(files):
+            path = (rel / name).as_posix()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_FILES):
+                found.append(path)
+            elif name.endswith(".json") and is_service_account(Path(root, name)):
+                found.append(path)
+                key_files.append("/" + re.sub(r"([\\\[\]*?!#])", r"\\\1", path))  # anchored, literal
+    return sorted(found), key_files
+
+
+def is_service_account(path: Path) -> bool:
+    try:
+        return path.stat().st_size < 1 << 20 and SERVICE_ACCOUNT.search(path.read_bytes()) is not None
+    except OSError:  # unreadable: Ray's packaging reports it
+        return False
 
 
 async def _follow(client, job_id: str) -> None:
