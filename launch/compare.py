@@ -2,7 +2,7 @@
 
 Each model is one ordinary `lesa train` run (launch/driver.run_training) into DIR/<name>, its
 MLflow run nested under one parent run of the comparison. The results become one table in the
-paper's format (lesa_spec §6.2): rows are methods, columns P/R/F1 at each K and mAP, for ZSL and
+paper's format (docs/protocol.md, The paper's numbers): rows are methods, columns P/R/F1 at each K and mAP, for ZSL and
 GZSL; DIR/table.md for people, DIR/table.json for scripts. A model that fails is a row saying
 why, and the others still run.
 

@@ -111,7 +111,7 @@ class SmallCNN(Backbone):
 class FrozenSmallCNN(SmallCNN):
     """`small_cnn` with the weights of an earlier run's model.pt, frozen: the synthetic analogue of
     LESA's protocol, where every method is a head on the same frozen, pretrained features
-    (lesa_spec §1.1), so a comparison measures the heads and not how each trained its backbone."""
+    (docs/protocol.md, Backbone), so a comparison measures the heads and not how each trained its backbone."""
 
     name = "small_cnn_frozen"
     trainable = False
@@ -147,7 +147,7 @@ VGG19_LAYERS = [
 
 
 class VGG19Conv54(Backbone):
-    """Frozen VGG-19 up to conv5_4/ReLU: 224x224 -> 14x14x512 regions (lesa_spec §1.1).
+    """Frozen VGG-19 up to conv5_4/ReLU: 224x224 -> 14x14x512 regions (docs/protocol.md, Backbone).
 
     Weights are a state dict with torchvision's `features.N.*` names (other keys are ignored),
     read from a local path or any fsspec URL the user gives; nothing is downloaded implicitly.

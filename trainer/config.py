@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    url: str = ""  # dataset root in the contract of DESIGN.md (path or fsspec URL)
+    url: str = ""  # dataset root in the format of docs/dataset-format.md (path or fsspec URL)
     image_size: int = 96  # model input side; images are resized (short side) + centre-cropped
     batch_size: int = 32  # per worker and step
     loader_workers: int = 1  # DataLoader processes per training worker
@@ -38,7 +38,7 @@ class ModelConfig:
     name: str = "lesa"  # registry in trainer/model.py
     backbone: str = "small_cnn"  # registry in trainer/backbones.py
     backbone_weights: str | None = None  # path or fsspec URL of a state dict (frozen backbones)
-    num_attentions: int = 10  # M of lesa_spec §1.2
+    num_attentions: int = 10  # M of docs/protocol.md, The head
     adapter: bool = True  # the 2x2 conv + BN + ReLU adapter of the official code
     conse_top: int = 10  # conse only: T, the most probable seen labels an image embedding mixes
     # torch.compile the backbone and the head, in place (checkpoints keep their keys). It pays for
@@ -49,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # lesa_spec §2: L = rank + 0.1 dist + 0.001 rel + 0.01 div
+    # docs/protocol.md, Losses: L = rank + 0.1 dist + 0.001 rel + 0.01 div
     rank: float = 1.0
     dist: float = 0.1
     rel: float = 0.001
@@ -61,7 +61,7 @@ class OptimConfig:
     name: str = "rmsprop_tf"  # registry in trainer/optim.py: rmsprop_tf | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
-    # LESA's adaptive lr (lesa_spec §3, trainer/schedule.py) at every validation (eval.every):
+    # LESA's adaptive lr (docs/protocol.md, Optimisation; trainer/schedule.py) at every validation (eval.every):
     # ema = lr_ema * ema + (1 - lr_ema) * metric; when ema falls, lr >= lr_floor and no cooldown:
     # lr *= lr_decay and a cooldown of lr_patience evaluations. Inert when eval.every is 0.
     adaptive_lr: bool = True
@@ -219,7 +219,7 @@ def _check(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {why}")
 
-    need(bool(cfg.data.url), "data.url", "is required (the dataset root, see DESIGN.md)")
+    need(bool(cfg.data.url), "data.url", "is required (the dataset root, see docs/dataset-format.md)")
     for key in (
         "data.image_size",
         "data.batch_size",

@@ -1,6 +1,6 @@
 """Models: a backbone and a head that score every label from its vector. A registry by `model.name`.
 
-The label vectors are fixed and L2-normalised (lesa_spec §1.3); they are a buffer of the model so
+The label vectors are fixed and L2-normalised (docs/protocol.md, The head); they are a buffer of the model so
 a saved model carries the vocabulary it was trained against. `forward(images, label_ids)` scores
 the chosen labels: seen ones in training, unseen (ZSL) or all (GZSL) at evaluation.
 

@@ -1,6 +1,6 @@
 """Optimizers, a registry by `optim.name`. They are plain torch optimizers handed to DeepSpeed.
 
-`rmsprop_tf` is TF1's RMSPropOptimizer, which the official LESA code trains with (lesa_spec §3);
+`rmsprop_tf` is TF1's RMSPropOptimizer, which the official LESA code trains with (docs/protocol.md, Optimisation);
 its semantics differ from torch.optim.RMSprop in three ways that matter with epsilon = 1.0:
 the mean square starts at 1, epsilon sits inside the square root, and the learning rate is folded
 into the momentum buffer.

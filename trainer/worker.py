@@ -44,7 +44,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; LESA's optimizer
-        # (lesa_spec §3) and the baselines take the raw gradient.
+        # (docs/protocol.md, Optimisation) and the baselines take the raw gradient.
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
@@ -56,7 +56,7 @@ def init_engine(cfg: Config, model: torch.nn.Module, world: int):
 
     if not cfg.scaling.use_gpu:
         # DeepSpeed's CPU shared-memory collective is a C++ op JIT-built on first use (about 50 s and
-        # a compiler, see stack_notes.md); plain gloo collectives are enough for data parallelism.
+        # a compiler, see docs/development.md); plain gloo collectives are enough for data parallelism.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -123,7 +123,7 @@ def publish(rank: int, metrics: dict, results: dict, info, extra_files: dict | N
 
 
 def final_metrics(results: dict, step: int, **extra) -> dict:
-    """The metrics.json of DESIGN.md: zsl and gzsl first, then what else the run knows."""
+    """The metrics.json of docs/training.md: zsl and gzsl first, then what else the run knows."""
     return {
         "zsl": results["zsl"],
         "gzsl": results["gzsl"],
