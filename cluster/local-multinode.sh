@@ -8,6 +8,7 @@
 #                                            writes it to DIR/cluster.env
 #   cluster/local-multinode.sh status [DIR]  `ray status` of that cluster
 #   cluster/local-multinode.sh stop [DIR]    stop both nodes (DIR, or $LESA_RAY_TMP)
+#   cluster/local-multinode.sh token         only make sure the token file exists, private
 #
 # Then, from any shell on this machine:
 #   source DIR/cluster.env
@@ -19,7 +20,8 @@
 # raylet and agent ports to loopback: they listen on all interfaces and refuse callers without
 # the token (use a host firewall on a shared network). The token is read from
 # $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; a missing file is
-# created (mode 600, 256 random bits). A client (ray job submit, ray status, ray.init) needs
+# created (mode 600, 256 random bits; a folder created for it is 700), and an existing one that
+# others could read is made 600 (anyone who reads it can run code on the cluster). A client (ray job submit, ray status, ray.init) needs
 # RAY_AUTH_MODE=token and the same token: that is what cluster.env exports.
 #
 # `stop` does not run `ray stop`: that kills every Ray process on the machine, other clusters
@@ -76,10 +78,19 @@ setup_token() {  # token auth on, and a token the nodes and the clients share
         return
     fi
     export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+    local folder mode
+    folder=$(dirname "$RAY_AUTH_TOKEN_PATH")
+    # umask 077 makes every folder mkdir -p creates 700, and the file 600 from its first byte.
+    [[ -d "$folder" ]] || (umask 077 && mkdir -p "$folder")
     if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
-        mkdir -p "$(dirname "$RAY_AUTH_TOKEN_PATH")"
         (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$RAY_AUTH_TOKEN_PATH")
         echo "local-multinode: wrote a new Ray auth token to $RAY_AUTH_TOKEN_PATH" >&2
+    else
+        mode=$(stat -c %a "$RAY_AUTH_TOKEN_PATH")
+        if (( 8#$mode & 8#077 )); then
+            chmod 600 "$RAY_AUTH_TOKEN_PATH" || die "$RAY_AUTH_TOKEN_PATH is mode $mode, readable by others: chmod 600 it"
+            echo "local-multinode: $RAY_AUTH_TOKEN_PATH was mode $mode, readable by others: now 600" >&2
+        fi
     fi
     TOKEN_ENV="export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
 }
@@ -229,5 +240,6 @@ case "${1:-}" in
     start) shift; cmd_start "$@" ;;
     status) shift; cmd_status "$@" ;;
     stop) shift; cmd_stop "$@" ;;
-    *) echo "usage: $0 start [DIR] | status [DIR] | stop [DIR]" >&2; exit 2 ;;
+    token) setup_token; echo "${RAY_AUTH_TOKEN_PATH:-RAY_AUTH_TOKEN (from the environment)}" ;;
+    *) echo "usage: $0 start [DIR] | status [DIR] | stop [DIR] | token" >&2; exit 2 ;;
 esac

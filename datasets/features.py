@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -69,34 +71,45 @@ def feature_rows(fmap: torch.Tensor) -> np.ndarray:
     return fmap.float().flatten(2).transpose(1, 2).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What an extraction actor needs of the run's config (launch/extract.py fills it in)."""
+
+    backbone: str  # model.backbone, recorded with the features
+    weights: str | None  # model.backbone_weights, recorded with the features
+    image_size: int  # data.image_size
+    batch_size: int  # eval.batch_size
+    loader_workers: int  # data.loader_workers (at most 1 is used: one shard at a time)
+    use_gpu: bool  # scaling.use_gpu
+    cpus_per_worker: int  # scaling.cpus_per_worker: torch threads on a CPU actor
+    compile: bool = False  # model.compile
+    precision: str = "fp32"  # a key of PRECISIONS: the backbone's autocast
+
+
 class ShardExtractor:
-    """The work of one Ray actor: the config's frozen backbone on this actor's device, applied to
-    one image shard per `extract` call."""
+    """The work of one Ray actor: a frozen backbone (`make_backbone()`, built once on this actor)
+    on this actor's device, applied to one image shard per `extract` call."""
 
-    def __init__(self, config: dict, precision: str = "fp32"):
-        from trainer.backbones import build_backbone
-        from trainer.config import config_from_dict
-
-        cfg = config_from_dict(config)
-        self.cfg, self.autocast_dtype = cfg, PRECISIONS[precision]
-        if cfg.scaling.use_gpu:
+    def __init__(self, make_backbone: Callable[[], torch.nn.Module], settings: ExtractSettings):
+        self.settings, self.autocast_dtype = settings, PRECISIONS[settings.precision]
+        if settings.use_gpu:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(cfg.scaling.cpus_per_worker)
-        self.backbone = build_backbone(cfg.model).to(self.device).eval()
+            torch.set_num_threads(settings.cpus_per_worker)
+        self.backbone = make_backbone().to(self.device).eval()
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        size = cfg.data.image_size
+        size = settings.image_size
         probe = self.features(torch.zeros(1, size, size, 3, dtype=torch.uint8))
         self.spec = FeatureSpec(
-            backbone=cfg.model.backbone,
-            weights=cfg.model.backbone_weights,
+            backbone=settings.backbone,
+            weights=settings.weights,
             image_size=size,
             grid=(probe.shape[2], probe.shape[3]),
             channels=probe.shape[1],
         )
-        if cfg.model.compile:  # after the probe: its batch of 1 would be one more shape to compile
+        if settings.compile:  # after the probe: its batch of 1 would be one more shape to compile
             self.backbone.compile()
 
     @torch.no_grad()
@@ -113,15 +126,15 @@ class ShardExtractor:
     def extract(self, job: dict) -> dict:
         """Image shard `job["source"]` -> feature shard `job["out"]`, then its record: what was
         written, and every sample skipped with its key, kind and detail."""
-        cfg, start = self.cfg, time.time()
+        settings, start = self.settings, time.time()
         stream = StreamSpec(
             shards=[Shard(job["source"], job["samples"])],
             num_labels=job["num_labels"],
-            image_size=cfg.data.image_size,
-            batch_size=cfg.eval.batch_size,
+            image_size=settings.image_size,
+            batch_size=settings.batch_size,
             train=False,
         )
-        loader = make_loader(stream, min(cfg.data.loader_workers, 1), pin_memory=self.device.type == "cuda")
+        loader = make_loader(stream, min(settings.loader_workers, 1), pin_memory=self.device.type == "cuda")
         skipped, read = [], 0
         with ShardFile(job["out"]) as shard:
             for batch in loader:

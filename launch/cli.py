@@ -35,8 +35,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from launch.preflight import check_registries
     from launch.submit import submit
+    from trainer.config import load_config
 
+    check_registries(load_config(args.config, args.set))  # a typo fails before anything is uploaded
     return submit(
         args.config,
         args.set,

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.preflight import check_registries
 from trainer.config import ConfigError, load_config
 
 TITLES = {
@@ -72,6 +73,8 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     configs = {
         v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"]) for v in variants
     }  # every config checked before anything trains
+    for cfg in configs.values():
+        check_registries(cfg)
     refuse_used_folders(out, variants)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides))

@@ -13,48 +13,15 @@ import shutil
 import time
 from pathlib import Path
 
-from datasets.contract import join, read_dataset
+from datasets.contract import join
+from launch.preflight import absolute, evaluation_checkpoint, preflight, resumed, training_splits
 from launch.run_lock import hold
-from launch.storage import checkpoint_url, has_checkpoint, model_file, ray_storage, read_text, storage_env
+from launch.storage import checkpoint_url, has_checkpoint, ray_storage, read_text, storage_env
 from trainer.checkpointing import STATE_FILE
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
 from trainer.report import summarise_per_label
 from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking
-
-
-def absolute(url: str) -> str:
-    """Workers run in other directories: make local paths absolute, leave URLs alone."""
-    return url if "://" in url else str(Path(url).resolve())
-
-
-def check_data(cfg: Config, splits: list[str]):
-    from trainer.backbones import check_features, check_weights
-
-    info = read_dataset(cfg.data.url)
-    if info.features is not None:  # a feature cache stands in only for the backbone that made it
-        check_features(cfg.model, cfg.data.image_size, info.features, cfg.data.url)
-    else:
-        check_weights(cfg.model, cfg.data.url)
-    if cfg.eval.val_split in splits and cfg.eval.val_split not in info.splits:
-        raise ConfigError(
-            f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
-            f"every eval.every steps (has: {', '.join(info.splits)}); name another, write one "
-            f"(lesa synth --val N), or run without validation: --set eval.val_split=null "
-            f"--set optim.adaptive_lr=false"
-        )
-    for split in splits:
-        info.shards(split)
-    train = info.shards(cfg.data.train_split) if cfg.data.train_split in splits else None
-    if train is not None and len(train) < cfg.scaling.num_workers:
-        raise ConfigError(
-            f"scaling.num_workers: {cfg.scaling.num_workers} workers but the "
-            f"{cfg.data.train_split} split of {cfg.data.url} has only {len(train)} shards; "
-            f"write smaller shards or use fewer workers"
-        )
-    if len(info.unseen) == 0:
-        raise ConfigError(f"data.url: {cfg.data.url} has no unseen labels to evaluate ZSL on")
-    return info
 
 
 def start_ray(cfg: Config) -> None:
@@ -206,14 +173,6 @@ def run_workers(
     return metrics
 
 
-def prepare(cfg: Config, out: str | Path, splits: list[str]) -> tuple[Path, object]:
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.data.url = absolute(cfg.data.url)
-    cfg.checkpoint.storage = absolute(cfg.checkpoint.storage or str(out / "checkpoints"))
-    return out, check_data(cfg, splits)
-
-
 def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | None]:
     """(the run being continued, a checkpoint folder to start from) for `--resume`."""
     run_file = out / RUN_FILE
@@ -262,16 +221,14 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
     """`lesa train`; `parent_run_id` nests its MLflow run under another (`lesa compare`)."""
     from trainer.worker import train_worker
 
-    validating = cfg.eval.every > 0 and cfg.eval.val_split  # trainer/schedule.py
-    out, info = prepare(cfg, out, [cfg.data.train_split, cfg.eval.split] + ([cfg.eval.val_split] if validating else []))
+    cfg, out, info, _ = preflight(cfg, out, training_splits(cfg))
     with hold(out):  # launch/run_lock.py: one run per --out, before run.json is read or any MLflow/Ray work
         run, resume_from = resume_target(out, resume)
         print(
             f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
             f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images"
         )
-        if run is not None and run["storage"]:
-            cfg.checkpoint.storage = run["storage"]
+        cfg = resumed(cfg, run)
         tracking_uri, run_name, logger = open_tracking(
             cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id
         )
@@ -303,11 +260,9 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
     """`lesa evaluate`: a trained model.pt (or a folder holding one) on any number of workers."""
     from trainer.worker import evaluate_worker
 
-    out, info = prepare(cfg, out, [cfg.eval.split])
+    cfg, out, _, _ = preflight(cfg, out, [cfg.eval.split])
     with hold(out):  # launch/run_lock.py: one run per --out
-        checkpoint, given = model_file(absolute(checkpoint)), checkpoint
-        if checkpoint is None:
-            raise ConfigError(f"--checkpoint: {given} is not a model.pt nor a folder holding one")
+        checkpoint = evaluation_checkpoint(checkpoint)
         tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
         metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
         print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")

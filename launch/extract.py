@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from functools import partial
 
-from datasets.contract import DatasetError, FeatureSpec, join, read_dataset, write_metadata
+from datasets.contract import DatasetError, DatasetInfo, FeatureSpec, join, write_metadata
 from datasets.features import (
     RECORDS_DIR,
+    ExtractSettings,
     ShardExtractor,
     read_record,
     record_url,
@@ -24,7 +26,8 @@ from datasets.features import (
     same_source,
     write_json,
 )
-from launch.driver import absolute, start_ray
+from launch.driver import start_ray
+from launch.preflight import preflight_extract
 from launch.storage import storage_env
 from trainer.config import Config, ConfigError
 from trainer.progress import format_duration
@@ -32,24 +35,7 @@ from trainer.progress import format_duration
 EXAMPLES_PRINTED = 20
 
 
-def check_extractable(cfg: Config, out: str, info) -> None:
-    """Errors that need no cluster: what the backbone is, what the dataset is, where OUT is."""
-    from trainer.backbones import BACKBONES, check_weights
-
-    if BACKBONES[cfg.model.backbone].trainable:
-        raise ConfigError(
-            f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
-            f"trains and cannot be cached; lesa extract needs a frozen backbone "
-            f"({', '.join(name for name, b in BACKBONES.items() if not b.trainable)})"
-        )
-    if info.kind != "image":
-        raise ConfigError(f"data.url: {cfg.data.url} is a {info.kind} dataset; extract from the image dataset")
-    check_weights(cfg.model, cfg.data.url)
-    if out.rstrip("/") == cfg.data.url.rstrip("/"):
-        raise ConfigError(f"--out {out}: is data.url itself; write the features to another root")
-
-
-def plan(cfg: Config, info, out: str, splits: list[str]) -> tuple[list[dict], list[dict]]:
+def plan(cfg: Config, info: DatasetInfo, out: str, splits: list[str]) -> tuple[list[dict], list[dict]]:
     """(jobs still to do, records of the shards already done) over `splits`."""
     todo, done = [], []
     for split in splits:
@@ -80,6 +66,25 @@ def plan(cfg: Config, info, out: str, splits: list[str]) -> tuple[list[dict], li
     return todo, done
 
 
+def extractor_args(cfg: Config, precision: str = "fp32") -> tuple:
+    """What each ShardExtractor actor is made with: how to build the config's backbone, and the
+    settings it reads (datasets/ takes plain values, not a Config)."""
+    from trainer.backbones import build_backbone
+
+    settings = ExtractSettings(
+        backbone=cfg.model.backbone,
+        weights=cfg.model.backbone_weights,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.eval.batch_size,
+        loader_workers=cfg.data.loader_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
+        compile=cfg.model.compile,
+        precision=precision,
+    )
+    return partial(build_backbone, cfg.model), settings
+
+
 def extract_on_ray(cfg: Config, todo: list[dict], precision: str, log=print) -> tuple[list[dict], float]:
     """Run the jobs on min(num_workers, jobs) actors; records come back as shards finish. Returns
     them and the seconds the extraction took once the actors had loaded the backbone."""
@@ -95,7 +100,7 @@ def extract_on_ray(cfg: Config, todo: list[dict], precision: str, log=print) -> 
         max_task_retries=cfg.checkpoint.max_failures,
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **storage_env()}},
     )
-    actors = [actor.remote(cfg.to_dict(), precision) for _ in range(min(cfg.scaling.num_workers, len(todo)))]
+    actors = [actor.remote(*extractor_args(cfg, precision)) for _ in range(min(cfg.scaling.num_workers, len(todo)))]
     ray.get([a.made_with.remote() for a in actors])  # loaded: the rate below is the extraction's alone
     log(f"extract: {len(todo)} shards on {len(actors)} {'GPU' if cfg.scaling.use_gpu else 'CPU'} workers")
     total = sum(job["samples"] for job in todo)
@@ -149,12 +154,7 @@ def run_extract(cfg: Config, out: str, splits: list[str] | None = None, precisio
     """Extract, then write OUT's metadata: every split of the source whose shards are all done
     (also by earlier runs with other --splits) is listed; shards left with no sample are not.
     `precision` bf16 or fp16 runs the backbone under autocast (features are stored float16 anyway)."""
-    cfg.data.url, out = absolute(cfg.data.url), absolute(out)
-    info = read_dataset(cfg.data.url)
-    check_extractable(cfg, out, info)
-    splits = splits or list(info.splits)
-    for split in splits:
-        info.shards(split)  # an unknown split is an error naming dataset.json
+    cfg, out, info, splits = preflight_extract(cfg, out, splits)
     todo, reused = plan(cfg, info, out, splits)
     log(
         f"extract {cfg.data.url} -> {out}: {cfg.model.backbone} at {cfg.data.image_size} px, splits "

@@ -18,7 +18,6 @@ still predicted; the exit status is 1 only when nothing could be predicted.
 from __future__ import annotations
 
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ import fsspec
 import numpy as np
 import torch
 
-from datasets.contract import DatasetError, DatasetInfo, join, read_dataset
+from datasets.contract import DatasetError, DatasetInfo, read_dataset
 from datasets.stream import BadSample, decode_image
-from launch.storage import model_file
+from launch.preflight import preflight_predict
 from trainer.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
-from trainer.config import Config, ConfigError, config_from_dict
+from trainer.config import Config, ConfigError, replaced
 from trainer.model import build_model
 
 BATCH = 16  # images per forward pass
@@ -57,30 +56,6 @@ def warn(message: str) -> None:
 # --- the model ----------------------------------------------------------------------------------
 
 
-def locate(checkpoint: str) -> tuple[str, str]:
-    """(model.pt, config.json) for DIR or DIR/model.pt."""
-    model_url = model_file(checkpoint)
-    if model_url is None:
-        raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
-    return model_url, join(model_url.rsplit("/", 1)[0], "config.json")
-
-
-def read_config(url: str) -> Config:
-    try:
-        with fsspec.open(url, "rt") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{url}: missing; predict needs the config.json that `lesa train --out` writes next to model.pt"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{url}: not valid JSON ({exc})") from None
-    try:
-        return config_from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{url}: {exc}") from None
-
-
 def read_state(url: str) -> dict[str, torch.Tensor]:
     with fsspec.open(url, "rb") as f:
         try:
@@ -89,21 +64,22 @@ def read_state(url: str) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{url}: not a model.pt of this system ({type(exc).__name__}: {exc})") from None
 
 
-def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str) -> bool:
-    """Whether model.pt holds the backbone's weights. A model trained on cached features (a dataset
-    of kind "feature") has none: predict then runs the frozen backbone the features came from, with
-    model.backbone_weights (or the weights the feature dataset names), on the images."""
+def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str) -> tuple[Config, bool]:
+    """The config to build the model from, and whether model.pt holds the backbone's weights. A
+    model trained on cached features (a dataset of kind "feature") has none: predict then runs the
+    frozen backbone the features came from, with model.backbone_weights (or the weights the
+    feature dataset names), on the images."""
     if any(k.startswith("backbone.") for k in state):
-        cfg.model.backbone_weights = None  # model.pt has them: nothing to fetch
-        return True
-    if cfg.model.backbone_weights is None and info is not None and info.features is not None:
-        cfg.model.backbone_weights = info.features.weights
-    if cfg.model.backbone_weights is None:
+        return replaced(cfg, {"model.backbone_weights": None}), True  # model.pt has them: nothing to fetch
+    weights = cfg.model.backbone_weights
+    if weights is None and info is not None and info.features is not None:
+        weights = info.features.weights
+    if weights is None:
         raise ConfigError(
             f"{url}: holds no backbone weights (trained on cached features?); set "
             f"model.backbone_weights in its config.json to the {cfg.model.backbone} weights"
         )
-    return False
+    return replaced(cfg, {"model.backbone_weights": weights}), False
 
 
 def load_model(
@@ -236,12 +212,7 @@ def predict(
     """Print the top-K labels of every readable image; the exit status (0, or 1 if nothing was predicted)."""
     from datasets.embeddings import load_label_encoder
 
-    if top_k < 1:
-        raise ConfigError(f"--top-k: must be at least 1, got {top_k}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available")
-    model_url, config_url = locate(checkpoint)
-    cfg = read_config(config_url)
+    model_url, cfg = preflight_predict(checkpoint, top_k, device)
     state = read_state(model_url)
     info = open_dataset(data or cfg.data.url, needed=not labels)
     encoder = load_label_encoder(label_vectors, label_vector_names) if label_vectors else None
@@ -251,7 +222,7 @@ def predict(
     if not vocabulary.names:
         warn("no label has a vector: nothing to predict")
         return 1
-    with_backbone = backbone_source(cfg, state, info, model_url)
+    cfg, with_backbone = backbone_source(cfg, state, info, model_url)
     model = load_model(
         cfg, state, vocabulary, info.seen if info is not None else None, with_backbone, model_url, torch.device(device)
     )

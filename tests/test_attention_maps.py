@@ -21,7 +21,7 @@ from trainer.attention_maps import (
     sheet_size,
     top_labels,
 )
-from trainer.config import load_config
+from trainer.config import load_config, replaced
 from trainer.model import build_model
 
 
@@ -137,9 +137,8 @@ def test_eval_overlays_are_png_files_named_by_image_key(tiny_eval, tmp_path):
 
 def test_eval_overlays_off_or_without_attention_give_nothing(tiny_eval):
     cfg, info, model = tiny_eval
-    cfg.eval.overlays = 0
-    assert eval_overlay_files(model, info, cfg, torch.device("cpu")) == {}
-    cfg.eval.overlays = 2
+    assert eval_overlay_files(model, info, replaced(cfg, {"eval.overlays": 0}), torch.device("cpu")) == {}
+    cfg = replaced(cfg, {"eval.overlays": 2})
 
     class Holistic(torch.nn.Module):  # a baseline's shape of output: scores only
         def forward(self, images, label_ids):
@@ -164,7 +163,7 @@ def test_scoring_a_split_prints_progress_with_rate_and_eta(tiny_eval, capsys, mo
     from trainer.metrics import StreamingMetrics
 
     cfg, info, model = tiny_eval
-    cfg.eval.batch_size = 2
+    cfg = replaced(cfg, {"eval.batch_size": 2})
     metrics = StreamingMetrics({"all": np.arange(info.num_labels)}, info.num_labels, [2])
     monkeypatch.setattr(trainer.progress, "SCORING_EVERY_S", 0.0)
     score_split(model, info, "test", cfg, 0, 1, torch.device("cpu"), BadSampleLog(0), metrics)

@@ -13,7 +13,7 @@ from trainer.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttention
 from trainer.config import ConfigError, load_config
 from trainer.losses import seen_logistic_loss, total_loss
 from trainer.model import MODELS, build_model, loss_weights
-from trainer.worker import load_model_state
+from trainer.weights import load_model_state
 
 B, C, H, W_, DIM, K = 2, 8, 3, 4, 5, 6
 BASELINES = ["fast0tag", "labelem", "conse", "one_attention_per_label"]
@@ -163,8 +163,10 @@ def test_losses_per_model():
 
 
 def test_unknown_model_and_bad_conse_top_fail_before_any_work():
+    from launch.preflight import check_registries
+
     with pytest.raises(ConfigError, match="model.name: unknown model .*one_attention_per_label"):
-        config("fast1tag")
+        check_registries(config("fast1tag"))
     with pytest.raises(ConfigError, match="model.conse_top"):
         config("conse", conse_top=0)
 

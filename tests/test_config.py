@@ -1,13 +1,19 @@
-"""trainer/config.py: YAML + --set overrides, validated up front, errors naming the dotted key."""
+"""trainer/config.py: YAML + --set overrides, validated up front, errors naming the dotted key;
+a frozen Config; a module that imports nothing else of the project."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from trainer.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from trainer.config import Config, ConfigError, config_from_dict, load_config, parse_override, replaced
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,21 +205,6 @@ def test_zero_loader_workers_and_zero_loss_weight_are_allowed(base_yaml):
     assert cfg.data.loader_workers == 0 and cfg.loss.dist == 0.0
 
 
-@pytest.mark.parametrize(
-    "override, key, known",
-    [
-        ("model.name=clip", "model.name", "lesa"),
-        ("model.backbone=resnet50", "model.backbone", "small_cnn"),
-        ("optim.name=sgd", "optim.name", "rmsprop_tf"),
-    ],
-)
-def test_unknown_registry_names(base_yaml, override, key, known):
-    with pytest.raises(ConfigError) as info:
-        load_config(base_yaml, [override])
-    message = str(info.value)
-    assert message.startswith(f"{key}:") and known in message
-
-
 def test_vgg19_needs_weights_only_where_it_runs_on_images(base_yaml):
     """The config alone cannot tell: on a feature dataset VGG-19 never runs. Building it from the
     config does run it, and refuses without weights (the driver and lesa extract check earlier,
@@ -289,3 +280,57 @@ def test_shipped_synthetic_yaml():
     # and it accepts the overrides the e2e test and the Makefile use
     cfg = load_config(path, ["data.url=/tmp/d", "data.image_size=48", "train.max_steps=24", "eval.every=16"])
     assert (cfg.data.url, cfg.data.image_size, cfg.train.max_steps, cfg.eval.every) == ("/tmp/d", 48, 24, 16)
+
+
+def test_a_config_refuses_assignment(base_yaml):
+    cfg = load_config(base_yaml)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.url = "/elsewhere"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data = cfg.model
+    assert cfg.data.url == "/data/synth"
+
+
+def test_replaced_returns_a_new_config_and_leaves_the_old_one(base_yaml):
+    cfg = load_config(base_yaml)
+    new = replaced(cfg, {"data.url": "/abs/data", "checkpoint.storage": "s3://b/ck", "eval.overlays": 0})
+    assert (new.data.url, new.checkpoint.storage, new.eval.overlays) == ("/abs/data", "s3://b/ck", 0)
+    assert (cfg.data.url, cfg.checkpoint.storage, cfg.eval.overlays) == ("/data/synth", None, 4)
+    assert new.model is cfg.model and new.data.batch_size == cfg.data.batch_size == 8
+    assert config_from_dict(new.to_dict()) == new  # what a Ray worker rebuilds
+    with pytest.raises(TypeError):
+        replaced(cfg, {"data.bogus": 1})
+
+
+def test_importing_the_config_imports_no_other_project_module():
+    """The leaf of the import graph: a fresh interpreter that imports trainer.config holds no other
+    module of trainer/, datasets/ or launch/ (the registries are checked in launch/preflight.py)."""
+    code = (
+        "import json, sys; import trainer.config; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('trainer', 'datasets', 'launch'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["trainer", "trainer.config"]
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports, at the top or inside functions (TYPE_CHECKING too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] in ("trainer", "datasets", "launch")}
+
+
+def test_config_imports_nothing_of_the_project_and_datasets_never_import_trainer():
+    assert project_imports(REPO / "trainer" / "config.py") == set()
+    files = [path for package in ("trainer", "datasets", "launch") for path in sorted((REPO / package).glob("*.py"))]
+    assert len(files) > 30
+    reaching_up = {
+        str(path.relative_to(REPO)): sorted(name for name in project_imports(path) if name.startswith("trainer"))
+        for path in files
+        if path.parent.name == "datasets"
+    }
+    assert {path: names for path, names in reaching_up.items() if names} == {}

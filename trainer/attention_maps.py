@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from trainer.config import Config
+
 TILE = 160  # side of one tile in pixels; synthetic images are 96 px, so they are enlarged
 COLUMNS = 6  # tiles per row: the image + 5 maps, then the next row
 LINE = 15  # caption line height in pixels (fixed, so the sheet size never depends on the font)
@@ -201,7 +203,7 @@ def write_sheet(sheet: Image.Image, path: Path) -> None:
     sheet.save(path, format="PNG")
 
 
-def eval_overlay_files(model, info, cfg, device) -> dict:
+def eval_overlay_files(model, info, cfg: Config, device) -> dict:
     """{'attention/<key>.png': writer} for the first `eval.overlays` images of the eval split, scored
     against all labels (GZSL); {} when disabled or when the model has no attention. Rank 0 calls it
     alone at the end of a run, so it must not take part in collectives: it reads the split itself
@@ -223,7 +225,7 @@ def eval_overlay_files(model, info, cfg, device) -> dict:
         return {}
 
 
-def render_eval_overlays(model, info, cfg, device) -> dict:
+def render_eval_overlays(model, info, cfg: Config, device) -> dict:
     from datasets.stream import StreamSpec, make_loader
 
     count = cfg.eval.overlays

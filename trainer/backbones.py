@@ -18,7 +18,8 @@ import fsspec
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from datasets.contract import FeatureSpec
+from trainer.config import ConfigError, ModelConfig
 
 
 class Backbone(nn.Module):
@@ -77,11 +78,13 @@ class Backbone(nn.Module):
             raise ValueError(f"{url}: not a {self.name} state dict ({str(exc).splitlines()[-1].strip()})") from None
 
     @classmethod
-    def from_config(cls, model_cfg) -> "Backbone":
-        """A trainable backbone starts from its random init; a frozen one from its weights."""
+    def from_config(cls, model_cfg: ModelConfig) -> Backbone:
+        """A trainable backbone starts from its random init; a frozen one from its weights. (Whether
+        the weights exist is checked before any cluster work: launch/preflight.py.)"""
         if cls.trainable:
             return cls()
-        check_weights(model_cfg, "the input")
+        if model_cfg.backbone_weights is None:
+            raise ConfigError(needs_weights(model_cfg, "the input"))
         return cls(model_cfg.backbone_weights)
 
 
@@ -201,24 +204,28 @@ class FeatureInput(nn.Module):
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmallCNN, VGG19Conv54)}
 
 
-def check_weights(model_cfg, where: str) -> None:
+def needs_weights(model_cfg: ModelConfig, where: str) -> str:
+    return (
+        f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
+        f"needs pretrained weights: a state dict path or URL (or train on the feature "
+        f"dataset `lesa extract` makes, which needs none)"
+    )
+
+
+def check_weights(model_cfg: ModelConfig, where: str) -> None:
     """A frozen backbone that runs on images needs pretrained weights; untrained it would give
     noise. (On a feature dataset it does not run at all, so nothing is needed there.)"""
     weights = model_cfg.backbone_weights
     if BACKBONES[model_cfg.backbone].trainable:
         return
     if weights is None:
-        raise ConfigError(
-            f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
-            f"needs pretrained weights: a state dict path or URL (or train on the feature "
-            f"dataset `lesa extract` makes, which needs none)"
-        )
+        raise ConfigError(needs_weights(model_cfg, where))
     fs, path = fsspec.core.url_to_fs(weights)
     if not fs.exists(path):  # said here, before every worker fails on it
         raise ConfigError(f"model.backbone_weights: {weights} does not exist")
 
 
-def check_features(model_cfg, image_size: int, spec, where: str) -> None:
+def check_features(model_cfg: ModelConfig, image_size: int, spec: FeatureSpec, where: str) -> None:
     """A feature dataset can stand in only for the backbone, at the image size, it was made with."""
     if spec.backbone != model_cfg.backbone:
         raise ConfigError(
@@ -232,7 +239,7 @@ def check_features(model_cfg, image_size: int, spec, where: str) -> None:
         )
 
 
-def build_backbone(model_cfg, features=None) -> nn.Module:
+def build_backbone(model_cfg: ModelConfig, features: FeatureSpec | None = None) -> nn.Module:
     """The config's backbone, or FeatureInput in its place when `features` (the FeatureSpec of a
     feature dataset, already checked with `check_features`) says the inputs are its output."""
     if features is not None:

@@ -1,14 +1,20 @@
 """One config object for a run: loaded from YAML, overridden with `--set`, validated up front.
 
 Every key a user can set is a field below, with its default; this file is the one place they are
-documented (the README links here). Validation happens before any cluster work, and every error
-names the dotted key it is about.
+documented (docs/configuration.md is generated from it). `load_config` checks the values alone
+(types, ranges, rules between keys), and every error names the dotted key it is about; what needs
+the registries or the dataset is checked by launch/preflight.py, still before any cluster work.
+This module imports nothing else of the project, so anything may import it.
+
+A Config is frozen: a run resolves it once (absolute paths, the checkpoint storage) into a new one
+with `replaced`, and nothing changes it after that.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +27,10 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or a value out of range."""
 
 
-@dataclass
+VAL_METRIC = re.compile(r"mAP|(P|R|F1)@([1-9][0-9]*)")  # the names trainer/metrics.py reports
+
+
+@dataclass(frozen=True)
 class DataConfig:
     url: str = ""  # dataset root in the format of docs/dataset-format.md (path or fsspec URL)
     image_size: int = 96  # model input side; images are resized (short side) + centre-cropped
@@ -33,7 +42,7 @@ class DataConfig:
     ledger: bool = False  # write OUT/ledger/: one line per sample whose gradient is in the model
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "lesa"  # registry in trainer/model.py
     backbone: str = "small_cnn"  # registry in trainer/backbones.py
@@ -47,7 +56,7 @@ class ModelConfig:
     compile: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     # docs/protocol.md, Losses: L = rank + 0.1 dist + 0.001 rel + 0.01 div
     rank: float = 1.0
@@ -56,7 +65,7 @@ class LossConfig:
     div: float = 0.01
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: str = "rmsprop_tf"  # registry in trainer/optim.py: rmsprop_tf | adamw
     lr: float = 1e-3
@@ -71,7 +80,7 @@ class OptimConfig:
     lr_floor: float = 1e-6  # no decay once lr is below this
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 400
     seed: int = 0
@@ -80,9 +89,12 @@ class TrainConfig:
     # the end and only keeps the best model, which we always do)
     early_stopping_patience: int = 10  # validations in a row without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement must exceed this (metric units, percent)
+    # Testing aid, never needed in a real run: "checkpoint@S" makes rank 0 die once (exit 137)
+    # while writing the checkpoint of step S, as a lost machine would (the resume tests use it).
+    debug_fault: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # steps between evaluations during training; 0 = only at the end
     k: list[int] = field(default_factory=lambda: [3, 5])
@@ -96,20 +108,20 @@ class EvalConfig:
     test_during_training: bool = True  # also evaluate `split` every `every` steps (metrics.json history)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = 0  # only 0: optimizer state whole, so a run resumes on any world size
     bf16: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     storage: str | None = None  # Ray Train storage for the run's checkpoints; default OUT/checkpoints
     every: int = 100  # steps between checkpoints (0: only the final one)
@@ -117,7 +129,7 @@ class CheckpointConfig:
     max_failures: int = 3  # worker failures Ray Train recovers from by resuming
 
 
-@dataclass
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the cwd
     artifact_location: str | None = None  # default: ./mlartifacts next to the sqlite store
@@ -125,7 +137,7 @@ class MlflowConfig:
     run_name: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubmitConfig:
     """Read by `lesa submit` only: how the job reaches the cluster (launch/submit.py)."""
 
@@ -135,7 +147,7 @@ class SubmitConfig:
     runtime_env: dict = field(default_factory=dict)  # Ray runtime_env: env_vars, excludes, pip, ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -256,20 +268,10 @@ def _check(cfg: Config) -> None:
     _check_schedule(cfg, need)
     for name in ("rank", "dist", "rel", "div"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be non-negative")
-    # Registries are checked here too so that a typo fails before Ray starts.
-    from trainer.backbones import BACKBONES
-    from trainer.model import MODELS
-    from trainer.optim import OPTIMIZERS
-
-    need(cfg.model.name in MODELS, "model.name", f"unknown model (known: {', '.join(MODELS)})")
-    need(cfg.model.backbone in BACKBONES, "model.backbone", f"unknown backbone (known: {', '.join(BACKBONES)})")
-    need(cfg.optim.name in OPTIMIZERS, "optim.name", f"unknown optimizer (known: {', '.join(OPTIMIZERS)})")
 
 
 def _check_schedule(cfg: Config, need) -> None:
     """Validation, adaptive lr and early stopping (trainer/schedule.py)."""
-    from trainer.schedule import VAL_METRIC
-
     o, t, e = cfg.optim, cfg.train, cfg.eval
     need(o.lr_patience >= 0, "optim.lr_patience", "must be 0 or more")
     need(0 < o.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
@@ -336,3 +338,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config inside a Ray worker from `Config.to_dict()` (already validated)."""
     return _build(Config, data, "")
+
+
+def replaced(cfg: Config, changes: dict[str, object]) -> Config:
+    """A new Config with the dotted keys of `changes` set, e.g. {"data.url": "/abs/data"}; `cfg`
+    itself stays as it was. The values are not checked again: callers resolve paths, not settings."""
+    sections: dict[str, dict[str, object]] = {}
+    for key, value in changes.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **values) for section, values in sections.items()}
+    )

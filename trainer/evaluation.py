@@ -11,6 +11,7 @@ import torch.distributed as dist
 from datasets.contract import DatasetInfo
 from datasets.stream import StreamSpec, make_loader, split_by_rank
 from trainer.bad_samples import BadSampleLog
+from trainer.config import Config
 from trainer.metrics import Annotations, LabelStats, StreamingMetrics
 from trainer.progress import ScoringProgress
 
@@ -35,7 +36,7 @@ def score_split(
     model,
     info: DatasetInfo,
     split: str,
-    cfg,
+    cfg: Config,
     rank: int,
     world: int,
     device,
@@ -77,7 +78,7 @@ def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, 
     return {name: 100 * float(freq[cols].mean()) for name, cols in settings.items()}
 
 
-def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, average_bn: bool = True) -> dict:
+def evaluate(model, info: DatasetInfo, cfg: Config, rank: int, world: int, device, average_bn: bool = True) -> dict:
     """{'zsl': {...}, 'gzsl': {...}, 'chance_mAP', 'per_label', 'num_images', ...} over all workers.
 
     A collective: every rank must call it, with or without samples of its own."""
@@ -98,7 +99,7 @@ def evaluate(model, info: DatasetInfo, cfg, rank: int, world: int, device, avera
     return results
 
 
-def validation_metric(model, info: DatasetInfo, cfg, rank: int, world: int, device) -> float:
+def validation_metric(model, info: DatasetInfo, cfg: Config, rank: int, world: int, device) -> float:
     """`eval.val_metric` over the seen labels of `eval.val_split` (docs/protocol.md, Optimisation: validation uses
     seen labels only), computed exactly over all workers; rank 0's value on every rank, so the
     schedule's decisions (trainer/schedule.py) cannot differ between ranks. A collective."""

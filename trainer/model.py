@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.contract import FeatureSpec
 from trainer.backbones import build_backbone
 from trainer.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead
+from trainer.config import Config
 from trainer.lesa import LESAHead
 
 
@@ -39,11 +41,11 @@ class TaggingModel(nn.Module):
         return self.head(fmap, self.label_vectors[label_ids])
 
 
-def lesa_head(cfg, channels: int, vectors: np.ndarray, seen_ids) -> nn.Module:
+def lesa_head(cfg: Config, channels: int, vectors: np.ndarray, seen_ids) -> nn.Module:
     return LESAHead(channels, vectors.shape[1], cfg.model.num_attentions, cfg.model.adapter)
 
 
-def conse_head(cfg, channels: int, vectors: np.ndarray, seen_ids) -> nn.Module:
+def conse_head(cfg: Config, channels: int, vectors: np.ndarray, seen_ids) -> nn.Module:
     if seen_ids is None:
         raise ValueError("model.name conse needs the seen label ids (build_model(..., seen_ids))")
     return CONSEHead(channels, unit_rows(vectors[np.asarray(seen_ids)]), cfg.model.conse_top)
@@ -55,11 +57,11 @@ class ModelEntry:
     loss_weights: Callable  # cfg -> {term of trainer.losses.LOSSES: weight}
 
 
-def lesa_losses(cfg) -> dict[str, float]:
+def lesa_losses(cfg: Config) -> dict[str, float]:
     return {name: getattr(cfg.loss, name) for name in ("rank", "dist", "rel", "div")}
 
 
-def ranking_only(cfg) -> dict[str, float]:
+def ranking_only(cfg: Config) -> dict[str, float]:
     return {"rank": 1.0}
 
 
@@ -74,7 +76,9 @@ MODELS = {
 }
 
 
-def build_model(cfg, label_vectors: np.ndarray, seen_ids: np.ndarray | None = None, features=None) -> TaggingModel:
+def build_model(
+    cfg: Config, label_vectors: np.ndarray, seen_ids: np.ndarray | None = None, features: FeatureSpec | None = None
+) -> TaggingModel:
     """`seen_ids`: the labels training sees (the dataset's seen role); CONSE's embedding needs them.
     `features`: the FeatureSpec of a feature dataset (`DatasetInfo.features`); its cached rows then
     stand in for the frozen backbone (trainer/backbones.py, FeatureInput)."""
@@ -86,6 +90,6 @@ def build_model(cfg, label_vectors: np.ndarray, seen_ids: np.ndarray | None = No
     return TaggingModel(backbone, head, label_vectors)
 
 
-def loss_weights(cfg) -> dict[str, float]:
+def loss_weights(cfg: Config) -> dict[str, float]:
     """What trains `model.name`: weights for trainer.losses.total_loss."""
     return MODELS[cfg.model.name].loss_weights(cfg)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.config import OptimConfig
+
 
 class RMSpropTF(torch.optim.Optimizer):
     """ms <- a ms + (1 - a) g^2;  mom <- mu mom + lr g / sqrt(ms + eps);  theta <- theta - mom."""
@@ -49,5 +51,5 @@ OPTIMIZERS = {
 }
 
 
-def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
+def build_optimizer(params, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[optim_cfg.name](params, optim_cfg)

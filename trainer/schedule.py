@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from trainer.config import VAL_METRIC, Config
+
 BEST_MODEL_FILE = "model_best.pt"
-VAL_METRIC = re.compile(r"mAP|(P|R|F1)@([1-9][0-9]*)")  # the names trainer/metrics.py reports
 
 
 def metric_k(name: str) -> int | None:
@@ -159,7 +159,7 @@ class ValidationSchedule:
     """Adaptive LR (`optim.adaptive_lr`), early stopping (`train.early_stopping`) and the best model,
     all driven by one validation metric every `eval.every` steps (when `eval.val_split` is set)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.metric_name, self.split = cfg.eval.val_metric, cfg.eval.val_split
         self.every = cfg.eval.every if cfg.eval.val_split else 0
         o, t = cfg.optim, cfg.train

@@ -531,3 +531,30 @@ def test_local_multinode_cluster_runs_two_nodes_with_token_auth(two_node_cluster
         with pytest.raises(OSError):
             socket.create_connection((ip, port), timeout=3).close()
     assert time.monotonic() - t0 < 120
+
+
+def token_command(path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(path)
+    return subprocess.run(
+        ["bash", str(CLUSTER / "local-multinode.sh"), "token"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_generated_token_is_private_from_its_first_byte(tmp_path):
+    path = tmp_path / "new" / "ray" / "auth_token"
+    done = token_command(path)
+    assert done.returncode == 0, done.stderr
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(path.parent.stat().st_mode & 0o777) == oct(path.parent.parent.stat().st_mode & 0o777) == "0o700"
+    assert len(path.read_text()) == 64  # 256 random bits, hex
+
+
+def test_an_existing_token_readable_by_others_is_made_private_and_kept(tmp_path):
+    path = tmp_path / "auth_token"
+    path.write_text("a" * 64)
+    path.chmod(0o644)  # what `ray get-auth-token --generate` leaves under the usual umask
+    done = token_command(path)
+    assert done.returncode == 0, done.stderr
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and path.read_text() == "a" * 64
+    assert "was mode 644" in done.stderr and done.stderr.count("\n") == 1

@@ -225,6 +225,7 @@ def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path)
     """The synthetic analogue of LESA's frozen features: small_cnn_frozen with a lesa train model.pt
     (here random), one shard through the extractor that each Ray actor of lesa extract runs."""
     from datasets.features import ShardExtractor
+    from launch.extract import extractor_args
     from trainer.backbones import FrozenSmallCNN, SmallCNN
 
     torch.manual_seed(4)
@@ -236,7 +237,7 @@ def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path)
             1::2
         ],
     )
-    extractor = ShardExtractor(cfg.to_dict())
+    extractor = ShardExtractor(*extractor_args(cfg))
     shard = read_dataset(str(work / "images")).shards("train")[0]
     job = {
         "split": "train",
@@ -314,7 +315,7 @@ def test_the_same_model_scores_alike_on_images_and_features(work, trained):
 
 
 def test_a_feature_dataset_needs_the_backbone_and_image_size_it_was_made_with(work, extracted):
-    from launch.driver import check_data
+    from launch.preflight import check_data
 
     def check(**extra):
         cfg = load_config(
@@ -331,7 +332,7 @@ def test_a_feature_dataset_needs_the_backbone_and_image_size_it_was_made_with(wo
 
 
 def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, capsys):
-    from launch.driver import check_data
+    from launch.preflight import check_data
 
     args = [a for a in overrides(work, "images", **{"model.backbone_weights": "null"}) if a != "--set"]
     cfg = load_config(REPO / "launch" / "synthetic.yaml", args)  # the config alone is valid
