@@ -138,15 +138,31 @@ def read_npy(url: str) -> np.ndarray:
         raise DatasetError(f"{url}: not a plain .npy array ({exc})") from None
 
 
-def read_dataset(root: str) -> DatasetInfo:
-    """Read and cross-check a dataset root's metadata; every inconsistency names its file."""
-    meta_url = join(root, "dataset.json")
-    try:
-        meta = json.loads(read_bytes(meta_url))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{meta_url}: not valid JSON ({exc})") from None
+def check_label_vectors(vectors: np.ndarray, names: list[str], where: str, fix: str) -> None:
+    """Label vectors are numbers, finite and not all zero: a NaN row turns every score it touches
+    into NaN, and a zero row scores 0 on every image (its label's AP is meaningless), so both are
+    refused where vectors enter (conversion, write_metadata, read_dataset) with the rows named."""
+    if vectors.dtype.kind not in "fiu":
+        raise DatasetError(f"{where}: dtype {vectors.dtype}, expected numbers; {fix}")
+    finite = np.isfinite(vectors).all(axis=1)
+    for ok, what in ((finite, "NaN or Inf values"), (~finite | vectors.any(axis=1), "only zeros")):
+        if not ok.all():
+            rows = np.flatnonzero(~ok)
+            shown = ", ".join(f"row {i} {names[i]!r}" for i in rows[:5]) + (" ..." if len(rows) > 5 else "")
+            raise DatasetError(f"{where}: {len(rows)} label vector(s) with {what}: {shown}; {fix}")
 
-    labels_url = join(root, "labels.tsv")
+
+def check_roles(labels: list[Label], where: str) -> None:
+    """Training needs a seen label and zero-shot evaluation an unseen one."""
+    seen = sum(lab.role == "seen" for lab in labels)
+    if not seen or seen == len(labels):
+        raise DatasetError(
+            f"{where}: {seen} seen and {len(labels) - seen} unseen labels in labels.tsv; a dataset needs "
+            f"at least one of each (mark the labels held out for zero-shot evaluation 'unseen')"
+        )
+
+
+def _read_labels(labels_url: str) -> list[Label]:
     labels = []
     lines = read_bytes(labels_url).decode("utf-8").splitlines()
     if not lines or lines[0].split("\t") != ["index", "id", "name", "role"]:
@@ -158,21 +174,51 @@ def read_dataset(root: str) -> DatasetInfo:
         if int(cols[0]) != len(labels):
             raise DatasetError(f"{labels_url}:{lineno}: index {cols[0]} out of order (expected {len(labels)})")
         labels.append(Label(int(cols[0]), cols[1], cols[2], cols[3]))
+    return labels
 
-    emb_url = join(root, "embeddings.npy")
+
+def _read_embeddings(emb_url: str, labels: list[Label]) -> np.ndarray:
     try:
         embeddings = np.load(io.BytesIO(read_bytes(emb_url)), allow_pickle=False)
     except ValueError as exc:
         raise DatasetError(f"{emb_url}: not a plain .npy array ({exc})") from None
     if embeddings.ndim != 2 or embeddings.shape[0] != len(labels):
         raise DatasetError(f"{emb_url}: shape {embeddings.shape}, expected [{len(labels)}, dim] to match labels.tsv")
+    fix = (
+        "convert the dataset again with vectors for these labels "
+        "(lesa convert --missing random gives a label without a known word a random one)"
+    )
+    check_label_vectors(embeddings, [lab.name for lab in labels], emb_url, fix)
+    return embeddings.astype(np.float32)
 
+
+def _read_splits(root: str, meta_url: str, meta: dict) -> dict[str, list[Shard]]:
+    """Each split's shards; a shard listed twice would be read twice (a 100-image split scored as 200)."""
     splits = {}
     for split, entry in meta.get("splits", {}).items():
         try:
             splits[split] = [Shard(join(root, s["path"]), int(s["samples"])) for s in entry["shards"]]
         except (KeyError, TypeError) as exc:
             raise DatasetError(f"{meta_url}: split '{split}' needs shards: [{{path, samples}}] ({exc!r})") from None
+        listed: set[str] = set()
+        for shard in splits[split]:
+            if shard.url in listed:
+                raise DatasetError(f"{meta_url}: split '{split}' lists shard {shard.url} twice; list each shard once")
+            listed.add(shard.url)
+    return splits
+
+
+def read_dataset(root: str) -> DatasetInfo:
+    """Read and cross-check a dataset root's metadata; every inconsistency names its file."""
+    meta_url = join(root, "dataset.json")
+    try:
+        meta = json.loads(read_bytes(meta_url))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{meta_url}: not valid JSON ({exc})") from None
+    labels = _read_labels(join(root, "labels.tsv"))
+    check_roles(labels, meta_url)
+    embeddings = _read_embeddings(join(root, "embeddings.npy"), labels)
+    splits = _read_splits(root, meta_url, meta)
     kind = meta.get("kind", "image")
     if kind not in KINDS:
         raise DatasetError(f"{meta_url}: kind {kind!r}, expected one of {', '.join(KINDS)}")
@@ -182,7 +228,7 @@ def read_dataset(root: str) -> DatasetInfo:
         name=meta.get("name", root),
         kind=kind,
         labels=labels,
-        embeddings=embeddings.astype(np.float32),
+        embeddings=embeddings,
         splits=splits,
         features=features,
     )
@@ -197,7 +243,12 @@ def write_metadata(
     splits: dict[str, list[tuple[str, int]]],
     extra: dict | None = None,
 ) -> None:
-    """Write dataset.json, labels.tsv and embeddings.npy. `splits` maps split -> [(relpath, samples)]."""
+    """Write dataset.json, labels.tsv and embeddings.npy. `splits` maps split -> [(relpath, samples)].
+    Nothing is written that read_dataset would refuse: bad label vectors or roles are an error."""
+    check_roles(labels, join(root, "dataset.json"))
+    embeddings = np.asarray(embeddings)
+    fix = "nothing was written; give these labels finite, non-zero vectors"
+    check_label_vectors(embeddings, [lab.name for lab in labels], join(root, "embeddings.npy"), fix)
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)
     meta = {

@@ -26,7 +26,7 @@ import re
 import fsspec
 import numpy as np
 
-from datasets.contract import DatasetError, read_npy
+from datasets.contract import DatasetError, check_label_vectors, read_npy
 
 MISSING_POLICIES = ("error", "zero", "random")
 _SPLIT = re.compile(r"[\s_\-/]+")
@@ -294,7 +294,8 @@ def label_vectors(
     names: list[str], vectors, vector_names, embeddings: str | None, missing: str, log=print
 ) -> np.ndarray:
     """Label vectors from a precomputed `.npy` aligned with labels.tsv, or from word vectors
-    (`vectors`: one source or a list, first source with a word wins; see datasets/embeddings.py)."""
+    (`vectors`: one source or a list, first source with a word wins; see datasets/embeddings.py).
+    Checked before any shard is written: a NaN, Inf or all-zero vector is an error naming its label."""
     if (not vectors) == (embeddings is None):
         raise DatasetError(
             "give exactly one of --vectors (word vectors) or --embeddings (a precomputed "
@@ -306,7 +307,15 @@ def label_vectors(
             raise DatasetError(
                 f"{embeddings}: shape {matrix.shape}, expected [{len(names)}, dim] (seen labels, then unseen)"
             )
+        check_label_vectors(matrix, names, embeddings, f"give these labels finite, non-zero rows in {embeddings}")
         return matrix.astype(np.float32)
     as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
     encoder = load_label_encoders(as_list(vectors), as_list(vector_names))
-    return embed_labels(encoder, names, missing=missing, log=log)
+    out = embed_labels(encoder, names, missing=missing, log=log)
+    fix = "check these words' vectors" + (
+        "; --missing zero leaves a label without a known word all zero, which training refuses: use --missing random"
+        if missing == "zero"
+        else ""
+    )
+    check_label_vectors(out, names, encoder.source, fix)
+    return out

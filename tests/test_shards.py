@@ -302,8 +302,8 @@ def test_non_square_png_larger_than_target(tmp_path):
     Image.fromarray(image).save(buf, format="PNG")
     with SplitWriter(str(tmp_path), "test") as writer:
         writer.write("a", {"png": buf.getvalue(), "labels.json": encode_labels([0], [])})
-    labels = [Label(0, "x", "x", "seen")]
-    write_metadata(str(tmp_path), "png", "image", labels, np.ones((1, 2)), {"test": writer.shards})
+    labels = [Label(0, "x", "x", "seen"), Label(1, "y", "y", "unseen")]  # a dataset needs one of each
+    write_metadata(str(tmp_path), "png", "image", labels, np.ones((2, 2)), {"test": writer.shards})
     info = read_dataset(str(tmp_path))
     (batch,) = collect(ShardStream(StreamSpec(info.shards("test"), 1, 12, 4, train=False)))
     assert tuple(batch["images"].shape) == (1, 12, 12, 3)
