@@ -104,6 +104,7 @@ def run_workers(
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from trainer.engine import WorkerArgs
     from trainer.failures import FailFast
 
     # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
@@ -114,8 +115,6 @@ def run_workers(
     }
     if not cfg.scaling.use_gpu:
         worker_env["DS_ACCELERATOR"] = "cpu"
-    if os.environ.get("LESA_FAULT"):  # fault injection for the resume tests (trainer/checkpointing.py)
-        worker_env["LESA_FAULT"] = os.environ["LESA_FAULT"]
     worker_env.update(storage_env())  # credentials and endpoints, by name from this environment
     storage_path, storage_filesystem = ray_storage(cfg.checkpoint.storage)
     start_ray(cfg)
@@ -124,11 +123,13 @@ def run_workers(
         # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
         # while the run has no checkpoint of its own.
         train_loop_config={
-            "config": cfg.to_dict(),
-            "run_id": logger.run_id,
-            "out": str(out),
-            **payload,
-            "resume_from": Checkpoint(*ray_storage(resume_from)) if resume_from else None,
+            "args": WorkerArgs(
+                config=cfg.to_dict(),
+                out=str(out),
+                run_id=logger.run_id,
+                resume_from=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
+                **payload,
+            )
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,

@@ -167,7 +167,7 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 from trainer.config import load_config
 from trainer.optim import RMSpropTF
 from trainer.schedule import set_lr
-from trainer.worker import deepspeed_config
+from trainer.engine import deepspeed_config
 
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(0)

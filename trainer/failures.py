@@ -16,14 +16,20 @@ from __future__ import annotations
 from ray.train import UserCallback
 
 from datasets.contract import DatasetError
+from trainer.checkpointing import CheckpointError
 from trainer.config import ConfigError
+from trainer.loop import NonFiniteLoss
+from trainer.state import StateError
+from trainer.weights import WeightsError
 
 
 class NotRetryable(Exception):
     """Raise this (or a subclass) in a worker for an error that a restart would meet again."""
 
 
-DETERMINISTIC = (NotRetryable, ConfigError, DatasetError)
+# A damaged or unsafe checkpoint, a loss that went NaN, weights that do not fit the model: a restart
+# from the same checkpoint meets each of them again.
+DETERMINISTIC = (NotRetryable, ConfigError, DatasetError, CheckpointError, StateError, NonFiniteLoss, WeightsError)
 
 
 class FailFast(UserCallback):

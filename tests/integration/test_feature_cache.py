@@ -364,7 +364,7 @@ def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, c
 def test_a_model_pt_moves_between_image_and_feature_inputs(work, tmp_path):
     """The frozen backbone is not the model's to load: it comes from model.backbone_weights."""
     from trainer.model import build_model
-    from trainer.worker import load_model_state
+    from trainer.weights import load_model_state
 
     cfg = load_config(REPO / "launch" / "synthetic.yaml", [a for a in overrides(work, "images") if a != "--set"])
     vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)

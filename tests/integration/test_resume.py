@@ -166,9 +166,10 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
         "train.max_steps=16",
         "--set",
         "checkpoint.every=5",
-        env_extra={"LESA_FAULT": "checkpoint@10"},
+        "--set",
+        "train.debug_fault=checkpoint@10",
     )
-    assert "dying at checkpoint of step 10" in log
+    assert "dying while writing the checkpoint of step 10" in log
     # the half-written checkpoint of step 10 never became the latest: the retry starts at step 5
     assert "resumed from step 5 on 2 workers" in log
     assert digest_at(log, "resumed from step 5") == digest_at(log, "checkpoint at step 5")

@@ -145,7 +145,7 @@ def test_lr_decays_early_stopping_ends_the_run_and_the_best_model_is_kept(stoppe
     from trainer.config import config_from_dict
     from trainer.evaluation import validation_metric
     from trainer.model import build_model
-    from trainer.worker import load_model_state
+    from trainer.weights import load_model_state
 
     cfg = config_from_dict(json.loads((work / "run" / "config.json").read_text()))
     info = read_dataset(cfg.data.url)

@@ -1,0 +1,176 @@
+"""`TrainingRun`: one worker's training run, everything `train_worker`'s loop needs, and what each
+of its lines does (log a window, validate, test, checkpoint, finish).
+
+The state that a checkpoint holds is `self.state` (trainer/state.py); the rest is rebuilt from the
+config at every start, and the engine's tensors come from DeepSpeed's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from datasets.contract import DatasetInfo, read_dataset
+from datasets.position import DataPosition
+from trainer.attention_maps import eval_overlay_files
+from trainer.checkpointing import FaultPoint, restore, save, state_digest
+from trainer.config import Config
+from trainer.engine import WorkerArgs, init_engine, setup_worker
+from trainer.evaluation import evaluate, validation_metric
+from trainer.loop import LossMeter, RankZeroLog, TrainStream, check_weights_finite
+from trainer.model import build_model, loss_weights
+from trainer.progress import Progress, format_table
+from trainer.results import final_metrics, flat_eval_metrics, result_files
+from trainer.schedule import ValidationSchedule, current_lr
+from trainer.state import BadSampleTotals, StateError, Throughput, TrainState, rng_state, set_rng_state
+
+
+@dataclass
+class TrainingRun:
+    cfg: Config
+    args: WorkerArgs
+    rank: int
+    world: int
+    device: torch.device
+    info: DatasetInfo
+    engine: object  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    schedule: ValidationSchedule  # adaptive lr, early stopping, best model (trainer/schedule.py)
+    state: TrainState
+    stream: TrainStream
+    meter: LossMeter
+    log: RankZeroLog
+    progress: Progress | None
+    fault: FaultPoint | None
+    earlier_bad: BadSampleTotals  # the totals of the attempts before this one
+    earlier_throughput: Throughput
+
+    @classmethod
+    def start(cls, args: WorkerArgs) -> "TrainingRun":
+        """Build the model and engine, restore the latest checkpoint (or `--resume PATH`'s), open
+        the training stream where the checkpoint left the data."""
+        cfg, rank, world, device = setup_worker(args)
+        info = read_dataset(cfg.data.url)
+        engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings, info.seen, info.features), world)
+        schedule = ValidationSchedule(cfg)
+        restored = restore(
+            engine, fallback=args.resume_from, read_files=lambda state, folder: schedule.load(state.schedule, folder)
+        )
+        schedule.apply_lr(optimizer)  # the checkpoint's lr, not optim.lr
+        state = restored or TrainState(
+            0, DataPosition([s.samples for s in info.shards(cfg.data.train_split)]), args.run_id, args.tracking_uri
+        )
+        check_same_shards(state.position, info, cfg)
+        if restored:
+            set_rng_state(state.rng)
+            if rank == 0:
+                print(
+                    f"resumed from step {state.step} on {world} workers: model digest {state.model_digest}, data at "
+                    f"epoch {state.position.completed_epochs} (+{len(state.position.used)} in flight)\n"
+                    f"resumed schedule: {json.dumps(schedule.to_json())}",
+                    flush=True,
+                )
+        stream = TrainStream(cfg, info, rank, world, device, state.position, resumed=restored is not None)
+        if cfg.data.ledger:
+            stream.open_ledger(Path(args.out, "ledger"), state.step)
+        samples_per_step = cfg.data.batch_size * world
+        meter = LossMeter(cfg.train.log_every, cfg.train.max_steps, samples_per_step)
+        progress = Progress(cfg.train.max_steps, samples_per_step, first_step=state.step) if rank == 0 else None
+        log = RankZeroLog(rank, args.tracking_uri, args.run_id, after_step=state.step)
+        fault = FaultPoint.parse(cfg.train.debug_fault, args.out)
+        return cls(cfg, args, rank, world, device, info, engine, optimizer, schedule, state, stream, meter, log,
+                   progress, fault, state.bad_samples, state.throughput)  # fmt: skip
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def seen_ids(self) -> torch.Tensor:
+        return torch.as_tensor(self.info.seen, device=self.device)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return loss_weights(self.cfg)  # each model.name brings its own loss terms (trainer/model.py)
+
+    def log_window(self) -> None:
+        row = self.meter.read(self.optimizer, self.device)  # raises at a non-finite loss
+        if self.progress is not None:
+            self.progress.update(self.state.step, row)
+        self.log.metrics(row, self.state.step)
+
+    def validate(self) -> None:
+        """Seen labels of eval.val_split, never the test split; drives lr, early stopping, best."""
+        metric = validation_metric(self.model, self.info, self.cfg, self.rank, self.world, self.device)
+        logged = self.schedule.observe(self.state.step, metric, self.model, self.optimizer)
+        self.state.eval_history.append({"step": self.state.step, **logged, "lr": current_lr(self.optimizer)})
+        self.log.print(self.schedule.report)
+        self.log.metrics(logged, self.state.step)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.info, self.cfg, self.rank, self.world, self.device)
+
+    def test(self) -> None:
+        """`eval.test_during_training`: the test split every eval.every steps (metrics.json history)."""
+        flat = flat_eval_metrics(results := self.evaluate())
+        self.state.record_eval(self.state.step, flat)
+        self.log.print(f"[eval @ step {self.state.step}]\n{format_table(results, self.cfg.eval.k)}")
+        self.log.metrics(flat, self.state.step)
+
+    def totals(self) -> tuple[dict, dict]:
+        """Bad training samples (a collective) and throughput over every attempt of the run so far."""
+        bad = self.earlier_bad.plus(self.stream.bad.summary())
+        return bad, self.earlier_throughput.plus(self.progress.summary() if self.progress else None)
+
+    def checkpoint(self, metrics: dict, extra_files: dict | None = None, totals: tuple[dict, dict] | None = None):
+        """Save the engine and the TrainState (a collective); MLflow gets the steps it now holds."""
+        if self.meter.losses:
+            self.meter.check_finite()  # a window cut by the checkpoint: its losses are checked now
+        check_weights_finite(self.model, self.state.step)
+        self.stream.commit_positions(self.state.position, self.state.step)
+        bad, throughput = totals or self.totals()
+        self.state.bad_samples, self.state.throughput = BadSampleTotals(**bad), Throughput(**throughput)
+        self.state.rng = rng_state()
+        self.state.schedule = self.schedule.to_json()
+        self.state.model_digest = state_digest(self.model) if self.rank == 0 else ""
+        files = {**self.schedule.files(), **(extra_files or {})}
+        save(self.engine, self.rank, self.state, metrics, files, self.fault)
+        self.log.flush()  # MLflow gets a step's metrics only once a checkpoint holds that step
+        self.log.print(f"checkpoint at step {self.state.step}: model digest {self.state.model_digest}")
+
+    def finish(self) -> None:
+        """The final evaluation, metrics.json and the result files, in the last checkpoint."""
+        step = self.state.step
+        totals = bad_train, throughput = self.totals()  # training only, before the final evaluation
+        results = self.evaluate()
+        best = self.schedule.best_on_test(self.model, step, results, self.evaluate)
+        metrics = final_metrics(
+            results,
+            step,
+            bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
+            epochs_completed=self.state.position.completed_epochs,
+            history=self.state.eval_history,
+            throughput=throughput if self.rank == 0 else None,
+            best=best,
+            schedule=self.schedule.summary(self.optimizer),
+        )
+        best_flat = {f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {}
+        counts = {"bad_samples/train": bad_train["count"], "bad_samples/eval": results["eval_bad_samples"]["count"]}
+        self.log.metrics({**flat_eval_metrics(results), **counts, **best_flat}, step)
+        files = result_files(metrics, results, self.info, self.model)
+        if self.rank == 0:  # attention overlays next to the numbers; a model without attention gives none
+            files.update(eval_overlay_files(self.model, self.info, self.cfg, self.device))
+        self.checkpoint(flat_eval_metrics(results), extra_files=files, totals=totals)
+        self.stream.close()
+
+
+def check_same_shards(position: DataPosition, info: DatasetInfo, cfg: Config) -> None:
+    sizes = [s.samples for s in info.shards(cfg.data.train_split)]
+    if position.sizes != sizes:
+        raise StateError(
+            f"the checkpoint was written for other {cfg.data.train_split} shards than "
+            f"{cfg.data.url} lists now; resume on the same dataset"
+        )
