@@ -46,18 +46,30 @@ FEATURE_EXTENSION = "feat.npy"  # feature shards (`lesa extract`): float16 [regi
 TRUNCATED_SHARD = "unreadable or truncated shard"
 
 
-class Skip(tuple):
+@dataclass(frozen=True)
+class Skip:
     """A skip record that stands for `samples` bad samples: a shard that broke off is one record
-    for all its unread samples. Still the 4-tuple (shard, key, kind, detail) every consumer
-    unpacks; a plain tuple record stands for one sample (`skipped_samples`)."""
+    for all its unread samples. It unpacks and indexes as the (shard, key, kind, detail) of a
+    plain record, which stands for one sample (`skipped_samples`); it is no tuple, since torch's
+    batch conversion (default_convert, pin_memory) rebuilds tuples and would drop the count."""
 
-    def __new__(cls, shard: str, key: str, kind: str, detail: str, samples: int = 1):
-        record = super().__new__(cls, (shard, key, kind, detail))
-        record.samples = samples
-        return record
+    shard: str
+    key: str
+    kind: str
+    detail: str
+    samples: int = 1
 
-    def __reduce__(self):  # through a loader process's queue with its count
-        return (Skip, (*self, self.samples))
+    def _fields(self) -> tuple[str, str, str, str]:
+        return (self.shard, self.key, self.kind, self.detail)
+
+    def __iter__(self):
+        return iter(self._fields())
+
+    def __getitem__(self, index):
+        return self._fields()[index]
+
+    def __len__(self) -> int:
+        return 4
 
 
 def skipped_samples(record: tuple) -> int:
