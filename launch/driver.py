@@ -17,10 +17,11 @@ from datasets.contract import join
 from launch.preflight import absolute, evaluation_checkpoint, preflight, resumed, training_splits
 from launch.run_lock import hold
 from launch.storage import checkpoint_url, has_checkpoint, ray_storage, read_text, storage_env
-from trainer.checkpointing import STATE_FILE
+from trainer.checkpointing import CheckpointError, check_loadable
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
 from trainer.report import summarise_per_label
+from trainer.state import STATE_FILE, StateError, TrainState
 from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking
 
 
@@ -174,6 +175,21 @@ def run_workers(
     return metrics
 
 
+def checked_checkpoint(folder: str) -> TrainState:
+    """`--resume PATH`: the checkpoint's TrainState, after the checks a restore makes (every file's
+    digest, plain tensors only) where the folder is local, so a damaged or planted checkpoint is
+    refused here, before any cluster work; a remote one is checked by the workers as they load it."""
+    state_text = read_text(join(folder, STATE_FILE))
+    if state_text is None:
+        raise ConfigError(f"--resume {folder}: not a checkpoint of this system ({STATE_FILE} is missing)")
+    try:
+        if "://" not in folder:
+            check_loadable(Path(folder))
+        return TrainState.from_json(state_text, join(folder, STATE_FILE))
+    except (CheckpointError, StateError) as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+
+
 def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | None]:
     """(the run being continued, a checkpoint folder to start from) for `--resume`."""
     run_file = out / RUN_FILE
@@ -202,16 +218,13 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
             )
         return run, None
     resume = absolute(resume).rstrip("/")  # a checkpoint folder, local or at a URL
-    state_text = read_text(join(resume, STATE_FILE))
-    if state_text is None:
-        raise ConfigError(f"--resume {resume}: not a checkpoint of this system ({STATE_FILE} is missing)")
+    state = checked_checkpoint(resume)
     if run_file.exists():
         run = json.loads(run_file.read_text())
     else:  # a checkpoint from elsewhere: continue its MLflow run under a new Ray Train run name
-        state = json.loads(state_text)
         run = {
             "run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}",
-            "mlflow_run_id": state["mlflow_run_id"],
+            "mlflow_run_id": state.mlflow_run_id,
             "tracking_uri": None,  # the user's store (open_tracking): a checkpoint must not redirect tracking
             "storage": None,
         }

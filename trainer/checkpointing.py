@@ -149,11 +149,30 @@ class FaultPoint:
         os._exit(137)
 
 
+TEMP_PREFIX = "lesa-ckpt-"
+
+
+def remove_orphaned_folders() -> None:
+    """Checkpoint folders that a killed worker left in the temp folder (each is checkpoint-sized):
+    their name holds the writer's pid, and a folder whose writer is gone is removed."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def save(engine, rank: int, state: TrainState, metrics: dict, extra_files=None, fault: FaultPoint | None = None):
     """Write and report a checkpoint; every rank must call it (DeepSpeed and Ray collect all)."""
     import ray.train
 
-    tmp = Path(tempfile.mkdtemp(prefix="lesa-ckpt-"))
+    remove_orphaned_folders()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"step": state.step})
         if rank == 0:

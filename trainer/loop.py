@@ -40,7 +40,7 @@ class RankZeroLog:
 
     def __init__(self, rank: int, tracking_uri: str, run_id: str, after_step: int):
         self.enabled = rank == 0
-        self.mlflow = RunLogger(tracking_uri, run_id, after_step=after_step) if self.enabled else None
+        self.mlflow = RunLogger(tracking_uri, run_id, after_step=after_step, skip_logged=True) if self.enabled else None
 
     def print(self, text: str) -> None:
         if self.enabled:

@@ -18,6 +18,8 @@ Fields, and why each one makes a resume exact on any number of workers:
 - `model_digest`: a hash of every model tensor at save; a restore recomputes and compares it.
 - `bad_samples`, `throughput`: running totals over every attempt of the run, so metrics.json
   counts all of the run, not only what came after the last restart.
+- `world_size`: the workers that wrote it; a resume on another number says how the global batch
+  (data.batch_size per worker) changed.
 - `version`: the schema's version; a checkpoint of another version is refused, not misread.
 """
 
@@ -99,6 +101,7 @@ class TrainState:
     model_digest: str = ""
     bad_samples: BadSampleTotals = field(default_factory=BadSampleTotals)
     throughput: Throughput = field(default_factory=Throughput)
+    world_size: int = 0
     version: int = STATE_VERSION
 
     def record_eval(self, step: int, values: dict) -> None:

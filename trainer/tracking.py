@@ -73,15 +73,16 @@ def open_run(
 class RunLogger:
     """Buffers metrics and writes them in batches (one DB round trip per flush).
 
-    A resumed run passes `after_step`: steps up to the last one already in the run are dropped,
-    so each metric's steps stay strictly increasing across restarts.
+    A training worker passes `after_step` (the restored step) and `skip_logged`: steps up to the
+    restored one or the last one already in the run are dropped, so each metric's steps stay
+    strictly increasing across restarts, including one from before the first checkpoint.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, after_step: int = 0):
+    def __init__(self, tracking_uri: str, run_id: str, after_step: int = 0, skip_logged: bool = False):
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self.pending: list[Metric] = []
         self.floor = after_step
-        if after_step:
+        if skip_logged:
             logged = self.client.get_metric_history(run_id, "loss")
             self.floor = max([after_step] + [m.step for m in logged])
 

@@ -67,12 +67,7 @@ class TrainingRun:
         if restored:
             set_rng_state(state.rng)
             if rank == 0:
-                print(
-                    f"resumed from step {state.step} on {world} workers: model digest {state.model_digest}, data at "
-                    f"epoch {state.position.completed_epochs} (+{len(state.position.used)} in flight)\n"
-                    f"resumed schedule: {json.dumps(schedule.to_json())}",
-                    flush=True,
-                )
+                print(resume_report(state, schedule, world, cfg.data.batch_size), flush=True)
         stream = TrainStream(cfg, info, rank, world, device, state.position, resumed=restored is not None)
         if cfg.data.ledger:
             stream.open_ledger(Path(args.out, "ledger"), state.step)
@@ -136,9 +131,14 @@ class TrainingRun:
         self.state.rng = rng_state()
         self.state.schedule = self.schedule.to_json()
         self.state.model_digest = state_digest(self.model) if self.rank == 0 else ""
+        self.state.world_size = self.world
         files = {**self.schedule.files(), **(extra_files or {})}
+        # MLflow gets the steps before the checkpoint that holds them is written: a run killed
+        # before its commit resumes from the previous checkpoint, and the logger's floor (the last
+        # logged step) keeps the steps it trains again from being logged twice; flushing after the
+        # commit left a gap when the kill fell between the two.
+        self.log.flush()
         save(self.engine, self.rank, self.state, metrics, files, self.fault)
-        self.log.flush()  # MLflow gets a step's metrics only once a checkpoint holds that step
         self.log.print(f"checkpoint at step {self.state.step}: model digest {self.state.model_digest}")
 
     def finish(self) -> None:
@@ -174,3 +174,20 @@ def check_same_shards(position: DataPosition, info: DatasetInfo, cfg: Config) ->
             f"the checkpoint was written for other {cfg.data.train_split} shards than "
             f"{cfg.data.url} lists now; resume on the same dataset"
         )
+
+
+def resume_report(state: TrainState, schedule: ValidationSchedule, world: int, batch_size: int) -> str:
+    """What a restore found, for the console; says so when the global batch changed with the world."""
+    lines = [
+        f"resumed from step {state.step} on {world} workers: model digest {state.model_digest}, data at "
+        f"epoch {state.position.completed_epochs} (+{len(state.position.used)} in flight)",
+        f"resumed schedule: {json.dumps(schedule.to_json())}",
+    ]
+    if state.world_size and state.world_size != world:
+        before = batch_size * state.world_size
+        keep = f"--set data.batch_size={before // world} keeps it" if before % world == 0 else "no batch size keeps it"
+        lines.append(
+            f"note: the checkpoint was written on {state.world_size} workers; the global batch is now "
+            f"{batch_size * world} samples per step (was {before}); {keep}"
+        )
+    return "\n".join(lines)
