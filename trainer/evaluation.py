@@ -4,6 +4,8 @@ metrics are combined exactly (trainer/metrics.py). ZSL scores the unseen labels,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -78,8 +80,29 @@ def chance_map(stats: LabelStats, settings: dict[str, np.ndarray]) -> dict[str, 
     return {name: 100 * float(freq[cols].mean()) for name, cols in settings.items()}
 
 
-def evaluate(model, info: DatasetInfo, cfg: Config, rank: int, world: int, device, average_bn: bool = True) -> dict:
-    """{'zsl': {...}, 'gzsl': {...}, 'chance_mAP', 'per_label', 'num_images', ...} over all workers.
+@dataclass
+class EvalResult:
+    """One evaluation of a split over all workers: what metrics.json, MLflow and the per-label TSVs
+    show. `zsl`/`gzsl`: {"P@3": .., "R@3": .., "F1@3": .., ..., "mAP": ..} in percent."""
+
+    zsl: dict[str, float]
+    gzsl: dict[str, float]
+    chance_map: dict[str, float]  # {"zsl": .., "gzsl": ..}: the mAP of random scores
+    per_label: LabelStats
+    bad_samples: dict  # BadSampleLog.summary() of the split
+
+    @property
+    def num_images(self) -> int:
+        return self.bad_samples["read"] - self.bad_samples["count"]
+
+    def settings(self) -> dict[str, dict[str, float]]:
+        return {"zsl": self.zsl, "gzsl": self.gzsl}
+
+
+def evaluate(
+    model, info: DatasetInfo, cfg: Config, rank: int, world: int, device, average_bn: bool = True
+) -> EvalResult:
+    """ZSL and GZSL metrics of `eval.split` over all workers.
 
     A collective: every rank must call it, with or without samples of its own."""
     if average_bn:  # after training; a loaded checkpoint is the same on every worker already
@@ -92,11 +115,7 @@ def evaluate(model, info: DatasetInfo, cfg: Config, rank: int, world: int, devic
     score_split(model, info, cfg.eval.split, cfg, rank, world, device, bad, metrics)
     model.train(was_training)
     results, stats = metrics.result(device)  # a worker with no samples still joins the collectives
-    results["chance_mAP"] = chance_map(stats, settings)
-    results["per_label"] = stats
-    results["eval_bad_samples"] = bad.summary()
-    results["num_images"] = results["eval_bad_samples"]["read"] - results["eval_bad_samples"]["count"]
-    return results
+    return EvalResult(results["zsl"], results["gzsl"], chance_map(stats, settings), stats, bad.summary())
 
 
 def validation_metric(model, info: DatasetInfo, cfg: Config, rank: int, world: int, device) -> float:

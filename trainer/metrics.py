@@ -342,5 +342,8 @@ def evaluate_settings(
     for start in range(0, len(scores), ROW_CHUNK):
         block = scores[start : start + ROW_CHUNK]
         lo, hi = np.searchsorted(ann.rows, [start, start + len(block)])
-        metrics.add(torch.from_numpy(block), Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]))
+        metrics.add(
+            torch.from_numpy(np.ascontiguousarray(block)),
+            Annotations(ann.rows[lo:hi] - start, ann.cols[lo:hi], ann.values[lo:hi]),
+        )
     return metrics.result(device)[0]

@@ -12,43 +12,43 @@ from pathlib import Path
 
 import torch
 
-from trainer.evaluation import settings_of
+from trainer.evaluation import EvalResult, settings_of
 from trainer.report import write_per_label
 
 
-def flat_eval_metrics(results: dict) -> dict[str, float]:
-    """`zsl/mAP`, `gzsl/F1@3`, ...: the metric names of MLflow and Ray Train's reports."""
-    return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in results[setting].items()}
+def flat_eval_metrics(settings: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`zsl/mAP`, `gzsl/F1@3`, ...: the metric names of MLflow and Ray Train's reports, from
+    {"zsl": {...}, "gzsl": {...}} (EvalResult.settings(), or metrics.json's "best")."""
+    return {f"{setting}/{name}": value for setting in ("zsl", "gzsl") for name, value in settings[setting].items()}
 
 
-def final_metrics(results: dict, step: int, **extra) -> dict:
+def final_metrics(results: EvalResult, step: int, **extra) -> dict:
     """metrics.json: zsl and gzsl first, then what else the run knows (docs/training.md)."""
     return {
-        "zsl": results["zsl"],
-        "gzsl": results["gzsl"],
-        "chance_mAP": results["chance_mAP"],
+        **results.settings(),
+        "chance_mAP": results.chance_map,
         "step": step,
-        "num_test_images": results["num_images"],
+        "num_test_images": results.num_images,
         **extra,
     }
 
 
-def result_files(metrics: dict, results: dict, info, model=None) -> dict:
+def result_files(metrics: dict, results: EvalResult, info, model=None) -> dict:
     """{file name: writer(path)}: metrics.json, one per-label TSV per setting and, after training,
     model.pt (a plain state dict: tensors only, so loading it never runs code)."""
     files = {"metrics.json": lambda path: path.write_text(json.dumps(metrics, indent=1))}
     for name, cols in settings_of(info).items():
-        files[f"per_label_{name}.tsv"] = lambda path, cols=cols: write_per_label(path, info, results["per_label"], cols)
+        files[f"per_label_{name}.tsv"] = lambda path, cols=cols: write_per_label(path, info, results.per_label, cols)
     if model is not None:
         files["model.pt"] = lambda path: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return files
 
 
-def publish(rank: int, metrics: dict, results: dict, info, extra_files: dict | None = None) -> None:
+def publish(rank: int, metrics: dict, results: EvalResult, info, extra_files: dict | None = None) -> None:
     """Report evaluation results to the driver (rank 0 through a checkpoint of result files)."""
     import ray.train
 
-    flat = flat_eval_metrics(results)
+    flat = flat_eval_metrics(results.settings())
     if rank != 0:
         ray.train.report(flat)
         return

@@ -247,7 +247,7 @@ class ValidationSchedule:
                 self.stopping, best=saved["best"], bad_evaluations=saved["bad_evaluations"]
             )
 
-    def best_on_test(self, model: torch.nn.Module, step: int, last_results: dict, evaluate) -> dict | None:
+    def best_on_test(self, model: torch.nn.Module, step: int, last_results, evaluate) -> dict | None:
         """metrics.json's "best": the best validated model on the test split (`evaluate()`, a
         collective on every rank), or None without any validation. The model gets its current
         weights back afterwards: the final checkpoint and model.pt hold the last model."""
@@ -258,7 +258,7 @@ class ValidationSchedule:
         else:
             with self.best.loaded_into(model):
                 results = evaluate()
-        return {"step": self.best.step, "val_metric": self.best.metric, "zsl": results["zsl"], "gzsl": results["gzsl"]}
+        return {"step": self.best.step, "val_metric": self.best.metric, **results.settings()}
 
     def summary(self, optimizer) -> dict:
         """metrics.json's "schedule": what validation did over the run."""

@@ -19,7 +19,7 @@ from trainer.attention_maps import eval_overlay_files
 from trainer.checkpointing import FaultPoint, restore, save, state_digest
 from trainer.config import Config
 from trainer.engine import WorkerArgs, init_engine, setup_worker
-from trainer.evaluation import evaluate, validation_metric
+from trainer.evaluation import EvalResult, evaluate, validation_metric
 from trainer.loop import LossMeter, RankZeroLog, TrainStream, check_weights_finite
 from trainer.model import build_model, loss_weights
 from trainer.progress import Progress, format_table
@@ -105,14 +105,14 @@ class TrainingRun:
         self.log.print(self.schedule.report)
         self.log.metrics(logged, self.state.step)
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.info, self.cfg, self.rank, self.world, self.device)
 
     def test(self) -> None:
         """`eval.test_during_training`: the test split every eval.every steps (metrics.json history)."""
-        flat = flat_eval_metrics(results := self.evaluate())
+        flat = flat_eval_metrics((results := self.evaluate()).settings())
         self.state.record_eval(self.state.step, flat)
-        self.log.print(f"[eval @ step {self.state.step}]\n{format_table(results, self.cfg.eval.k)}")
+        self.log.print(f"[eval @ step {self.state.step}]\n{format_table(results.settings(), self.cfg.eval.k)}")
         self.log.metrics(flat, self.state.step)
 
     def totals(self) -> tuple[dict, dict]:
@@ -150,7 +150,7 @@ class TrainingRun:
         metrics = final_metrics(
             results,
             step,
-            bad_samples={"train": bad_train, "eval": results["eval_bad_samples"]},
+            bad_samples={"train": bad_train, "eval": results.bad_samples},
             epochs_completed=self.state.position.completed_epochs,
             history=self.state.eval_history,
             throughput=throughput if self.rank == 0 else None,
@@ -158,12 +158,12 @@ class TrainingRun:
             schedule=self.schedule.summary(self.optimizer),
         )
         best_flat = {f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {}
-        counts = {"bad_samples/train": bad_train["count"], "bad_samples/eval": results["eval_bad_samples"]["count"]}
-        self.log.metrics({**flat_eval_metrics(results), **counts, **best_flat}, step)
+        counts = {"bad_samples/train": bad_train["count"], "bad_samples/eval": results.bad_samples["count"]}
+        self.log.metrics({**flat_eval_metrics(results.settings()), **counts, **best_flat}, step)
         files = result_files(metrics, results, self.info, self.model)
         if self.rank == 0:  # attention overlays next to the numbers; a model without attention gives none
             files.update(eval_overlay_files(self.model, self.info, self.cfg, self.device))
-        self.checkpoint(flat_eval_metrics(results), extra_files=files, totals=totals)
+        self.checkpoint(flat_eval_metrics(results.settings()), extra_files=files, totals=totals)
         self.stream.close()
 
 

@@ -47,7 +47,5 @@ def evaluate_worker(config: dict) -> None:
     load_model_state(model, args.checkpoint)
     model.to(device)
     results = evaluate(model, info, cfg, rank, world, device, average_bn=False)
-    metrics = final_metrics(
-        results, step=0, bad_samples={"eval": results["eval_bad_samples"]}, checkpoint=args.checkpoint
-    )
+    metrics = final_metrics(results, step=0, bad_samples={"eval": results.bad_samples}, checkpoint=args.checkpoint)
     publish(rank, metrics, results, info, eval_overlay_files(model, info, cfg, device) if rank == 0 else None)
