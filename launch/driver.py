@@ -204,8 +204,8 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
         if not run_file.exists():
             raise ConfigError(f"--resume latest: {out} holds no run to resume ({RUN_FILE} is missing)")
         run = json.loads(run_file.read_text())
-        # A run that died before its first checkpoint logged no step: restarting it from step 0 is
-        # resuming it. Once steps are logged, starting over would log them twice.
+        # No checkpoint and no step in MLflow (the run died before its first logged window): a
+        # restart from step 0 is its resume. Once steps are logged, starting over would log them again.
         logged = (
             None
             if has_checkpoint(run["storage"], run["run_name"], STATE_FILE)
