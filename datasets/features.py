@@ -29,7 +29,7 @@ import torch
 
 from datasets.contract import FeatureSpec, Shard, join
 from datasets.shards import ShardFile, encode_labels, encode_npy
-from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader
+from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader, skipped_samples
 
 RECORDS_DIR = "extract"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,7 +138,8 @@ class ShardExtractor:
         skipped, read = [], 0
         with ShardFile(job["out"]) as shard:
             for batch in loader:
-                read += len(batch["keys"]) + len(batch["skipped"])
+                # A broken shard is one skip record standing for all its unread samples.
+                read += len(batch["keys"]) + sum(map(skipped_samples, batch["skipped"]))
                 skipped += [{"key": key, "kind": kind, "detail": detail} for _, key, kind, detail in batch["skipped"]]
                 if batch["images"] is None:
                     continue

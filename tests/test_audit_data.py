@@ -10,6 +10,7 @@ BadSampleLog counting, read_dataset / write_metadata / label_vectors on real fil
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -95,6 +96,35 @@ def test_a_shard_cut_short_counts_its_unread_samples_through_loader_processes(sy
     assert log.read == 200 and 175 < good < 200
     assert dict(log.by_kind) == {TRUNCATED_SHARD: 200 - good}
     assert log.summary()["count"] == 200 - good
+
+
+@pytest.mark.parametrize("how", ["garbage", "cut"])
+def test_extraction_record_counts_a_broken_shards_unread_samples_as_read(synth, tmp_path, how):
+    """`lesa extract`'s per-shard record: `read` is the shard's samples (dataset.json's count), good
+    and bad, not the good ones plus one for the broken shard; its progress line sums `read`."""
+    from datasets.features import ExtractSettings, ShardExtractor
+    from trainer.backbones import SmallCNN
+
+    info = broken_copy(synth, tmp_path, {3: how})
+    shard = info.shards("train")[3]
+    settings = ExtractSettings("small_cnn", None, 16, 8, loader_workers=0, use_gpu=False, cpus_per_worker=1)
+    extractor = ShardExtractor(SmallCNN, settings)
+    job = {
+        "split": "train",
+        "relpath": "train/3.tar",
+        "source": shard.url,
+        "samples": shard.samples,
+        "num_labels": info.num_labels,
+        "out": str(tmp_path / "features-3.tar"),
+        "record": str(tmp_path / "record.json"),
+    }
+    record = extractor.extract(job)
+    ((skip,),) = [record["skipped"]]
+    unread = int(re.search(r"(\d+) of its 25 samples unread", skip["detail"]).group(1))
+    assert skip["kind"] == TRUNCATED_SHARD
+    assert record["read"] == shard.samples == SHARD_SIZE  # the old count: samples written + 1
+    assert record["samples"] + unread == SHARD_SIZE
+    assert unread == SHARD_SIZE if how == "garbage" else 0 < unread < SHARD_SIZE
 
 
 # --- 5. decoder limits -----------------------------------------------------------------------------
