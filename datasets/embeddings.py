@@ -28,7 +28,7 @@ import numpy as np
 
 from datasets.contract import DatasetError, check_label_vectors, read_npy
 
-MISSING_POLICIES = ("error", "zero", "random")
+MISSING_POLICIES = ("error", "random")  # no "zero": a zero label vector scores 0 on every image and is refused
 _SPLIT = re.compile(r"[\s_\-/]+")
 _PUNCT = "()[]{}<>,.;:!?\"'`*"
 
@@ -262,10 +262,11 @@ def _random_vector(name: str, dim: int, scale: float) -> np.ndarray:
 
 
 def embed_labels(encoder: WordVectors, names: list[str], missing: str = "error", log=print) -> np.ndarray:
-    """Vectors for `names`; a missing name is an error, a zero row or a random row (by `missing`).
+    """Vectors for `names`; a missing name is an error or a random row (by `missing`).
 
     "random" gives a unit direction scaled to the mean norm of the found vectors, deterministic in
-    the name. "zero" leaves a zero row (the model's normalisation keeps it zero: the label scores 0).
+    the name. There is no zero row: a zero label vector scores 0 on every image, and read_dataset
+    refuses it (datasets/contract.py, check_label_vectors).
     """
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -275,14 +276,13 @@ def embed_labels(encoder: WordVectors, names: list[str], missing: str = "error",
         if missing == "error":
             raise DatasetError(
                 f"{encoder.source}: {len(absent)} of {len(names)} labels have no word in "
-                f"the vocabulary: {shown} (use --missing zero|random to embed them anyway)"
+                f"the vocabulary: {shown} (use --missing random to give them random vectors)"
             )
         found = np.ones(len(names), dtype=bool)
         found[absent] = False
         scale = float(np.linalg.norm(vectors[found], axis=1).mean()) if found.any() else 1.0
-        if missing == "random":
-            for i in absent:
-                vectors[i] = _random_vector(names[i], encoder.dim, scale)
+        for i in absent:
+            vectors[i] = _random_vector(names[i], encoder.dim, scale)
         log(
             f"embeddings: {len(absent)} of {len(names)} labels not in {encoder.source}, "
             f"given {missing} vectors: {shown}"
@@ -312,10 +312,5 @@ def label_vectors(
     as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
     encoder = load_label_encoders(as_list(vectors), as_list(vector_names))
     out = embed_labels(encoder, names, missing=missing, log=log)
-    fix = "check these words' vectors" + (
-        "; --missing zero leaves a label without a known word all zero, which training refuses: use --missing random"
-        if missing == "zero"
-        else ""
-    )
-    check_label_vectors(out, names, encoder.source, fix)
+    check_label_vectors(out, names, encoder.source, "check these words' vectors")
     return out

@@ -95,9 +95,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--missing",
-        choices=["error", "zero", "random"],
+        choices=["error", "random"],
         default="error",
-        help="a label with no word in the vectors: stop (default), a zero vector, or a random one",
+        help="a label with no word in the vectors: stop (default), or a random vector (seeded by its name)",
     )
     p.add_argument("--image-size", type=int, default=256, help="short side after resizing (never upscaled)")
     p.add_argument("--jpeg-quality", type=int, default=90)

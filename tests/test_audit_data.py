@@ -269,11 +269,17 @@ def test_conversion_refuses_bad_precomputed_vectors(tmp_path):
     assert "emb.npy" in str(exc.value) and "row 2 'sky'" in str(exc.value)
 
 
-def test_conversion_with_missing_zero_is_refused_with_the_fix(tmp_path):
+def test_convert_offers_no_missing_zero_and_missing_random_gives_usable_vectors(tmp_path, capsys):
+    """A zero vector is refused as a label vector, so `--missing zero` is no choice of the CLI."""
+    from launch.cli import main
+
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("cat 0.1 0.2 0.3\ndog 0.3 0.2 0.1\n")
-    with pytest.raises(DatasetError) as exc:
-        label_vectors(["cat", "dog", "unicorn"], str(vectors), None, None, "zero", log=lambda *_: None)
-    assert "row 2 'unicorn'" in str(exc.value) and "--missing random" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "nuswide", "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--missing", "zero"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--missing: invalid choice: 'zero'" in err and "random" in err
+    with pytest.raises(DatasetError, match="unicorn.*--missing random"):
+        label_vectors(["cat", "dog", "unicorn"], str(vectors), None, None, "error", log=lambda *_: None)
     out = label_vectors(["cat", "dog", "unicorn"], str(vectors), None, None, "random", log=lambda *_: None)
     assert np.isfinite(out).all() and out.any(axis=1).all()

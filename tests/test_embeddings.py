@@ -118,14 +118,15 @@ def test_bad_sources(tmp_path):
 def test_missing_policies(glove):
     enc = load_label_encoder(glove)
     names = ["man", "swimming pool", "zzz", "qqq"]
-    with pytest.raises(DatasetError, match=r"2 of 4 labels .*'zzz', 'qqq'"):
+    with pytest.raises(DatasetError, match=r"2 of 4 labels .*'zzz', 'qqq' \(use --missing random"):
         embed_labels(enc, names, missing="error")
-    zero = embed_labels(enc, names, missing="zero", log=lambda m: None)
-    np.testing.assert_allclose(zero[2:], 0)
+    with pytest.raises(ValueError, match="missing must be one of"):  # a zero vector is refused later anyway
+        embed_labels(enc, names, missing="zero")
     rand = embed_labels(enc, names, missing="random", log=lambda m: None)
     again = embed_labels(enc, names, missing="random", log=lambda m: None)
     np.testing.assert_array_equal(rand, again)  # deterministic in the name
-    mean_norm = np.linalg.norm(zero[:2], axis=1).mean()
+    np.testing.assert_array_equal(rand[:2], enc.encode(names[:2])[0])  # found words keep their vectors
+    mean_norm = np.linalg.norm(rand[:2], axis=1).mean()
     np.testing.assert_allclose(np.linalg.norm(rand[2:], axis=1), mean_norm, rtol=1e-5)
     assert not np.allclose(rand[2], rand[3])
 
