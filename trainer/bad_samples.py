@@ -14,6 +14,7 @@ from collections import Counter
 import torch.distributed as dist
 
 from datasets.stream import skipped_samples
+from trainer.distributed import distributed
 
 EXAMPLES_KEPT = 20
 
@@ -52,7 +53,7 @@ class BadSampleLog:
         """Totals over all workers (a collective: every rank must call it)."""
         mine = {"read": self.read, "by_kind": dict(self.by_kind), "examples": self.examples}
         parts = [mine]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, mine)
         total: Counter = Counter()

@@ -14,6 +14,7 @@ from datasets.contract import DatasetInfo
 from datasets.stream import StreamSpec, make_loader, split_by_rank
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
+from trainer.distributed import distributed
 from trainer.metrics import Annotations, LabelStats, StreamingMetrics
 from trainer.progress import ScoringProgress
 
@@ -21,7 +22,7 @@ from trainer.progress import ScoringProgress
 def average_buffers(model: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over workers, so that every worker scores with the
     same model (data parallelism keeps the weights equal, but each worker's BN saw other data)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return
     for buf in model.buffers():
         if buf.is_floating_point():
@@ -135,6 +136,6 @@ def validation_metric(model, info: DatasetInfo, cfg: Config, rank: int, world: i
     model.train(was_training)
     results, _ = metrics.result(device)
     value = torch.tensor(results["seen"][cfg.eval.val_metric], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.broadcast(value, src=0)
     return float(value)

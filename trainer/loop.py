@@ -21,6 +21,7 @@ from datasets.position import DataPosition
 from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
+from trainer.distributed import distributed
 from trainer.ledger import Ledger
 from trainer.losses import total_loss
 from trainer.tracking import RunLogger
@@ -28,10 +29,6 @@ from trainer.tracking import RunLogger
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite: training cannot continue from these weights."""
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class RankZeroLog:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.distributed import distributed
 from trainer.kth_kernel import kth_largest_f32
 
 ROW_CHUNK = 4096  # rows sorted at once, to bound temporaries
@@ -231,7 +232,7 @@ def label_statistics(entries: "Entries", num_labels: int, device="cpu") -> Label
             np.bincount(entries.labels, minlength=num_labels),
         ]
     ).astype(np.int64)
-    if not _distributed():
+    if not distributed():
         return LabelStats(grouped_average_precision(*entries.fields(), num_labels), *counts)
     rank, world = dist.get_rank(), dist.get_world_size()
     owner_of = entries.labels % world
@@ -251,10 +252,6 @@ def label_statistics(entries: "Entries", num_labels: int, device="cpu") -> Label
     total = torch.from_numpy(counts).to(device)
     dist.all_reduce(total)
     return LabelStats(ap, *total.cpu().numpy())
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass
@@ -320,7 +317,7 @@ class StreamingMetrics:
         results = {}
         for name, (cols, _, _) in self.settings.items():
             counts = self.counts[name]
-            if _distributed():
+            if distributed():
                 total = torch.from_numpy(counts.copy()).to(device)
                 dist.all_reduce(total)
                 counts = total.cpu().numpy()
