@@ -129,37 +129,29 @@ def test_resume_latest_with_a_checkpoint_goes_on(tmp_path):
     assert resume_target(tmp_path / "run", "latest")[0]["mlflow_run_id"] == run_id
 
 
-def foreign_checkpoint(folder: Path, run_id: str, tracking_uri: str) -> Path:
-    """A checkpoint folder from elsewhere: only its lesa_state.json matters to the driver here."""
-    folder.mkdir(parents=True)
-    (folder / STATE_FILE).write_text(json.dumps({"step": 4, "mlflow_run_id": run_id, "tracking_uri": tracking_uri}))
-    return folder
+def foreign_checkpoint(run_id: str) -> dict:
+    """What resume_target makes of a checked checkpoint folder from elsewhere (`--resume PATH` into
+    a new --out): its MLflow run id and no tracking URI, whatever its lesa_state.json names."""
+    return {"run_name": "resumed-1", "mlflow_run_id": run_id, "tracking_uri": None, "storage": None}
 
 
 def test_a_checkpoint_never_redirects_tracking_it_continues_in_a_new_run_of_the_users_store(tmp_path, capsys):
-    elsewhere = tmp_path / "elsewhere.db"  # the URI a tampered (or foreign) checkpoint names
-    ckpt = foreign_checkpoint(tmp_path / "ckpt", "f" * 32, f"sqlite:///{elsewhere}")
     mine = f"sqlite:///{tmp_path}/mine.db"
     cfg = load_config(CONFIG, ["data.url=/unused", f"mlflow.tracking_uri={mine}", "mlflow.experiment=audit"])
     out = tmp_path / "run"
     out.mkdir()
-    run, resume_from = resume_target(out, str(ckpt))
-    assert resume_from == str(ckpt)
-    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=run)
+    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=foreign_checkpoint("f" * 32))
     assert tracking_uri == mine and logger.run_id != "f" * 32
-    assert not elsewhere.exists(), "the checkpoint's store was never contacted"
     assert "is not in" in capsys.readouterr().out
 
 
 def test_a_checkpoint_whose_run_is_in_the_users_store_continues_that_run(tmp_path):
     mine = f"sqlite:///{tmp_path}/mine.db"
     run_id = open_run(mine, None, "audit", "lesa-1", {})
-    ckpt = foreign_checkpoint(tmp_path / "ckpt", run_id, "http://127.0.0.1:9/")
     cfg = load_config(CONFIG, ["data.url=/unused", f"mlflow.tracking_uri={mine}", "mlflow.experiment=audit"])
     out = tmp_path / "run"
     out.mkdir()
-    run, _ = resume_target(out, str(ckpt))
-    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=run)
+    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=foreign_checkpoint(run_id))
     assert (tracking_uri, logger.run_id) == (mine, run_id)
 
 
