@@ -12,14 +12,13 @@ training and evaluation on such a dataset put `FeatureInput` in the backbone's p
 
 from __future__ import annotations
 
-import io
-
 import fsspec
 import torch
 from torch import nn
 
 from datasets.contract import FeatureSpec
 from trainer.config import ConfigError, ModelConfig
+from trainer.weights import read_state_dict
 
 
 class Backbone(nn.Module):
@@ -60,9 +59,8 @@ class Backbone(nn.Module):
 
     def load_weights(self, url: str) -> None:
         """`features.*` from a state dict: torchvision's key names, or `backbone.features.*` of a
-        model.pt that `lesa train` wrote (tensors only: weights_only=True never runs code)."""
-        with fsspec.open(url, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        model.pt that `lesa train` wrote (tensors only, trainer/weights.py)."""
+        state = read_state_dict(url)
         mine = {
             key.removeprefix("backbone.").removeprefix("features."): value
             for key, value in state.items()
