@@ -4,7 +4,9 @@ PIL opens 43 formats by default, EPS among them (it runs Ghostscript), and decod
 header claims: a 13,000 x 13,000 PNG of 0.5 MB costs 1.5 GB to decode. Shards hold the JPEGs the
 converters write (PNG and WebP from other writers), so decoding is limited to IMAGE_FORMATS, and an
 image whose header says more than MAX_PIXELS is refused before a pixel is decoded. Both are bad
-samples with their own kind (docs/reliability-data.md). No torch here: converters use it in Ray tasks.
+samples with their own kind (docs/reliability.md, Data path). Pictures given to `lesa predict` may
+also be TIFF, as a conversion's sources may (`as_shard_image`). No torch here: converters use it in
+Ray tasks.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import io
 
 from PIL import Image
 
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # shard images, and pictures given to `lesa predict`
-CONVERT_FORMATS = (*IMAGE_FORMATS, "TIFF")  # source images of a conversion, re-encoded as JPEG
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # shard images
+CONVERT_FORMATS = (*IMAGE_FORMATS, "TIFF")  # a conversion's source images, and pictures given to `lesa predict`
 MAX_PIXELS = 8192 * 8192  # 64 megapixels: 256 MB as RGB; a DSLR photo is under 50
 
 
@@ -50,3 +52,20 @@ def check_pixels(image: Image.Image, limit: int = MAX_PIXELS) -> None:
     w, h = image.size
     if w * h > limit:
         raise BadSample("image too large", f"{w} x {h} pixels, over the limit of {limit:,} (64 megapixels)")
+
+
+def as_shard_image(data: bytes, formats: tuple[str, ...] = CONVERT_FORMATS) -> bytes:
+    """Bytes the shard decoder reads (IMAGE_FORMATS) for an image in any of `formats`: an image in
+    IMAGE_FORMATS as it is, another (a TIFF) within the pixel limit re-encoded losslessly as an RGB
+    PNG, so the decoder sees the same pixels it would decode from the original."""
+    with open_image(data, formats) as image:
+        if image.format in IMAGE_FORMATS:
+            return data
+        check_pixels(image)
+        try:
+            rgb = image.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
+            raise BadSample("corrupt image", f"{image.format}: {type(exc).__name__}: {exc}") from None
+    out = io.BytesIO()
+    rgb.save(out, format="PNG", compress_level=1)  # read back at once: speed over size
+    return out.getvalue()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from datasets.contract import DatasetError, DatasetInfo, read_dataset
+from datasets.images import as_shard_image
 from datasets.stream import BadSample, decode_image
 from launch.preflight import preflight_predict
 from trainer.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
@@ -183,7 +184,9 @@ def read_image(path: str, size: int) -> np.ndarray | None:
         warn(f"{path}: cannot read ({type(exc).__name__}: {exc}); skipped")
         return None
     try:
-        return decode_image(data, size)
+        # A user's photos may be TIFF, which shards never hold: such a file reaches the shard
+        # decoder as a lossless PNG of its pixels.
+        return decode_image(as_shard_image(data), size)
     except BadSample as exc:
         warn(f"{path}: not a readable image ({exc.detail}); skipped")
         return None

@@ -99,6 +99,31 @@ def test_top_k_for_each_good_image_and_the_corrupt_one_named(run, capsys):
         np.testing.assert_allclose([s for s, _ in rows], scores[best], atol=1e-3)
 
 
+def test_a_tiff_photo_is_predicted_as_its_pixels_while_shards_refuse_tiff(run, tmp_path, capsys):
+    """Users' photos may be TIFF: predict decodes the converters' formats (TIFF among them) and
+    scores exactly the pixels training would see; a shard holding the same TIFF is a bad sample."""
+    from datasets.images import BadSample
+
+    out_dir, info, model, _ = run
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.tif", compression="tiff_lzw")
+    Image.fromarray(pixels).save(tmp_path / "same.png")  # the same pixels in a shard format
+    with Image.open(tmp_path / "scan.tif") as check:
+        assert check.format == "TIFF"
+    with pytest.raises(BadSample) as exc:
+        decode_image((tmp_path / "scan.tif").read_bytes(), IMAGE_SIZE)
+    assert exc.value.kind == "unsupported image format"
+
+    code = main(["predict", str(tmp_path / "scan.tif"), "--checkpoint", str(out_dir), "--top-k", "4"])
+    captured = capsys.readouterr()
+    assert code == 0 and "scan.tif" not in captured.err
+    rows = printed(captured.out)[str(tmp_path / "scan.tif")]
+    scores = expected_scores(model, tmp_path / "same.png")
+    best = np.argsort(-scores, kind="stable")[:4]
+    assert [name for _, name in rows] == [info.labels[k].name for k in best]
+    np.testing.assert_allclose([s for s, _ in rows], scores[best], atol=1e-3)
+
+
 def test_model_pt_path_works_as_well_as_its_folder(run, capsys):
     out_dir, _, _, images = run
     assert main(["predict", str(images / "wide.jpg"), "--checkpoint", str(out_dir / "model.pt"), "--top-k", "3"]) == 0
