@@ -6,7 +6,7 @@ the dataset's iterator, where PyTorch's own parent check (between batches) never
 found one spinning after its run had gone. So each loader process dies with its maker: on Linux
 the kernel kills it when its parent (the fork server, which exits when the maker does) dies
 (PR_SET_PDEATHSIG), and everywhere a watcher thread ends it within WATCH_EVERY seconds of the
-maker's exit (docs/reliability-data.md).
+maker's exit (docs/reliability.md, Data path).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A shard is untrusted input: every malformed header ends the read with a TarError
 whose length is 0, negative, not a number or past its header; a negative size; a member over
 MAX_MEMBER bytes, an extended header over MAX_EXTENDED), never a loop or an allocation the file
 does not back: data is read in chunks of at most CHUNK bytes, so a size field of 8 GB in a small
-file costs a chunk, not 8 GB (docs/reliability-data.md).
+file costs a chunk, not 8 GB (docs/reliability.md, Data path).
 """
 
 from __future__ import annotations

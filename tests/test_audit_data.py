@@ -1,4 +1,4 @@
-"""The data-path findings of the adversarial audit (docs/reliability-data.md), each against real
+"""The data-path findings of the adversarial audit (docs/reliability.md, Data path), each against real
 components: a dataset written by `lesa synth`'s writer, real tar shards read by the real stream,
 BadSampleLog counting, read_dataset / write_metadata / label_vectors on real files.
 

@@ -1,4 +1,4 @@
-"""Loader processes never outlive the process that made them (docs/reliability-data.md).
+"""Loader processes never outlive the process that made them (docs/reliability.md, Data path).
 
 An audit found a loader process spinning after its run had gone: PyTorch's own parent check runs
 between batches, not while the dataset's iterator is stuck in a read. Here the loader process is

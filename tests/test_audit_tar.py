@@ -1,6 +1,6 @@
 """The tar reader ends on every malformed shard: a clean TarError / EOFError or a normal end, within
 a time bound per case, never asking the file for more than a chunk at once (an adversarial audit
-found a pax record of length 0 spinning the reader forever, docs/reliability-data.md).
+found a pax record of length 0 spinning the reader forever, docs/reliability.md, Data path).
 
 Every case runs under a SIGALRM timer that raises inside the parse, so a regression to a loop
 fails the case instead of hanging the suite; the stream records every read's size, so a read of
