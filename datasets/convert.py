@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from datasets.contract import join
 from datasets.images import CONVERT_FORMATS, check_pixels, open_image
+from datasets.progress import format_duration
 
 MARKER_DIR = "_convert"
 EXAMPLES = 10  # examples of each kind of skipped image kept in the report
@@ -183,13 +184,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def run_shards(
     jobs,
     num_jobs: int,
@@ -241,7 +235,7 @@ def run_shards(
         if final or now - last >= every:
             last = now
             rate = images / max(now - start, 1e-9)
-            eta = _eta((num_jobs - done) * (now - start) / done) if done else "?"
+            eta = format_duration((num_jobs - done) * (now - start) / done) if done else "?"
             log(f"  convert: {done}/{num_jobs} shards, {images:,} images written, {rate:,.0f} images/s, ETA {eta}")
 
     def drain(block_until: int) -> None:

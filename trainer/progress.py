@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import time
 
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from datasets.progress import format_duration
 
 
 class Progress:
