@@ -184,6 +184,107 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def _prepare_output(out: str, splits) -> dict[str, dict]:
+    """Create each split's folder and the marker folder; return the markers an earlier run left."""
+    for split in splits:
+        fs, path = fsspec.core.url_to_fs(join(out, split))
+        fs.makedirs(path, exist_ok=True)
+    fs, path = fsspec.core.url_to_fs(join(out, MARKER_DIR))
+    fs.makedirs(path, exist_ok=True)
+    return read_markers(out)
+
+
+def _reusable(job: ShardJob, fingerprint: str, markers: dict[str, dict], out: str) -> dict | None:
+    """The marker an earlier run left for `job`'s shard, when its inputs match and the shard exists."""
+    old = markers.get(f"{job.split}-{job.index:06d}")
+    fs, path = fsspec.core.url_to_fs(join(out, job.relpath))
+    if old and old.get("fingerprint") == fingerprint and fs.exists(path):
+        return old
+    return None
+
+
+class _Tally:
+    """The finished shards: their markers, the split reports' counts, and the progress line
+    (every `every` seconds, and once at the end)."""
+
+    def __init__(self, report: dict[str, SplitReport], num_jobs: int, log, every: float):
+        self.report, self.num_jobs, self.log, self.every = report, num_jobs, log, every
+        self.results: dict[tuple[str, int], dict] = {}
+        self.done = self.images = 0
+        self.start = self.last = time.time()
+
+    def finish(self, marker: dict, split: str, index: int, reused: bool) -> None:
+        """Count one finished shard, written now or reused from an earlier run."""
+        self.results[(split, index)] = marker
+        rep = self.report[split]
+        rep.written += marker["samples"]
+        rep.shards += 1
+        rep.shards_reused += reused
+        for kind, items in marker["skipped"].items():
+            if items:
+                rep.add_skipped(kind, len(items), items)
+        self.done += 1
+        self.images += marker["samples"]
+
+    def progress(self, final: bool = False) -> None:
+        """Log shards and images done, the rate and the ETA, at most every `every` seconds."""
+        now = time.time()
+        if final or now - self.last >= self.every:
+            self.last = now
+            elapsed = now - self.start
+            rate = self.images / max(elapsed, 1e-9)
+            eta = format_duration((self.num_jobs - self.done) * elapsed / self.done) if self.done else "?"
+            self.log(
+                f"  convert: {self.done}/{self.num_jobs} shards, {self.images:,} images written, "
+                f"{rate:,.0f} images/s, ETA {eta}"
+            )
+
+    def splits(self) -> dict[str, list[tuple[str, int]]]:
+        """Per split, the (relpath, samples) of the non-empty shards in order."""
+        splits: dict[str, list[tuple[str, int]]] = {}
+        for (split, _index), marker in sorted(self.results.items()):
+            if marker["samples"] > 0:
+                splits.setdefault(split, []).append((marker["path"], marker["samples"]))
+        return splits
+
+
+class _RayWriter:
+    """`write_shard` as Ray tasks, at most twice the cluster's CPUs in flight. Ray starts (or is
+    joined) with the first shard submitted, and is shut down by `close` only if this started it."""
+
+    def __init__(self, tally: _Tally, num_cpus: int | None, every: float):
+        self.tally, self.num_cpus, self.every = tally, num_cpus, every
+        self.pending: dict = {}
+        self.ray = self.task = None
+        self.started = False
+        self.capacity = 1
+
+    def submit(self, job: ShardJob, out: str, options: ImageOptions, fingerprint: str) -> None:
+        """Start `job`'s task, then wait while more than `capacity` tasks are in flight."""
+        if self.task is None:
+            self.started = start_ray(self.num_cpus)
+            import ray
+
+            self.ray = ray
+            self.task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+            self.capacity = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.pending[self.task.remote(job, out, options, fingerprint)] = (job.split, job.index)
+        self.drain(self.capacity)
+
+    def drain(self, block_until: int) -> None:
+        """Count finished tasks until at most `block_until` are in flight (0: all have finished)."""
+        while len(self.pending) > block_until:
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=self.every)
+            for ref in ready:
+                split, index = self.pending.pop(ref)
+                self.tally.finish(self.ray.get(ref), split, index, reused=False)
+            self.tally.progress()
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
 def run_shards(
     jobs,
     num_jobs: int,
@@ -202,82 +303,26 @@ def run_shards(
     one after another in this process (small datasets, tests). Returns, per split, the
     (relpath, samples) of the non-empty shards in order.
     """
-    for split in report:
-        fs, path = fsspec.core.url_to_fs(join(out, split))
-        fs.makedirs(path, exist_ok=True)
-    fs, path = fsspec.core.url_to_fs(join(out, MARKER_DIR))
-    fs.makedirs(path, exist_ok=True)
-    markers = read_markers(out)
-    results: dict[tuple[str, int], dict] = {}
-    pending: dict = {}
-    ray = task = None
-    started = False
-    capacity = 1
-    done = images = 0
-    start = last = time.time()
-
-    def finish(marker: dict, split: str, index: int, reused: bool) -> None:
-        nonlocal done, images
-        results[(split, index)] = marker
-        rep = report[split]
-        rep.written += marker["samples"]
-        rep.shards += 1
-        rep.shards_reused += reused
-        for kind, items in marker["skipped"].items():
-            if items:
-                rep.add_skipped(kind, len(items), items)
-        done += 1
-        images += marker["samples"]
-
-    def progress(final: bool = False) -> None:
-        nonlocal last
-        now = time.time()
-        if final or now - last >= every:
-            last = now
-            rate = images / max(now - start, 1e-9)
-            eta = format_duration((num_jobs - done) * (now - start) / done) if done else "?"
-            log(f"  convert: {done}/{num_jobs} shards, {images:,} images written, {rate:,.0f} images/s, ETA {eta}")
-
-    def drain(block_until: int) -> None:
-        while len(pending) > block_until:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=every)
-            for ref in ready:
-                split, index = pending.pop(ref)
-                finish(ray.get(ref), split, index, reused=False)
-            progress()
-
+    markers = _prepare_output(out, report)
+    tally = _Tally(report, num_jobs, log, every)
+    writer = _RayWriter(tally, num_cpus, every)
     try:
         for job in jobs:
             fingerprint = job.fingerprint(options)
-            old = markers.get(f"{job.split}-{job.index:06d}")
-            fs, path = fsspec.core.url_to_fs(join(out, job.relpath))
-            if old and old.get("fingerprint") == fingerprint and fs.exists(path):
-                finish(old, job.split, job.index, reused=True)
-                continue
-            if not use_ray:
-                finish(write_shard(job, out, options, fingerprint), job.split, job.index, reused=False)
-                progress()
-                continue
-            if task is None:
-                started = start_ray(num_cpus)
-                import ray
-
-                task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-                capacity = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-            pending[task.remote(job, out, options, fingerprint)] = (job.split, job.index)
-            drain(capacity)
-        if pending:
-            drain(0)
-        progress(final=True)
+            old = _reusable(job, fingerprint, markers, out)
+            if old is not None:
+                tally.finish(old, job.split, job.index, reused=True)
+            elif not use_ray:
+                tally.finish(write_shard(job, out, options, fingerprint), job.split, job.index, reused=False)
+                tally.progress()
+            else:
+                writer.submit(job, out, options, fingerprint)
+        writer.drain(0)
+        tally.progress(final=True)
         _remove_leftovers(out, report)
     finally:
-        if started:
-            ray.shutdown()
-    splits: dict[str, list[tuple[str, int]]] = {}
-    for (split, _index), marker in sorted(results.items()):
-        if marker["samples"] > 0:
-            splits.setdefault(split, []).append((marker["path"], marker["samples"]))
-    return splits
+        writer.close()
+    return tally.splits()
 
 
 def _remove_leftovers(out: str, splits) -> None:
