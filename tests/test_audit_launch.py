@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from datasets.position import DataPosition
 from datasets.synthetic import write_synthetic
 from launch.driver import open_tracking, resume_target, run_training
 from launch.run_lock import LOCK_FILE, hold
 from launch.submit import job_spec
-from trainer.checkpointing import STATE_FILE
+from trainer.checkpointing import write_manifest
 from trainer.config import ConfigError, load_config
+from trainer.state import STATE_FILE, TrainState
 from trainer.tracking import RunLogger, open_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,29 +131,39 @@ def test_resume_latest_with_a_checkpoint_goes_on(tmp_path):
     assert resume_target(tmp_path / "run", "latest")[0]["mlflow_run_id"] == run_id
 
 
-def foreign_checkpoint(run_id: str) -> dict:
-    """What resume_target makes of a checked checkpoint folder from elsewhere (`--resume PATH` into
-    a new --out): its MLflow run id and no tracking URI, whatever its lesa_state.json names."""
-    return {"run_name": "resumed-1", "mlflow_run_id": run_id, "tracking_uri": None, "storage": None}
+def foreign_checkpoint(folder: Path, run_id: str, tracking_uri: str) -> Path:
+    """A checkpoint folder from elsewhere, as the trainer writes one (its TrainState and file
+    digests; no DeepSpeed files: the driver does not load them), naming `tracking_uri`."""
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(TrainState(4, DataPosition([8, 8]), run_id, tracking_uri).to_json())
+    write_manifest(folder, rank=0)
+    return folder
 
 
 def test_a_checkpoint_never_redirects_tracking_it_continues_in_a_new_run_of_the_users_store(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere.db"  # the URI a tampered (or foreign) checkpoint names
+    ckpt = foreign_checkpoint(tmp_path / "ckpt", "f" * 32, f"sqlite:///{elsewhere}")
     mine = f"sqlite:///{tmp_path}/mine.db"
     cfg = load_config(CONFIG, ["data.url=/unused", f"mlflow.tracking_uri={mine}", "mlflow.experiment=audit"])
     out = tmp_path / "run"
     out.mkdir()
-    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=foreign_checkpoint("f" * 32))
+    run, resume_from = resume_target(out, str(ckpt))
+    assert resume_from == str(ckpt)
+    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=run)
     assert tracking_uri == mine and logger.run_id != "f" * 32
+    assert not elsewhere.exists(), "the checkpoint's store was never contacted"
     assert "is not in" in capsys.readouterr().out
 
 
 def test_a_checkpoint_whose_run_is_in_the_users_store_continues_that_run(tmp_path):
     mine = f"sqlite:///{tmp_path}/mine.db"
     run_id = open_run(mine, None, "audit", "lesa-1", {})
+    ckpt = foreign_checkpoint(tmp_path / "ckpt", run_id, "http://127.0.0.1:9/")
     cfg = load_config(CONFIG, ["data.url=/unused", f"mlflow.tracking_uri={mine}", "mlflow.experiment=audit"])
     out = tmp_path / "run"
     out.mkdir()
-    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=foreign_checkpoint(run_id))
+    run, _ = resume_target(out, str(ckpt))
+    tracking_uri, _, logger = open_tracking(cfg, out, "lesa", resume=run)
     assert (tracking_uri, logger.run_id) == (mine, run_id)
 
 
