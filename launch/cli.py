@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     from datasets.contract import DatasetError
+    from launch.errors import RunFailed
     from trainer.config import ConfigError
 
     try:
@@ -290,6 +291,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"lesa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # the workers' tracebacks are in the log above and in Ray's logs
+        print(f"lesa {args.command}: run failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

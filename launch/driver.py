@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from datasets.contract import join
+from launch.errors import RunFailed
 from launch.preflight import absolute, evaluation_checkpoint, preflight, resumed, training_splits
 from launch.run_lock import hold
 from launch.storage import checkpoint_url, has_checkpoint, ray_storage, read_text, storage_env
@@ -102,11 +103,11 @@ def run_workers(
     """Run `worker_fn` on `scaling.num_workers` Ray Train workers; bring its results into `out`
     and the MLflow run; return metrics.json as a dict. A run whose name already has checkpoints
     in the storage resumes from the latest; `resume_from` names a checkpoint otherwise."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.engine import WorkerArgs
-    from trainer.failures import FailFast
+    from trainer.failures import FailFast, NotRetryable
 
     # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
     worker_env = {
@@ -156,6 +157,11 @@ def run_workers(
             if Path(ckpt, OVERLAYS_DIR).is_dir():  # eval.overlays: attention PNGs (trainer/attention_maps.py)
                 shutil.rmtree(out / OVERLAYS_DIR, ignore_errors=True)
                 shutil.copytree(Path(ckpt, OVERLAYS_DIR), out / OVERLAYS_DIR)
+    except ControllerError as exc:  # FailFast stopped the run: the error is said in one line
+        logger.finish(ok=False)
+        if isinstance(exc.controller_failure, NotRetryable):
+            raise RunFailed(str(exc.controller_failure)) from None
+        raise
     except BaseException:
         logger.finish(ok=False)
         raise

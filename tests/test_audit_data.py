@@ -25,7 +25,7 @@ from datasets.images import MAX_PIXELS, BadSample
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.stream import TRUNCATED_SHARD, ShardStream, StreamSpec, make_loader
 from datasets.synthetic import write_synthetic
-from trainer.bad_samples import BadSampleLog
+from trainer.bad_samples import BadSampleLog, TooManyBadSamples
 
 SHARD_SIZE = 25
 
@@ -83,7 +83,7 @@ def test_unreadable_shards_count_every_sample_they_hold(synth, tmp_path, capsys)
 
 def test_unreadable_shards_trip_max_bad_fraction(synth, tmp_path, capsys):
     info = broken_copy(synth, tmp_path, {1: "garbage", 4: "empty", 6: "missing"})
-    with pytest.raises(RuntimeError, match="max_bad_fraction=0.05"):
+    with pytest.raises(TooManyBadSamples, match="max_bad_fraction=0.05"):
         count_bad(info, max_fraction=0.05)
 
 

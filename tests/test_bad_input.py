@@ -20,7 +20,7 @@ import pytest
 from datasets.contract import Shard
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.stream import ShardStream, StreamSpec, make_loader
-from trainer.bad_samples import BadSampleLog
+from trainer.bad_samples import BadSampleLog, TooManyBadSamples
 
 NUM_LABELS = 5
 SIZE = 8
@@ -377,7 +377,7 @@ def test_bad_sample_log_counts_by_kind_and_prints_shard_and_key(mixed, capsys):
 def test_bad_sample_log_raises_when_bad_fraction_exceeds_max(mixed, capsys):
     shards, samples, _ = mixed
     log = BadSampleLog(rank=3, max_fraction=0.2, min_read=4)
-    with pytest.raises(RuntimeError) as exc:
+    with pytest.raises(TooManyBadSamples) as exc:
         for batch in stream(shards):
             log.add(batch)
     message = str(exc.value)

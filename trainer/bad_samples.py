@@ -13,10 +13,16 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from datasets.contract import DatasetError
 from datasets.stream import skipped_samples
 from trainer.distributed import distributed
 
 EXAMPLES_KEPT = 20
+
+
+class TooManyBadSamples(DatasetError):
+    """More than data.max_bad_fraction of the samples read were bad: the data, not the run, is
+    broken, so a restart would meet them again (not retried, trainer/failures.py)."""
 
 
 class BadSampleLog:
@@ -43,7 +49,7 @@ class BadSampleLog:
                     flush=True,
                 )
         if self.read >= self.min_read and self.count > self.max_fraction * self.read:
-            raise RuntimeError(
+            raise TooManyBadSamples(
                 f"{self.count} of {self.read} samples read on rank {self.rank} were bad "
                 f"(more than data.max_bad_fraction={self.max_fraction}): {dict(self.by_kind)}; "
                 f"first: {self.examples[:3]}"

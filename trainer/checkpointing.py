@@ -30,6 +30,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def tensors_only_loads():
     def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
         try:
-            return original(f, *args, **kwargs)
+            with warnings.catch_warnings():  # torch's note on a pickle protocol is noise here
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
             reason = str(exc).strip().splitlines()[0][:200]
             raise CheckpointError(f"{f}: holds more than plain tensors, refused unread ({reason})") from None
