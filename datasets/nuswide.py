@@ -20,7 +20,8 @@ the Flickr placeholder (`--placeholder`) are skipped and reported, as LESA drops
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+from dataclasses import asdict, replace
 
 import fsspec
 import numpy as np
@@ -84,6 +85,61 @@ def build_labels(tags: list[str], concepts: list[str]) -> tuple[list[Label], np.
     return labels, seen_cols
 
 
+def read_label_matrix(root: str, num_tags: int, seen_cols: np.ndarray, concepts: list[str]):
+    """Every image's key (Imagelist.txt order) and its 0/1 values uint8 [images, labels] in
+    labels.tsv order: the seen tags' columns of AllTags1k, then one AllLabels file per concept."""
+    all_url = join(root, "ImageList", "Imagelist.txt")
+    all_keys = [image_key(line) for line in _read(all_url).decode("utf-8-sig").splitlines() if line.strip()]
+    tags_url = join(root, "NUS_WID_Tags", "AllTags1k.txt")
+    tag_rows = read_binary_rows(tags_url, width=num_tags)
+    if len(tag_rows) != len(all_keys):
+        raise DatasetError(f"{tags_url}: {len(tag_rows)} rows but {all_url} lists {len(all_keys)} images")
+    seen_values = tag_rows[:, seen_cols]
+    del tag_rows
+    labels_dir = _first_existing(root, "AllLabels", "Groundtruth/AllLabels")
+    unseen_values = np.zeros((len(all_keys), len(concepts)), np.uint8)
+    for k, concept in enumerate(concepts):
+        url = join(labels_dir, f"Labels_{concept}.txt")
+        column = read_binary_rows(url, width=1)[:, 0]
+        if len(column) != len(all_keys):
+            raise DatasetError(f"{url}: {len(column)} rows but {all_url} lists {len(all_keys)} images")
+        unseen_values[:, k] = column
+    return all_keys, np.concatenate([seen_values, unseen_values], axis=1)
+
+
+def plan_splits(root: str, all_keys: list[str], val_size: int, max_images: int | None, annotations: dict):
+    """Imagelist rows of each split: test = TestImagelist, val = the first `val_size` images of
+    TrainImagelist, train = the rest (at most `max_images` each; empty splits dropped). Each list's
+    images that Imagelist lacks are counted in `annotations` under the list's URL."""
+    row_of = {key: i for i, key in enumerate(all_keys)}
+    plans = {}
+    for name, list_file in (("train", "TrainImagelist.txt"), ("test", "TestImagelist.txt")):
+        url = join(root, "ImageList", list_file)
+        keys = [image_key(line) for line in _read(url).decode("utf-8-sig").splitlines() if line.strip()]
+        unknown = [k for k in keys if k not in row_of]
+        annotations[url] = {
+            "images": len(keys),
+            "not_in_imagelist": {"count": len(unknown), "examples": unknown[:10]},
+        }
+        plans[name] = [row_of[k] for k in keys if k in row_of]
+    plans = {"train": plans["train"][val_size:], "val": plans["train"][:val_size], "test": plans["test"]}
+    if max_images is not None:
+        plans = {split: rows[:max_images] for split, rows in plans.items()}
+    return {split: rows for split, rows in plans.items() if rows}
+
+
+def shard_jobs(plans: dict[str, list[int]], all_keys: list[str], values: np.ndarray, folder: str, shard_size: int):
+    """ShardJobs of every split, built one at a time (labels encoded only when the shard is submitted)."""
+    for split, rows in plans.items():
+        for index, begin in enumerate(range(0, len(rows), shard_size)):
+            part = rows[begin : begin + shard_size]
+            keys = [all_keys[r] for r in part]
+            encoded = [encode_labels(np.flatnonzero(values[r] == 1), np.flatnonzero(values[r] == 0)) for r in part]
+            # A tar key must not hold dots or slashes: `actor/0001_2124494179.jpg` -> `actor_0001_2124494179`.
+            sample_keys = [k.rsplit(".", 1)[0].replace("/", "_").replace(".", "_") for k in keys]
+            yield ShardJob(split, index, sample_keys, [join(folder, k) for k in keys], encoded)
+
+
 def convert_nuswide(
     out: str,
     root: str,
@@ -102,9 +158,6 @@ def convert_nuswide(
     log=say,
 ) -> dict:
     """Convert the NUS-WIDE release at `root` to the dataset contract at `out`; returns the report."""
-    import hashlib
-    from dataclasses import replace
-
     tags = read_names(join(root, "NUS_WID_Tags", "TagList1k.txt"))
     concepts = read_names(_first_existing(root, "Concepts81.txt", "ConceptsList/Concepts81.txt"))
     labels, seen_cols = build_labels(tags, concepts)
@@ -113,57 +166,13 @@ def convert_nuswide(
     if placeholder:
         options = replace(options, placeholder_sha256=hashlib.sha256(_read(placeholder)).hexdigest())
 
-    all_url = join(root, "ImageList", "Imagelist.txt")
-    all_keys = [image_key(line) for line in _read(all_url).decode("utf-8-sig").splitlines() if line.strip()]
-    row_of = {key: i for i, key in enumerate(all_keys)}
-    tags_url = join(root, "NUS_WID_Tags", "AllTags1k.txt")
-    tag_rows = read_binary_rows(tags_url, width=len(tags))
-    if len(tag_rows) != len(all_keys):
-        raise DatasetError(f"{tags_url}: {len(tag_rows)} rows but {all_url} lists {len(all_keys)} images")
-    seen_values = tag_rows[:, seen_cols]
-    del tag_rows
-    labels_dir = _first_existing(root, "AllLabels", "Groundtruth/AllLabels")
-    unseen_values = np.zeros((len(all_keys), len(concepts)), np.uint8)
-    for k, concept in enumerate(concepts):
-        url = join(labels_dir, f"Labels_{concept}.txt")
-        column = read_binary_rows(url, width=1)[:, 0]
-        if len(column) != len(all_keys):
-            raise DatasetError(f"{url}: {len(column)} rows but {all_url} lists {len(all_keys)} images")
-        unseen_values[:, k] = column
-    values = np.concatenate([seen_values, unseen_values], axis=1)  # [images, labels] in labels.tsv order
-    del seen_values, unseen_values
-
+    all_keys, values = read_label_matrix(root, len(tags), seen_cols, concepts)
     report = {"dataset": out, "source": "nuswide", "splits": {}, "annotations": {}}
-    plans = {}
-    for name, list_file in (("train", "TrainImagelist.txt"), ("test", "TestImagelist.txt")):
-        url = join(root, "ImageList", list_file)
-        keys = [image_key(line) for line in _read(url).decode("utf-8-sig").splitlines() if line.strip()]
-        unknown = [k for k in keys if k not in row_of]
-        report["annotations"][url] = {
-            "images": len(keys),
-            "not_in_imagelist": {"count": len(unknown), "examples": unknown[:10]},
-        }
-        plans[name] = [row_of[k] for k in keys if k in row_of]
-    plans = {"train": plans["train"][val_size:], "val": plans["train"][:val_size], "test": plans["test"]}
-    if max_images is not None:
-        plans = {split: rows[:max_images] for split, rows in plans.items()}
-    plans = {split: rows for split, rows in plans.items() if rows}
-
-    folder = images or join(root, "Flickr")
-
-    def jobs():
-        for split, rows in plans.items():
-            for index, begin in enumerate(range(0, len(rows), shard_size)):
-                part = rows[begin : begin + shard_size]
-                keys = [all_keys[r] for r in part]
-                encoded = [encode_labels(np.flatnonzero(values[r] == 1), np.flatnonzero(values[r] == 0)) for r in part]
-                # A tar key must not hold dots or slashes: `actor/0001_2124494179.jpg` -> `actor_0001_2124494179`.
-                sample_keys = [k.rsplit(".", 1)[0].replace("/", "_").replace(".", "_") for k in keys]
-                yield ShardJob(split, index, sample_keys, [join(folder, k) for k in keys], encoded)
-
+    plans = plan_splits(root, all_keys, val_size, max_images, report["annotations"])
+    jobs = shard_jobs(plans, all_keys, values, images or join(root, "Flickr"), shard_size)
     split_reports = {split: SplitReport(planned=len(rows)) for split, rows in plans.items()}
     num_jobs = sum(-(-len(rows) // shard_size) for rows in plans.values())
-    written = run_shards(jobs(), num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus, use_ray=use_ray)
+    written = run_shards(jobs, num_jobs, out, options, split_reports, log=log, num_cpus=num_cpus, use_ray=use_ray)
     write_metadata(
         out,
         name="nuswide",

@@ -123,31 +123,35 @@ def _count(counter: dict, example) -> None:
         counter["examples"].append(example)
 
 
-def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CHUNK_ROWS) -> tuple[GroupedLabels, dict]:
-    """Stream one `*-annotations-human-imagelabels.csv` into GroupedLabels and its row statistics."""
-    stats = {"rows": 0, "rows_outside_vocabulary": _counter(), "bad_rows": _counter()}
-    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+def _annotation_columns(url: str, header: list[str]) -> tuple[int, int, int]:
+    """Positions of ImageID, LabelName and Confidence in the CSV's header row."""
+    missing = [c for c in ANNOTATION_COLUMNS if c not in header]
+    if missing:
+        raise DatasetError(
+            f"{url}: malformed header {','.join(header)!r}: expected the columns "
+            f"ImageID,Source,LabelName,Confidence (missing {', '.join(missing)})"
+        )
+    col_id, col_label, col_conf = (header.index(c) for c in ANNOTATION_COLUMNS)
+    return col_id, col_label, col_conf
+
+
+def _chunk(ids: list[bytes], labels: list[int], values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows gathered so far as three compact arrays; the lists are emptied for the next chunk."""
+    chunk = (np.array(ids, dtype=bytes), np.array(labels, dtype=np.int32), np.array(values, dtype=np.int8))
+    ids.clear(), labels.clear(), values.clear()
+    return chunk
+
+
+def annotation_chunks(url: str, label_index: dict[str, int], chunk_rows: int, stats: dict):
+    """Stream the CSV's rows as (ImageID bytes, label int32, value int8) arrays of up to `chunk_rows`
+    rows. A row for a MID outside the vocabulary keeps label -1; it and bad rows (short, no ImageID,
+    a Confidence other than 0 or 1) are counted in `stats`, and bad rows dropped."""
     ids: list[bytes] = []
     labels: list[int] = []
     values: list[int] = []
-
-    def flush() -> None:
-        if ids:
-            chunks.append(
-                (np.array(ids, dtype=bytes), np.array(labels, dtype=np.int32), np.array(values, dtype=np.int8))
-            )
-            ids.clear(), labels.clear(), values.clear()
-
     with _open_text(url, "annotation file") as f:
         reader = csv.reader(f)
-        header = next(reader, [])
-        missing = [c for c in ANNOTATION_COLUMNS if c not in header]
-        if missing:
-            raise DatasetError(
-                f"{url}: malformed header {','.join(header)!r}: expected the columns "
-                f"ImageID,Source,LabelName,Confidence (missing {', '.join(missing)})"
-            )
-        col_id, col_label, col_conf = (header.index(c) for c in ANNOTATION_COLUMNS)
+        col_id, col_label, col_conf = _annotation_columns(url, next(reader, []))
         width = max(col_id, col_label, col_conf) + 1
         for lineno, row in enumerate(reader, start=2):
             if not row:
@@ -168,22 +172,35 @@ def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CH
             labels.append(label)
             values.append(value)
             if len(ids) >= chunk_rows:
-                flush()
-    flush()
+                yield _chunk(ids, labels, values)
+    if ids:
+        yield _chunk(ids, labels, values)
+
+
+def group_chunks(chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> GroupedLabels:
+    """All chunks' rows, sorted by ImageID so each image's rows sit together wherever they were in
+    the file. `chunks` is emptied once concatenated: the joined arrays are all that is kept."""
     if not chunks:
         empty = np.array([], dtype="S1")
-        return GroupedLabels(empty, np.zeros(1, np.int64), np.array([], np.int32), np.array([], np.int8)), stats
+        return GroupedLabels(empty, np.zeros(1, np.int64), np.array([], np.int32), np.array([], np.int8))
     all_ids = np.concatenate([c[0] for c in chunks])
     all_labels = np.concatenate([c[1] for c in chunks])
     all_values = np.concatenate([c[2] for c in chunks])
-    chunks.clear()  # the concatenated arrays are all that is kept
+    chunks.clear()
     # One sort brings every image's rows together, wherever they were in the file.
     order = np.argsort(all_ids, kind="stable")
     all_ids, all_labels, all_values = all_ids[order], all_labels[order], all_values[order]
     del order
     first = np.flatnonzero(np.r_[True, all_ids[1:] != all_ids[:-1]])
     starts = np.r_[first, len(all_ids)].astype(np.int64)
-    return GroupedLabels(all_ids[first], starts, all_labels, all_values), stats
+    return GroupedLabels(all_ids[first], starts, all_labels, all_values)
+
+
+def read_annotations(url: str, label_index: dict[str, int], chunk_rows: int = CHUNK_ROWS) -> tuple[GroupedLabels, dict]:
+    """Stream one `*-annotations-human-imagelabels.csv` into GroupedLabels and its row statistics."""
+    stats = {"rows": 0, "rows_outside_vocabulary": _counter(), "bad_rows": _counter()}
+    chunks = list(annotation_chunks(url, label_index, chunk_rows, stats))
+    return group_chunks(chunks), stats
 
 
 def select_images(grouped: GroupedLabels, num_seen: int, require_seen: bool) -> np.ndarray:
@@ -208,6 +225,28 @@ def shard_jobs(split: str, grouped: GroupedLabels, chosen: np.ndarray, images: s
         keys = [grouped.image_ids[i].decode() for i in part]
         encoded = [encode_labels(*grouped.pos_neg(i)) for i in part]
         yield ShardJob(split, index, keys, [join(folder, f"{k}.jpg") for k in keys], encoded)
+
+
+def plan_split(
+    split: str, annotations: str, label_index: dict[str, int], num_seen: int, max_images: int | None, log
+) -> tuple[GroupedLabels, np.ndarray, str, dict]:
+    """One split's annotations read and its images chosen: (grouped rows, chosen image indices,
+    the CSV's URL, its statistics for the report)."""
+    if split not in SPLIT_FILES:
+        raise DatasetError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_FILES)}")
+    csv_url = join(annotations, f"{SPLIT_FILES[split]}-annotations-human-imagelabels.csv")
+    log(f"{split}: reading {csv_url}")
+    grouped, stats = read_annotations(csv_url, label_index)
+    chosen = select_images(grouped, num_seen, require_seen=(split == "train"))
+    stats["images"] = len(grouped)
+    stats["images_without_seen_label"] = len(grouped) - len(chosen) if split == "train" else 0
+    if max_images is not None:
+        chosen = chosen[:max_images]
+    log(
+        f"{split}: {stats['rows']:,} rows, {len(grouped):,} images, {len(chosen):,} to write; "
+        f"{stats['rows_outside_vocabulary']['count']:,} rows for MIDs outside the vocabulary"
+    )
+    return grouped, chosen, csv_url, stats
 
 
 def convert_openimages(
@@ -240,23 +279,10 @@ def convert_openimages(
     split_reports: dict[str, SplitReport] = {}
     plans = []
     for split in splits:
-        if split not in SPLIT_FILES:
-            raise DatasetError(f"unknown split {split!r}: expected one of {', '.join(SPLIT_FILES)}")
-        csv_url = join(annotations, f"{SPLIT_FILES[split]}-annotations-human-imagelabels.csv")
-        log(f"{split}: reading {csv_url}")
-        grouped, stats = read_annotations(csv_url, label_index)
-        chosen = select_images(grouped, num_seen, require_seen=(split == "train"))
-        stats["images"] = len(grouped)
-        stats["images_without_seen_label"] = len(grouped) - len(chosen) if split == "train" else 0
-        if max_images is not None:
-            chosen = chosen[:max_images]
+        grouped, chosen, csv_url, stats = plan_split(split, annotations, label_index, num_seen, max_images, log)
         report["annotations"][csv_url] = stats
         split_reports[split] = SplitReport(planned=len(chosen))
         plans.append((split, grouped, chosen))
-        log(
-            f"{split}: {stats['rows']:,} rows, {len(grouped):,} images, {len(chosen):,} to write; "
-            f"{stats['rows_outside_vocabulary']['count']:,} rows for MIDs outside the vocabulary"
-        )
 
     num_jobs = sum(-(-len(chosen) // shard_size) for _, _, chosen in plans)
     jobs = (job for split, grouped, chosen in plans for job in shard_jobs(split, grouped, chosen, images, shard_size))
