@@ -1,184 +1,57 @@
-"""The driver of `lesa train` and `lesa evaluate`: validate, open the MLflow run, start Ray Train,
-collect the results.
-
-Ray: the cluster in RAY_ADDRESS if set (as under `ray job submit`), otherwise a local one started
-here with enough CPU slots for the requested workers.
+"""The driver of `lesa train` and `lesa evaluate`: validate, take the run folder, open the MLflow
+run, run the workers on Ray Train (launch/workers.py), print the summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 from datasets.contract import join
-from launch.errors import RunFailed
 from launch.preflight import absolute, evaluation_checkpoint, preflight, resumed, training_splits
 from launch.run_lock import hold
-from launch.storage import checkpoint_url, has_checkpoint, ray_storage, read_text, storage_env
+from launch.storage import has_checkpoint, read_text
+from launch.workers import run_workers
 from trainer.checkpointing import CheckpointError, check_loadable
 from trainer.config import Config, ConfigError
 from trainer.progress import format_table
 from trainer.report import summarise_per_label
+from trainer.run_folder import ATTENTION_DIR, MODEL_FILE, PER_LABEL_FILES, SETTINGS, RunFolder, RunRecord
 from trainer.state import STATE_FILE, StateError, TrainState
 from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking
 
 
-def start_ray(cfg: Config) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        # On an existing cluster Ray's processes do not inherit this environment, and Train's
-        # controller writes to the checkpoint storage too: the storage variables go to the whole
-        # job. Under `ray job submit` the job's runtime env is set already and this process runs
-        # inside it (Ray refuses to merge the same variable twice), so it is left alone there.
-        env = storage_env()
-        under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for job entrypoints
-        ray.init(runtime_env={"env_vars": env} if env and not under_job else None)
-    else:
-        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
-        # cleaner polls; without it that actor logs a warning every few seconds.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, needed),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            configure_logging=True,
-            logging_level="WARNING",
-        )
-
-
-RUN_FILE = "run.json"  # what `--resume latest` needs: the Ray Train run name and the MLflow run
-
-
 def open_tracking(
-    cfg: Config, out: Path, default_name: str, resume: dict | None = None, parent_run_id: str | None = None
+    cfg: Config, out: Path, default_name: str, resume: RunRecord | None = None, parent_run_id: str | None = None
 ) -> tuple[str, str, RunLogger]:
     """A new MLflow run (nested under `parent_run_id` if given), or on resume the run of the job
     being continued (params not re-logged: MLflow refuses changed values, and a resume may change
     the number of workers)."""
     tracking_uri, artifact_location = resolve_tracking(cfg.mlflow)
-    if resume and resume["tracking_uri"] is None:  # a checkpoint from elsewhere: never its tracking URI
-        if find_run(tracking_uri, resume["mlflow_run_id"]) is not None:
-            resume = {**resume, "tracking_uri": tracking_uri}
+    if resume and resume.tracking_uri is None:  # a checkpoint from elsewhere: never its tracking URI
+        if find_run(tracking_uri, resume.mlflow_run_id) is not None:
+            resume = dataclasses.replace(resume, tracking_uri=tracking_uri)
         else:
             print(
-                f"the checkpoint's MLflow run {resume['mlflow_run_id']} is not in {tracking_uri}: continuing in a new run there"
+                f"the checkpoint's MLflow run {resume.mlflow_run_id} is not in {tracking_uri}: continuing in a new run there"
             )
             resume = None
     if resume:
-        tracking_uri, run_name = resume["tracking_uri"], resume["run_name"]
-        logger = RunLogger(tracking_uri, resume["mlflow_run_id"])
+        tracking_uri, run_name = resume.tracking_uri, resume.run_name
+        logger = RunLogger(tracking_uri, resume.mlflow_run_id)
         logger.reopen()
         print(f"resuming MLflow run {logger.run_id} ({run_name}) in {tracking_uri}")
         return tracking_uri, run_name, logger
     run_name = cfg.mlflow.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat(), parent_run_id)
     logger = RunLogger(tracking_uri, run_id)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    logger.artifact(out / "config.json")
+    folder = RunFolder(out)
+    folder.config.write_text(json.dumps(cfg.to_dict(), indent=1))
+    logger.artifact(folder.config)
     print(f"MLflow run {run_id} ({run_name}) in {tracking_uri}")
     return tracking_uri, run_name, logger
-
-
-RESULT_FILES = ("metrics.json", "per_label_zsl.tsv", "per_label_gzsl.tsv", "model.pt", "model_best.pt")
-OVERLAYS_DIR = "attention"
-
-
-def run_workers(
-    cfg: Config,
-    out: Path,
-    worker_fn,
-    payload: dict,
-    run_name: str,
-    logger: RunLogger,
-    log_metrics: bool,
-    resume_from: str | None = None,
-) -> dict:
-    """Run `worker_fn` on `scaling.num_workers` Ray Train workers; bring its results into `out`
-    and the MLflow run; return metrics.json as a dict. A run whose name already has checkpoints
-    in the storage resumes from the latest; `resume_from` names a checkpoint otherwise."""
-    from ray.train import Checkpoint, CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainer.engine import WorkerArgs
-    from trainer.failures import FailFast, NotRetryable
-
-    # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
-    worker_env = {
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    if not cfg.scaling.use_gpu:
-        worker_env["DS_ACCELERATOR"] = "cpu"
-    worker_env.update(storage_env())  # credentials and endpoints, by name from this environment
-    storage_path, storage_filesystem = ray_storage(cfg.checkpoint.storage)
-    start_ray(cfg)
-    trainer = TorchTrainer(
-        worker_fn,
-        # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
-        # while the run has no checkpoint of its own.
-        train_loop_config={
-            "args": WorkerArgs(
-                config=cfg.to_dict(),
-                out=str(out),
-                run_id=logger.run_id,
-                resume_from=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
-                **payload,
-            )
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            callbacks=[FailFast()],  # trainer/failures.py: no retries of an error that would recur
-            worker_runtime_env={"env_vars": worker_env},
-        ),
-    )
-    try:
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as ckpt:
-            for name in RESULT_FILES:
-                if Path(ckpt, name).exists():
-                    shutil.copy(Path(ckpt, name), out / name)
-            if Path(ckpt, OVERLAYS_DIR).is_dir():  # eval.overlays: attention PNGs (trainer/attention_maps.py)
-                shutil.rmtree(out / OVERLAYS_DIR, ignore_errors=True)
-                shutil.copytree(Path(ckpt, OVERLAYS_DIR), out / OVERLAYS_DIR)
-    except ControllerError as exc:  # FailFast stopped the run: the error is said in one line
-        logger.finish(ok=False)
-        if isinstance(exc.controller_failure, NotRetryable):
-            raise RunFailed(str(exc.controller_failure)) from None
-        raise
-    except BaseException:
-        logger.finish(ok=False)
-        raise
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["mlflow_run_id"] = logger.run_id
-    metrics["checkpoint"] = checkpoint_url(cfg.checkpoint.storage, result.checkpoint.path)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if log_metrics:  # training's rank 0 logged them already, with their step
-        logger.log(
-            {f"{setting}/{k}": v for setting in ("zsl", "gzsl") for k, v in metrics[setting].items()}, metrics["step"]
-        )
-    for name in ("metrics.json", *SETTINGS_FILES):
-        logger.artifact(out / name)
-    for picture in sorted((out / OVERLAYS_DIR).glob("*.png")):
-        logger.artifact(picture, OVERLAYS_DIR)
-    logger.finish(ok=True)
-    return metrics
 
 
 def checked_checkpoint(folder: str) -> TrainState:
@@ -196,9 +69,10 @@ def checked_checkpoint(folder: str) -> TrainState:
         raise ConfigError(f"--resume: {exc}") from None
 
 
-def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | None]:
+def resume_target(out: Path, resume: str | None) -> tuple[RunRecord | None, str | None]:
     """(the run being continued, a checkpoint folder to start from) for `--resume`."""
-    run_file = out / RUN_FILE
+    folder = RunFolder(out)
+    run_file = folder.run_record
     if resume is None:
         if run_file.exists():
             raise ConfigError(
@@ -208,32 +82,28 @@ def resume_target(out: Path, resume: str | None) -> tuple[dict | None, str | Non
         return None, None
     if resume == "latest":
         if not run_file.exists():
-            raise ConfigError(f"--resume latest: {out} holds no run to resume ({RUN_FILE} is missing)")
-        run = json.loads(run_file.read_text())
+            raise ConfigError(f"--resume latest: {out} holds no run to resume ({run_file.name} is missing)")
+        run = RunRecord.read(folder)
         # No checkpoint and no step in MLflow (the run died before its first logged window): a
         # restart from step 0 is its resume. Once steps are logged, starting over would log them again.
         logged = (
             None
-            if has_checkpoint(run["storage"], run["run_name"], STATE_FILE)
-            else find_run(run["tracking_uri"], run["mlflow_run_id"])
+            if has_checkpoint(run.storage, run.run_name, STATE_FILE)
+            else find_run(run.tracking_uri, run.mlflow_run_id)
         )
         if logged is not None and logged.data.metrics:
             raise ConfigError(
-                f"--resume latest: {run['storage'].rstrip('/')}/{run['run_name']} holds no checkpoint of the run in {out}; "
+                f"--resume latest: {run.storage.rstrip('/')}/{run.run_name} holds no checkpoint of the run in {out}; "
                 f"start afresh in a new --out, or --resume PATH with a checkpoint folder of it"
             )
         return run, None
     resume = absolute(resume).rstrip("/")  # a checkpoint folder, local or at a URL
     state = checked_checkpoint(resume)
     if run_file.exists():
-        run = json.loads(run_file.read_text())
+        run = RunRecord.read(folder)
     else:  # a checkpoint from elsewhere: continue its MLflow run under a new Ray Train run name
-        run = {
-            "run_name": f"resumed-{time.strftime('%Y%m%d-%H%M%S')}",
-            "mlflow_run_id": state.mlflow_run_id,
-            "tracking_uri": None,  # the user's store (open_tracking): a checkpoint must not redirect tracking
-            "storage": None,
-        }
+        # tracking_uri None: the user's store (open_tracking); a checkpoint must not redirect tracking
+        run = RunRecord(f"resumed-{time.strftime('%Y%m%d-%H%M%S')}", state.mlflow_run_id, None, None)
     return run, resume
 
 
@@ -252,16 +122,7 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
         tracking_uri, run_name, logger = open_tracking(
             cfg, out, cfg.model.name, resume=run, parent_run_id=parent_run_id
         )
-        (out / RUN_FILE).write_text(
-            json.dumps(
-                {
-                    "run_name": run_name,
-                    "mlflow_run_id": logger.run_id,
-                    "tracking_uri": tracking_uri,
-                    "storage": cfg.checkpoint.storage,
-                }
-            )
-        )
+        RunRecord(run_name, logger.run_id, tracking_uri, cfg.checkpoint.storage).write(RunFolder(out))
         metrics = run_workers(
             cfg,
             out,
@@ -289,9 +150,6 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
         return metrics
 
 
-SETTINGS_FILES = ("per_label_zsl.tsv", "per_label_gzsl.tsv")
-
-
 def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
     print(
         f"\n=== {title}, {metrics['num_test_images']} {cfg.eval.split} images "
@@ -313,8 +171,8 @@ def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
         "chance level (mean label frequency): "
         + ", ".join(f"{name.upper()} mAP {value:.2f}" for name, value in metrics["chance_mAP"].items())
     )
-    for name in SETTINGS_FILES:
-        print(f"{name[len('per_label_') : -4].upper()} per label: {summarise_per_label(out / name)}")
+    for setting, name in zip(SETTINGS, PER_LABEL_FILES):
+        print(f"{setting.upper()} per label: {summarise_per_label(out / name)}")
     for phase, bad in metrics["bad_samples"].items():
         print(
             f"bad samples skipped ({phase}): {bad['count']} of {bad['read']} read"
@@ -327,8 +185,8 @@ def print_summary(metrics: dict, cfg: Config, out: Path, title: str) -> None:
         )
     print(
         f"results in {out} (metrics.json, per_label_*.tsv"
-        + (", model.pt" if (out / "model.pt").exists() else "")
+        + (f", {MODEL_FILE}" if (out / MODEL_FILE).exists() else "")
         + (", model_best.pt" if metrics.get("best") else "")
-        + (f", {OVERLAYS_DIR}/*.png" if (out / OVERLAYS_DIR).is_dir() else "")
+        + (f", {ATTENTION_DIR}/*.png" if (out / ATTENTION_DIR).is_dir() else "")
         + f"); MLflow run {metrics['mlflow_run_id']}"
     )

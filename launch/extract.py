@@ -26,9 +26,9 @@ from datasets.features import (
     same_source,
     write_json,
 )
-from launch.driver import start_ray
 from launch.preflight import preflight_extract
 from launch.storage import storage_env
+from launch.workers import start_ray
 from trainer.config import Config, ConfigError
 from trainer.progress import format_duration
 

@@ -17,7 +17,6 @@ still predicted; the exit status is 1 only when nothing could be predicted.
 
 from __future__ import annotations
 
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from launch.preflight import preflight_predict
 from trainer.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
 from trainer.config import Config, ConfigError, replaced
 from trainer.model import build_model
+from trainer.weights import WeightsError, read_state_dict
 
 BATCH = 16  # images per forward pass
 MAX_SHEET_LABELS = 10  # labels captioned on an overlay sheet, whatever --top-k is
@@ -58,11 +58,10 @@ def warn(message: str) -> None:
 
 
 def read_state(url: str) -> dict[str, torch.Tensor]:
-    with fsspec.open(url, "rb") as f:
-        try:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
-            raise ConfigError(f"{url}: not a model.pt of this system ({type(exc).__name__}: {exc})") from None
+    try:
+        return read_state_dict(url)
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str) -> tuple[Config, bool]:

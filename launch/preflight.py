@@ -25,6 +25,7 @@ import fsspec
 from datasets.contract import DatasetInfo, join, read_dataset
 from launch.storage import model_file
 from trainer.config import Config, ConfigError, config_from_dict, replaced
+from trainer.run_folder import RunRecord
 
 
 class Resolved(NamedTuple):
@@ -110,9 +111,9 @@ def preflight(cfg: Config, out: str | Path, splits: list[str]) -> Resolved:
     return Resolved(cfg, out, info, splits)
 
 
-def resumed(cfg: Config, run: dict | None) -> Config:
+def resumed(cfg: Config, run: RunRecord | None) -> Config:
     """A resumed run keeps the checkpoint storage its run.json names, whatever the config says now."""
-    return replaced(cfg, {"checkpoint.storage": run["storage"]}) if run and run["storage"] else cfg
+    return replaced(cfg, {"checkpoint.storage": run.storage}) if run and run.storage else cfg
 
 
 def evaluation_checkpoint(checkpoint: str) -> str:

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.config import ConfigError
-
-LOCK_FILE = ".lock"
+from trainer.run_folder import LOCK_FILE
 
 
 @contextlib.contextmanager

@@ -117,7 +117,7 @@ def test_resume_latest_before_the_first_checkpoint_restarts_the_same_run(tmp_pat
     run_id = open_run(uri, None, "audit", "lesa-1", {})  # crashed before any step reached MLflow
     write_run(tmp_path / "run", uri, run_id)
     run, resume_from = resume_target(tmp_path / "run", "latest")
-    assert run["mlflow_run_id"] == run_id and resume_from is None
+    assert run.mlflow_run_id == run_id and resume_from is None
 
 
 def test_resume_latest_with_a_checkpoint_goes_on(tmp_path):
@@ -128,7 +128,7 @@ def test_resume_latest_with_a_checkpoint_goes_on(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "lesa-1" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir()
     (ckpt / STATE_FILE).write_text("{}")
-    assert resume_target(tmp_path / "run", "latest")[0]["mlflow_run_id"] == run_id
+    assert resume_target(tmp_path / "run", "latest")[0].mlflow_run_id == run_id
 
 
 def foreign_checkpoint(folder: Path, run_id: str, tracking_uri: str) -> Path:

@@ -24,6 +24,7 @@ from launch.preflight import (
     training_splits,
 )
 from trainer.config import ConfigError, load_config
+from trainer.run_folder import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_preflight_resolves_paths_into_a_new_config(data, tmp_path, monkeypatch)
 
     remote = preflight(config(data, "checkpoint.storage=s3://bucket/ck"), tmp_path / "o2", ["test"]).cfg
     assert remote.checkpoint.storage == "s3://bucket/ck"
-    run = {"storage": "s3://bucket/first", "run_name": "r"}
+    run = RunRecord("r", "run-id", "sqlite:///x.db", "s3://bucket/first")
     assert resumed(remote, run).checkpoint.storage == "s3://bucket/first" and resumed(remote, None) is remote
 
 

@@ -101,7 +101,7 @@ def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_re
 def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp_path):
     import ray
 
-    from launch.driver import run_workers
+    from launch.workers import run_workers
     from trainer.config import ConfigError, load_config
     from trainer.failures import NotRetryable
     from trainer.tracking import RunLogger, open_run

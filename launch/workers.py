@@ -1,0 +1,149 @@
+"""Running a worker function on Ray Train: the cluster, the trainer, and bringing results home.
+
+Ray: the cluster in RAY_ADDRESS if set (as under `ray job submit`), otherwise a local one started
+here with enough CPU slots for the requested workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from launch.errors import RunFailed
+from launch.storage import checkpoint_url, ray_storage, storage_env
+from trainer.config import Config
+from trainer.run_folder import ATTENTION_DIR, PER_LABEL_FILES, RESULT_FILES, SETTINGS, RunFolder
+from trainer.tracking import RunLogger
+
+
+def start_ray(cfg: Config) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # On an existing cluster Ray's processes do not inherit this environment, and Train's
+        # controller writes to the checkpoint storage too: the storage variables go to the whole
+        # job. Under `ray job submit` the job's runtime env is set already and this process runs
+        # inside it (Ray refuses to merge the same variable twice), so it is left alone there.
+        env = storage_env()
+        under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for job entrypoints
+        ray.init(runtime_env={"env_vars": env} if env and not under_job else None)
+    else:
+        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
+        # cleaner polls; without it that actor logs a warning every few seconds.
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """The environment every Ray Train worker gets."""
+    # Ray's print patch tees prints when a library has wrapped stdout: every line came out twice.
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(storage_env())  # credentials and endpoints, by name from this environment
+    return env
+
+
+def build_trainer(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, run_id: str, resume_from):
+    """A TorchTrainer running `worker_fn` on `scaling.num_workers` workers, with WorkerArgs."""
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainer.engine import WorkerArgs
+    from trainer.failures import FailFast
+
+    storage_path, storage_filesystem = ray_storage(cfg.checkpoint.storage)
+    args = WorkerArgs(
+        config=cfg.to_dict(),
+        out=str(out),
+        run_id=run_id,
+        # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
+        # while the run has no checkpoint of its own.
+        resume_from=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
+        **payload,
+    )
+    return TorchTrainer(
+        worker_fn,
+        train_loop_config={"args": args},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=[FailFast()],  # trainer/failures.py: no retries of an error that would recur
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+
+
+def copy_results(checkpoint_dir: Path, folder: RunFolder) -> None:
+    """The final checkpoint's result files into the run folder (attention/: eval.overlays)."""
+    for name in RESULT_FILES:
+        if Path(checkpoint_dir, name).exists():
+            shutil.copy(Path(checkpoint_dir, name), folder.root / name)
+    if Path(checkpoint_dir, ATTENTION_DIR).is_dir():
+        shutil.rmtree(folder.attention, ignore_errors=True)
+        shutil.copytree(Path(checkpoint_dir, ATTENTION_DIR), folder.attention)
+
+
+def run_workers(
+    cfg: Config,
+    out: Path,
+    worker_fn,
+    payload: dict,
+    run_name: str,
+    logger: RunLogger,
+    log_metrics: bool,
+    resume_from: str | None = None,
+) -> dict:
+    """Run `worker_fn` on Ray Train; bring its results into `out` and the MLflow run; return
+    metrics.json as a dict. A run whose name already has checkpoints in the storage resumes from
+    the latest; `resume_from` names a checkpoint otherwise."""
+    from ray.train import ControllerError
+
+    from trainer.failures import NotRetryable
+
+    folder = RunFolder(out)
+    start_ray(cfg)
+    trainer = build_trainer(cfg, out, worker_fn, payload, run_name, logger.run_id, resume_from)
+    try:
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            copy_results(Path(checkpoint_dir), folder)
+    except ControllerError as exc:  # FailFast stopped the run: the error is said in one line
+        logger.finish(ok=False)
+        if isinstance(exc.controller_failure, NotRetryable):
+            raise RunFailed(str(exc.controller_failure)) from None
+        raise
+    except BaseException:
+        logger.finish(ok=False)
+        raise
+    metrics = json.loads(folder.metrics.read_text())
+    metrics["mlflow_run_id"] = logger.run_id
+    metrics["checkpoint"] = checkpoint_url(cfg.checkpoint.storage, result.checkpoint.path)
+    folder.metrics.write_text(json.dumps(metrics, indent=1))
+    if log_metrics:  # training's rank 0 logged them already, with their step
+        logger.log({f"{s}/{k}": v for s in SETTINGS for k, v in metrics[s].items()}, metrics["step"])
+    for path in (folder.metrics, *(folder.root / name for name in PER_LABEL_FILES)):
+        logger.artifact(path)
+    for picture in sorted(folder.attention.glob("*.png")):
+        logger.artifact(picture, ATTENTION_DIR)
+    logger.finish(ok=True)
+    return metrics
