@@ -153,7 +153,7 @@ def loader_rate(shards, labels: int, batch: int, loaders: int, seconds: float, p
     next(loader)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        count += len(next(loader)["keys"])
+        count += len(next(loader).keys)
     return count / (time.perf_counter() - start)
 
 
@@ -172,12 +172,12 @@ def end_to_end(
 
     def step():
         b = next(batches)
-        images = b["images"].to(device, non_blocking=True)
-        y = b["labels"].to(device, non_blocking=True)
+        images = b.images.to(device, non_blocking=True)
+        y = b.labels.to(device, non_blocking=True)
         with torch.no_grad():
             feats = vgg(images).float()
         head_step(head, vectors, opt, feats, y)
-        return len(b["keys"])
+        return len(b.keys)
 
     for _ in range(3):
         step()

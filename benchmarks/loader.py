@@ -67,7 +67,7 @@ def reader(shards: list[Shard], size: int, loaders: int, passes: int = 1) -> flo
     start, count = time.perf_counter(), 0
     for _ in range(passes):
         for batch in make_loader(spec, loaders):
-            count += len(batch["keys"])
+            count += len(batch.keys)
     return count / (time.perf_counter() - start)
 
 
@@ -113,7 +113,7 @@ def start_methods(shards: list[Shard], size: int, repeats: int) -> list[dict]:
             batches = iter(make())
             next(batches)
             first[name].append(time.perf_counter() - start)
-            start, count = time.perf_counter(), sum(len(b["keys"]) for b in batches)
+            start, count = time.perf_counter(), sum(len(b.keys) for b in batches)
             rate[name].append(count / (time.perf_counter() - start))
     ratios = {name: [r / b for r, b in zip(rate[name], rate[forked])] for name in makers}
     return [

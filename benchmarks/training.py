@@ -43,7 +43,7 @@ def bare_loop(data: str, steps: int, batch: int) -> float:
     spec = StreamSpec(
         shards=info.shards("train"), num_labels=info.num_labels, image_size=96, batch_size=batch, train=False
     )
-    batches = [(b["images"], b["labels"]) for b in make_loader(spec, 0) if len(b["keys"]) == batch]
+    batches = [(b.images, b.labels) for b in make_loader(spec, 0) if len(b.keys) == batch]
     model = build_model(cfg, info.embeddings)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     seen = torch.as_tensor(info.seen)

@@ -139,11 +139,11 @@ class ShardExtractor:
         with ShardFile(job["out"]) as shard:
             for batch in loader:
                 # A broken shard is one skip record standing for all its unread samples.
-                read += len(batch["keys"]) + sum(map(skipped_samples, batch["skipped"]))
-                skipped += [{"key": key, "kind": kind, "detail": detail} for _, key, kind, detail in batch["skipped"]]
-                if batch["images"] is None:
+                read += len(batch.keys) + sum(map(skipped_samples, batch.skipped))
+                skipped += [{"key": key, "kind": kind, "detail": detail} for _, key, kind, detail in batch.skipped]
+                if not batch.has_samples:
                     continue
-                rows = feature_rows(self.features(batch["images"]))
+                rows = feature_rows(self.features(batch.images))
                 if np.abs(rows).max() > FLOAT16_MAX or not np.isfinite(rows).all():
                     # Not a bad image but wrong weights or inputs: every later shard would fail too.
                     raise ValueError(
@@ -151,7 +151,7 @@ class ShardExtractor:
                         f"or exceed float16's range; check model.backbone_weights"
                     )
                 rows = rows.astype(np.float16)
-                for key, x, y in zip(batch["keys"], rows, batch["labels"].numpy()):
+                for key, x, y in zip(batch.keys, rows, batch.labels.numpy()):
                     shard.write(
                         key,
                         {

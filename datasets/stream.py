@@ -15,12 +15,13 @@ output (`feat.npy`, float16 [regions, channels]); nothing else changes for the s
 Bad input never stops the stream: a corrupt, oversized or unsupported image (datasets/images.py),
 a corrupt feature array, a missing or malformed `labels.json`, a label index out of range or a
 truncated shard is skipped, and a record (shard, key, kind, detail) travels with the next batch
-(`batch["skipped"]`) so the trainer can count and report it. A shard that breaks counts as bad
+(`Batch.skipped`) so the trainer can count and report it. A shard that breaks counts as bad
 every sample dataset.json gives it that was not read (`Skip.samples`), not as one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -301,10 +302,34 @@ def decode(samples, spec: StreamSpec, pending: Pending):
 SKIP_REPORT_EVERY = 256
 
 
-def skip_report(pending: Pending) -> dict:
+@dataclass
+class Batch:
+    """What a loader yields: decoded samples (or none, in a report of skipped ones) and what the
+    trainer books for them. `positions` are the (epoch, shard, index) of every sample this batch
+    used up, its own and the bad ones skipped since the last batch, so they can be marked used."""
+
+    images: torch.Tensor | None  # uint8 [B, H, W, 3] images or float16 [B, R, C] feature rows
+    labels: torch.Tensor | None  # int8 [B, num_labels]: +1 present, -1 absent, 0 unknown
+    keys: list[str]
+    epochs: list[int]  # each sample's epoch (the ledger)
+    positions: list
+    skipped: list  # skip records: (shard, key, kind, detail), or a Skip for a broken shard
+
+    @property
+    def has_samples(self) -> bool:
+        return self.images is not None
+
+    def pin_memory(self) -> "Batch":
+        """DataLoader(pin_memory=True) calls this: page-locked tensors copy to the GPU asynchronously."""
+        if not self.has_samples:
+            return self
+        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
+
+
+def skip_report(pending: Pending) -> Batch:
     """A batch with no samples that only carries skip records and their positions."""
     skipped, used = pending.drain()
-    return {"images": None, "labels": None, "keys": [], "epochs": [], "positions": used, "skipped": skipped}
+    return Batch(None, None, [], [], used, skipped)
 
 
 # --- stage: batch --------------------------------------------------------------------------------
@@ -315,16 +340,16 @@ def batched(samples, batch_size: int, pending: Pending, keep_partial: bool):
     the bad samples skipped since the last batch), so the trainer can mark them used. `images` is
     the model's input: uint8 [B, H, W, 3] images, or float16 [B, R, C] rows of a feature dataset."""
 
-    def collate(items):
+    def collate(items) -> Batch:
         skipped, used = pending.drain()
-        return {
-            "images": torch.from_numpy(np.stack([s["image"] for s in items])),
-            "labels": torch.from_numpy(np.stack([s["labels"] for s in items])),
-            "keys": [s["key"] for s in items],
-            "epochs": [s["pos"][0] for s in items],
-            "positions": [s["pos"] for s in items] + used,
-            "skipped": skipped,
-        }
+        return Batch(
+            images=torch.from_numpy(np.stack([s["image"] for s in items])),
+            labels=torch.from_numpy(np.stack([s["labels"] for s in items])),
+            keys=[s["key"] for s in items],
+            epochs=[s["pos"][0] for s in items],
+            positions=[s["pos"] for s in items] + used,
+            skipped=skipped,
+        )
 
     items = []
     for sample in samples:

@@ -163,7 +163,7 @@ def test_refused_formats_and_oversized_images_are_counted_not_decoded(tmp_path, 
     keys = []
     for batch in ShardStream(spec):
         log.add(batch)
-        keys += batch["keys"]
+        keys += batch.keys
     kinds = {e["key"]: e["kind"] for e in log.examples}
     assert keys == ["good", "good2"]
     assert kinds == {

@@ -67,8 +67,8 @@ def run(ds, max_batches=None):
     keys, skipped, batches = [], [], []
     for batch in ds:
         batches.append(batch)
-        keys += batch["keys"]
-        skipped += batch["skipped"]
+        keys += batch.keys
+        skipped += batch.skipped
         if max_batches is not None and len(batches) >= max_batches:
             break
     return keys, skipped, batches
@@ -129,7 +129,7 @@ def test_bad_samples_skipped_with_shard_key_kind_detail(mixed):
     # the record order follows the shard
     assert [key for _, key, _, _ in skipped] == [k for k, _, kind in samples if kind is not None]
     # the good images and labels are intact
-    labels = np.concatenate([b["labels"].numpy() for b in batches if b["labels"] is not None])
+    labels = np.concatenate([b.labels.numpy() for b in batches if b.labels is not None])
     for row, key in zip(labels, keys):
         seed = {"good_00": 0, "good_01": 1, "pickled": 7, "good_02": 8}[key]
         assert row[seed % NUM_LABELS] == 1 and row[(seed + 1) % NUM_LABELS] == -1
@@ -157,15 +157,8 @@ def test_nothing_is_unpickled(mixed):
     assert not marker.exists()
     assert "pickled" in keys  # the sample itself is fine
     assert "pickled" not in {key for _, key, _, _ in skipped}
-    for b in batches:
-        assert set(b) == {
-            "images",
-            "labels",
-            "keys",
-            "epochs",
-            "positions",
-            "skipped",
-        }  # the pickle fields are not passed on
+    for b in batches:  # the pickle fields are not passed on: a Batch has only its typed fields
+        assert set(vars(b)) == {"images", "labels", "keys", "epochs", "positions", "skipped"}
     # also not in training mode, nor through DataLoader processes
     run(stream(shards, train=True, shuffle_buffer=3), max_batches=6)
     run(make_loader(StreamSpec(shards, NUM_LABELS, SIZE, 2, train=False), loader_workers=2))
@@ -191,7 +184,7 @@ def test_a_shard_of_only_bad_samples_still_reports(tmp_path):
     keys, skipped, batches = run(stream(shards))
     assert keys == []
     assert [(key, kind) for _, key, kind, _ in skipped] == [(f"bad_{i}", "corrupt image") for i in range(3)]
-    assert all(b["images"] is None and b["keys"] == [] for b in batches)
+    assert all(b.images is None and b.keys == [] for b in batches)
 
 
 ALL_BAD_TRAINING = """
@@ -210,7 +203,7 @@ def watchdog():  # imports done: the stream itself gets 5 s
     os._exit(3)
 threading.Thread(target=watchdog, daemon=True).start()
 batch = next(iter(ShardStream(StreamSpec(shards, 5, 8, 2, train=True))), None)
-print(json.dumps(None if batch is None else [list(r) for r in batch["skipped"]]))
+print(json.dumps(None if batch is None else [list(r) for r in batch.skipped]))
 """
 
 

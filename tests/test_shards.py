@@ -15,7 +15,7 @@ import torch
 
 from datasets.contract import DatasetError, Label, read_dataset, write_metadata
 from datasets.shards import SplitWriter, encode_jpeg, encode_labels
-from datasets.stream import ShardStream, StreamSpec, epoch_shards, make_loader
+from datasets.stream import Batch, ShardStream, StreamSpec, epoch_shards, make_loader
 
 SIZE = 16
 NUM_LABELS = 6
@@ -93,7 +93,7 @@ def collect(stream, max_batches=None):
 
 
 def keys_of(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
+    return [k for b in batches for k in b.keys]
 
 
 @pytest.fixture(scope="module")
@@ -240,20 +240,20 @@ def test_split_without_shards_named(small_root):
 def test_eval_stream_yields_every_sample_once_with_labels_and_images(dataset):
     _, _, info = dataset
     batches = collect(ShardStream(spec_for(info)))
-    assert [len(b["keys"]) for b in batches] == [3, 3, 1]  # the last partial batch is kept
+    assert [len(b.keys) for b in batches] == [3, 3, 1]  # the last partial batch is kept
     assert keys_of(batches) == [f"test{i:04d}" for i in range(7)]  # shard order as listed, no shuffle
     for b in batches:
-        assert set(b) == {"images", "labels", "keys", "epochs", "positions", "skipped"}
-        assert b["skipped"] == []
-        assert b["images"].dtype == torch.uint8
-        assert tuple(b["images"].shape) == (len(b["keys"]), SIZE, SIZE, 3)
-        assert b["labels"].dtype == torch.int8
-        assert tuple(b["labels"].shape) == (len(b["keys"]), NUM_LABELS)
-        for key, y in zip(b["keys"], b["labels"].numpy()):
+        assert isinstance(b, Batch) and b.has_samples
+        assert b.skipped == []
+        assert b.images.dtype == torch.uint8
+        assert tuple(b.images.shape) == (len(b.keys), SIZE, SIZE, 3)
+        assert b.labels.dtype == torch.int8
+        assert tuple(b.labels.shape) == (len(b.keys), NUM_LABELS)
+        for key, y in zip(b.keys, b.labels.numpy()):
             i = int(key[4:])
             np.testing.assert_array_equal(y, expected_vector(i))
             assert set(np.unique(y)) <= {-1, 0, 1}
-    labels = np.concatenate([b["labels"].numpy() for b in batches])
+    labels = np.concatenate([b.labels.numpy() for b in batches])
     assert (labels == 1).any() and (labels == -1).any() and (labels == 0).any()
 
 
@@ -266,7 +266,7 @@ def test_square_image_kept_and_non_square_resized_then_centre_cropped(dataset):
     _, _, info = dataset
     by_key = {}
     for b in collect(ShardStream(spec_for(info))):
-        for key, image in zip(b["keys"], b["images"].numpy()):
+        for key, image in zip(b.keys, b.images.numpy()):
             by_key[key] = image.astype(int)
     # a square image at the target size: colour (0, 100, 200) survives JPEG closely
     assert np.abs(by_key["test0000"] - np.array([0, 100, 200])).max() <= 12
@@ -306,9 +306,9 @@ def test_non_square_png_larger_than_target(tmp_path):
     write_metadata(str(tmp_path), "png", "image", labels, np.ones((2, 2)), {"test": writer.shards})
     info = read_dataset(str(tmp_path))
     (batch,) = collect(ShardStream(StreamSpec(info.shards("test"), 1, 12, 4, train=False)))
-    assert tuple(batch["images"].shape) == (1, 12, 12, 3)
-    assert batch["images"].numpy().min() >= 250
-    np.testing.assert_array_equal(batch["labels"].numpy(), [[1]])
+    assert tuple(batch.images.shape) == (1, 12, 12, 3)
+    assert batch.images.numpy().min() >= 250
+    np.testing.assert_array_equal(batch.labels.numpy(), [[1]])
 
 
 def test_eval_split_over_two_ranks_is_disjoint_and_complete(dataset):
@@ -383,10 +383,10 @@ def test_train_stream_is_deterministic_and_endless(dataset):
 def test_train_stream_batches_are_full(dataset):
     _, _, info = dataset
     batches = collect(ShardStream(spec_for(info, "train", train=True, batch_size=5)), 6)
-    assert [len(b["keys"]) for b in batches] == [5] * 6
+    assert [len(b.keys) for b in batches] == [5] * 6
     for b in batches:
-        assert tuple(b["images"].shape) == (5, SIZE, SIZE, 3)
-        for key, y in zip(b["keys"], b["labels"].numpy()):
+        assert tuple(b.images.shape) == (5, SIZE, SIZE, 3)
+        for key, y in zip(b.keys, b.labels.numpy()):
             np.testing.assert_array_equal(y, expected_vector(int(key[5:])))
 
 

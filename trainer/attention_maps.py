@@ -236,18 +236,18 @@ def render_eval_overlays(model, info, cfg: Config, device) -> dict:
         batch_size=count,
         train=False,
     )
-    batch = next((b for b in make_loader(spec, 0) if b["images"] is not None), None)
+    batch = next((b for b in make_loader(spec, 0) if b.has_samples), None)
     if batch is None:
         return {}
     label_ids = torch.arange(info.num_labels, device=device)
-    items = attention_outputs(model, batch["images"].to(device), label_ids)
+    items = attention_outputs(model, batch.images.to(device), label_ids)
     if items is None:
         return {}
     unseen = set(info.unseen.tolist())
     names = [lab.name + ("*" if lab.index in unseen else "") for lab in info.labels]
     top_k = min(cfg.eval.k)
     files, taken = {}, set()
-    for item, key, truth in zip(items, batch["keys"], batch["labels"].numpy()):
+    for item, key, truth in zip(items, batch.keys, batch.labels.numpy()):
         marks = ["+" if t > 0 else "-" if t < 0 else "?" for t in truth]
         sheet = render_sheet(item, names, key, top_k, marks)  # legend in README
         files[f"attention/{file_name(key, taken)}"] = lambda path, sheet=sheet: write_sheet(sheet, path)

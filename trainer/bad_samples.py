@@ -37,8 +37,8 @@ class BadSampleLog:
         return sum(self.by_kind.values())
 
     def add(self, batch: dict) -> None:
-        self.read += len(batch["keys"]) + sum(map(skipped_samples, batch["skipped"]))
-        for record in batch["skipped"]:
+        self.read += len(batch.keys) + sum(map(skipped_samples, batch.skipped))
+        for record in batch.skipped:
             shard, key, kind, detail = record
             self.by_kind[kind] += skipped_samples(record)
             if len(self.examples) < EXAMPLES_KEPT:

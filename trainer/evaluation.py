@@ -68,10 +68,10 @@ def score_split(
     progress = ScoringProgress(split, sum(s.samples for s in mine), enabled=rank == 0)
     for batch in loader:
         bad.add(batch)
-        if batch["images"] is not None:
-            out = model(batch["images"].to(device, non_blocking=True), ids)
-            metrics.add(out["scores"], Annotations.from_dense(batch["labels"].numpy()[:, label_ids]))
-            progress.update(len(batch["keys"]))
+        if batch.has_samples:
+            out = model(batch.images.to(device, non_blocking=True), ids)
+            metrics.add(out["scores"], Annotations.from_dense(batch.labels.numpy()[:, label_ids]))
+            progress.update(len(batch.keys))
     progress.finish()
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from datasets.position import DataPosition
-from datasets.stream import StreamSpec, make_loader
+from datasets.stream import Batch, StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed
@@ -88,7 +88,7 @@ class TrainStream:
             dist.barrier()
         self.ledger = Ledger(root, self.rank)
 
-    def next(self) -> dict:
+    def next(self) -> Batch:
         while True:
             try:
                 batch = next(self.batches)
@@ -98,10 +98,10 @@ class TrainStream:
                     f"its shards (skipped: {dict(self.bad.by_kind)})"
                 ) from None
             self.bad.add(batch)
-            self.used.extend(batch["positions"])
-            if batch["images"] is not None:
+            self.used.extend(batch.positions)
+            if batch.has_samples:
                 if self.ledger:
-                    self.ledger.record(batch["epochs"], batch["keys"])
+                    self.ledger.record(batch.epochs, batch.keys)
                 return batch
 
     def commit_positions(self, position: DataPosition, step: int) -> None:
@@ -135,8 +135,8 @@ def train_step(engine, stream: TrainStream, seen_ids: torch.Tensor, weights: dic
     start = time.perf_counter()
     batch = stream.next()
     data_seconds = time.perf_counter() - start
-    images = batch["images"].to(device, non_blocking=True)
-    y = batch["labels"].to(device, non_blocking=True)[:, seen_ids]
+    images = batch.images.to(device, non_blocking=True)
+    y = batch.labels.to(device, non_blocking=True)[:, seen_ids]
     loss, parts = total_loss(engine(images, seen_ids), y, weights)
     engine.backward(loss)
     engine.step()
