@@ -58,7 +58,7 @@ def make_block(block: int, num_images: int, num_labels: int, seed: int):
 
 def make_rows(blocks, num_images, num_labels, seed):
     """Scores of the given blocks, filled in place (no second copy), and their Annotations."""
-    from trainer.metrics import Annotations
+    from trainer.evaluation.metrics import Annotations
 
     sizes = [min(BLOCK, num_images - b * BLOCK) for b in blocks]
     scores = np.empty((sum(sizes), num_labels), dtype=np.float32)
@@ -123,7 +123,7 @@ def our_worker(rank, world, num_images, num_labels, seed, store_path, batch, dev
     import torch
     import torch.distributed as dist
 
-    from trainer.metrics import Annotations, Entries, StreamingMetrics, label_statistics
+    from trainer.evaluation.metrics import Annotations, Entries, StreamingMetrics, label_statistics
 
     torch.set_num_threads(1)
     if world > 1:

@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datasets.synthetic import write_synthetic  # noqa: E402
-from trainer.backbones import VGG19Conv54  # noqa: E402
+from datasets.makers.synthetic import write_synthetic  # noqa: E402
+from trainer.models.backbones import VGG19Conv54  # noqa: E402
 
 
 def random_vgg19(path: Path) -> None:

@@ -11,11 +11,11 @@ Prints, on one GPU (or tiny on the CPU with --tiny, to check the script):
 4. end-to-end training images/s from JPEG shards: the project's streaming reader in loader
    processes (read, decode, resize, centre crop), pinned memory and non-blocking copies, the
    frozen VGG-19 and the LESA head in bf16: eager, the backbone alone compiled, and both compiled
-   in place (what trainer/model.py does with model.compile); next to the loader alone, to show
+   in place (what trainer/models/registry.py does with model.compile); next to the loader alone, to show
    which bounds.
 Compiled figures exclude the compile itself (the warm-up calls pay it). --stages picks a subset.
-The components are the project's own (datasets/stream.py, trainer/backbones.py, trainer/lesa.py,
-trainer/losses.py, trainer/optim.py); Ray and DeepSpeed are left out, which the CPU benchmarks
+The components are the project's own (datasets/stream.py, trainer/models/backbones.py, trainer/models/lesa.py,
+trainer/models/losses.py, trainer/optim.py); Ray and DeepSpeed are left out, which the CPU benchmarks
 of the training path measure.
 """
 
@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.contract import Shard  # noqa: E402
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels  # noqa: E402
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels  # noqa: E402
 from datasets.stream import StreamSpec, make_loader  # noqa: E402
-from trainer.backbones import VGG19Conv54  # noqa: E402
-from trainer.lesa import LESAHead  # noqa: E402
-from trainer.losses import total_loss  # noqa: E402
+from trainer.models.backbones import VGG19Conv54  # noqa: E402
+from trainer.models.lesa import LESAHead  # noqa: E402
+from trainer.models.losses import total_loss  # noqa: E402
 from trainer.optim import RMSpropTF  # noqa: E402
 
 VGG19_GFLOP = 39.0
@@ -97,7 +97,7 @@ def head_step(head, vectors, opt, feats, y) -> None:
     """One optimizer step of the LESA head on a feature batch: bf16 autocast, fp32 losses."""
     with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=feats.device.type == "cuda"):
         out = head(feats, vectors)
-    loss, _ = total_loss({k: v.float() for k, v in out.items()}, y, WEIGHTS)
+    loss, _ = total_loss(out.float(), y, WEIGHTS)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

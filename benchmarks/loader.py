@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.contract import Shard  # noqa: E402
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels  # noqa: E402
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, decode_image, make_loader  # noqa: E402
 
 NUM_LABELS = 7586

@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from datasets.contract import read_dataset  # noqa: E402
+from datasets.makers.synthetic import write_synthetic  # noqa: E402
 from datasets.stream import StreamSpec, make_loader  # noqa: E402
-from datasets.synthetic import write_synthetic  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.losses import total_loss  # noqa: E402
-from trainer.model import build_model  # noqa: E402
+from trainer.models.losses import total_loss  # noqa: E402
+from trainer.models.registry import build_model  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 
 

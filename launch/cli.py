@@ -10,7 +10,7 @@ import sys
 
 
 def cmd_synth(args) -> int:
-    from datasets.synthetic import write_synthetic
+    from datasets.makers.synthetic import write_synthetic
 
     sizes = {"train": args.train, "val": args.val, "test": args.test}
     write_synthetic(
@@ -102,7 +102,7 @@ def cmd_metrics(args) -> int:
     blocks of memory-mapped matrices: memory follows the annotations, not images x labels x 8 bytes."""
     import numpy as np
 
-    from trainer.metrics import Annotations, evaluate_settings
+    from trainer.evaluation.metrics import Annotations, evaluate_settings
 
     scores = np.load(args.scores, mmap_mode="r", allow_pickle=False)
     labels = np.load(args.labels, mmap_mode="r", allow_pickle=False)

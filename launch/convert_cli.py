@@ -10,13 +10,13 @@ import argparse
 
 
 def _image_options(args, **defaults):
-    from datasets.convert import ImageOptions
+    from datasets.makers.convert import ImageOptions
 
     return ImageOptions(short_side=args.image_size, quality=args.jpeg_quality, **defaults)
 
 
 def cmd_openimages(args) -> int:
-    from datasets.openimages import convert_openimages
+    from datasets.makers.openimages import convert_openimages
 
     convert_openimages(
         args.out,
@@ -40,7 +40,7 @@ def cmd_openimages(args) -> int:
 
 
 def cmd_nuswide(args) -> int:
-    from datasets.nuswide import convert_nuswide
+    from datasets.makers.nuswide import convert_nuswide
 
     convert_nuswide(
         args.out,
@@ -62,7 +62,7 @@ def cmd_nuswide(args) -> int:
 
 
 def cmd_lesa_split(args) -> int:
-    from datasets.lesa_split import convert_lesa_split
+    from datasets.makers.lesa_split import convert_lesa_split
 
     convert_lesa_split(args.src, args.out)
     return 0

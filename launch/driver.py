@@ -16,8 +16,8 @@ from launch.storage import has_checkpoint, read_text
 from launch.workers import run_workers
 from trainer.checkpointing import CheckpointError, check_loadable
 from trainer.config import Config, ConfigError
+from trainer.evaluation.report import summarise_per_label
 from trainer.progress import format_table
-from trainer.report import summarise_per_label
 from trainer.run_folder import ATTENTION_DIR, MODEL_FILE, PER_LABEL_FILES, SETTINGS, RunFolder, RunRecord
 from trainer.state import STATE_FILE, StateError, TrainState
 from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking

@@ -4,7 +4,7 @@
 
 `scaling.num_workers` Ray actors (a GPU each with `scaling.use_gpu`) each load the backbone once;
 shards are handed to whichever actor is free, one at a time, so a slow shard delays nobody. The
-per-shard work is datasets/features.py. The driver plans (shards with a record of the same
+per-shard work is datasets/makers/features.py. The driver plans (shards with a record of the same
 backbone, weights and image size are done already), prints progress per finished shard, and at
 the end writes the feature root's metadata and `extract/report.json` (bad images by kind).
 """
@@ -16,7 +16,7 @@ from collections import Counter
 from functools import partial
 
 from datasets.contract import DatasetError, DatasetInfo, FeatureSpec, join, write_metadata
-from datasets.features import (
+from datasets.makers.features import (
     RECORDS_DIR,
     ExtractSettings,
     ShardExtractor,
@@ -69,7 +69,7 @@ def plan(cfg: Config, info: DatasetInfo, out: str, splits: list[str]) -> tuple[l
 def extractor_args(cfg: Config, precision: str = "fp32") -> tuple:
     """What each ShardExtractor actor is made with: how to build the config's backbone, and the
     settings it reads (datasets/ takes plain values, not a Config)."""
-    from trainer.backbones import build_backbone
+    from trainer.models.backbones import build_backbone
 
     settings = ExtractSettings(
         backbone=cfg.model.backbone,

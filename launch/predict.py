@@ -9,7 +9,7 @@ Which labels are scored:
 - by default every label of the dataset in the config (seen and unseen), with the dataset's vectors;
 - with `--labels NAME ...` only those names, instead: a name the dataset has (case-insensitive)
   keeps the dataset's vector, the one the model was trained or evaluated with; any other name
-  gets a vector from `--label-vectors` (datasets/embeddings.py: GloVe/word2vec text, or a .npy
+  gets a vector from `--label-vectors` (datasets/makers/embeddings.py: GloVe/word2vec text, or a .npy
   with `--label-vector-names`; multi-word names average their known words).
 An unreadable image and a name with no vector are reported on stderr by name, and the rest is
 still predicted; the exit status is 1 only when nothing could be predicted.
@@ -29,9 +29,9 @@ from datasets.contract import DatasetError, DatasetInfo, read_dataset
 from datasets.images import as_shard_image
 from datasets.stream import BadSample, decode_image
 from launch.preflight import preflight_predict
-from trainer.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
 from trainer.config import Config, ConfigError, replaced
-from trainer.model import build_model
+from trainer.evaluation.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
+from trainer.models.registry import build_model
 from trainer.weights import WeightsError, read_state_dict
 
 BATCH = 16  # images per forward pass
@@ -212,7 +212,7 @@ def predict(
     data: str | None = None,
 ) -> int:
     """Print the top-K labels of every readable image; the exit status (0, or 1 if nothing was predicted)."""
-    from datasets.embeddings import load_label_encoder
+    from datasets.makers.embeddings import load_label_encoder
 
     model_url, cfg = preflight_predict(checkpoint, top_k, device)
     state = read_state(model_url)
@@ -238,7 +238,7 @@ def predict(
         batch = torch.from_numpy(np.stack([a for _, a in good])).to(device)
         with torch.no_grad():
             out = model(batch, label_ids)
-        scores = out["scores"].float().cpu().numpy()
+        scores = out.scores.float().cpu().numpy()
         for (path, _), row in zip(good, scores):
             print_prediction(path, row, vocabulary, min(top_k, len(vocabulary.names)))
         predicted += len(good)

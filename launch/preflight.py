@@ -44,8 +44,8 @@ def absolute(url: str) -> str:
 
 def check_registries(cfg: Config) -> None:
     """model.name, model.backbone and optim.name name registered entries."""
-    from trainer.backbones import BACKBONES
-    from trainer.model import MODELS
+    from trainer.models.backbones import BACKBONES
+    from trainer.models.registry import MODELS
     from trainer.optim import OPTIMIZERS
 
     for key, name, known, what in (
@@ -66,7 +66,7 @@ def training_splits(cfg: Config) -> list[str]:
 
 def check_data(cfg: Config, splits: list[str]) -> DatasetInfo:
     """The dataset at data.url, with `splits`, as the config will read it."""
-    from trainer.backbones import check_features, check_weights
+    from trainer.models.backbones import check_features, check_weights
 
     info = read_dataset(cfg.data.url)
     if info.features is not None:  # a feature cache stands in only for the backbone that made it
@@ -127,7 +127,7 @@ def evaluation_checkpoint(checkpoint: str) -> str:
 def preflight_extract(cfg: Config, out: str, splits: list[str] | None) -> Resolved:
     """`lesa extract`: a frozen backbone (with its weights) over an image dataset, into another
     root; `splits` default to all of the dataset's."""
-    from trainer.backbones import BACKBONES, check_weights
+    from trainer.models.backbones import BACKBONES, check_weights
 
     check_registries(cfg)
     cfg, out = replaced(cfg, {"data.url": absolute(cfg.data.url)}), absolute(out)

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from datasets.ray_start import connect_or_start_ray
 from launch.errors import RunFailed
 from launch.storage import checkpoint_url, ray_storage, storage_env
 from trainer.config import Config
@@ -19,30 +20,21 @@ from trainer.tracking import RunLogger
 
 
 def start_ray(cfg: Config) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        # On an existing cluster Ray's processes do not inherit this environment, and Train's
-        # controller writes to the checkpoint storage too: the storage variables go to the whole
-        # job. Under `ray job submit` the job's runtime env is set already and this process runs
-        # inside it (Ray refuses to merge the same variable twice), so it is left alone there.
-        env = storage_env()
-        under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for job entrypoints
-        ray.init(runtime_env={"env_vars": env} if env and not under_job else None)
-    else:
-        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's placement-group
-        # cleaner polls; without it that actor logs a warning every few seconds.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, needed),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            configure_logging=True,
-            logging_level="WARNING",
-        )
+    """Ray for `scaling.num_workers` workers: RAY_ADDRESS's cluster, or a local one with a slot for each."""
+    # On an existing cluster Ray's processes do not inherit this environment, and Train's
+    # controller writes to the checkpoint storage too: the storage variables go to the whole
+    # job. Under `ray job submit` the job's runtime env is set already and this process runs
+    # inside it (Ray refuses to merge the same variable twice), so it is left alone there.
+    env = storage_env()
+    under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray for job entrypoints
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls;
+    # without it that actor logs a warning every few seconds.
+    connect_or_start_ray(
+        max(os.cpu_count() or 1, needed),
+        dashboard=True,
+        runtime_env={"env_vars": env} if env and not under_job else None,
+    )
 
 
 def worker_env(cfg: Config) -> dict[str, str]:

@@ -14,9 +14,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """`synthetic(seed, image_size, shard_size, train=.., test=..)`: the dataset `lesa synth` writes
-    (datasets/synthetic.py), made once a session and shared by every test asking for the same one,
+    (datasets/makers/synthetic.py), made once a session and shared by every test asking for the same one,
     so tests must not write into it (a test that adds shards makes its own)."""
-    from datasets.synthetic import write_synthetic
+    from datasets.makers.synthetic import write_synthetic
 
     made = {}
 

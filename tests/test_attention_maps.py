@@ -1,4 +1,4 @@
-"""Attention overlays (trainer/attention_maps.py): which attention each label selected, the sheet
+"""Attention overlays (trainer/evaluation/attention_maps.py): which attention each label selected, the sheet
 PNG, and the eval.overlays files that the end of a run hands to the driver."""
 
 import io
@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from datasets.contract import read_dataset
-from datasets.synthetic import write_synthetic
-from trainer.attention_maps import (
+from datasets.makers.synthetic import write_synthetic
+from trainer.config import load_config, replaced
+from trainer.evaluation.attention_maps import (
     ImageAttention,
     attention_items,
     eval_overlay_files,
@@ -21,8 +22,8 @@ from trainer.attention_maps import (
     sheet_size,
     top_labels,
 )
-from trainer.config import load_config, replaced
-from trainer.model import build_model
+from trainer.models.output import HeadOutput
+from trainer.models.registry import build_model
 
 
 def constructed_head_output() -> tuple[dict, torch.Tensor]:
@@ -38,7 +39,7 @@ def constructed_head_output() -> tuple[dict, torch.Tensor]:
         ]
     )
     attention = torch.softmax(torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4), dim=-1)
-    out = {"scores": attention_scores.max(dim=1).values, "attention_scores": attention_scores, "attention": attention}
+    out = HeadOutput(scores=attention_scores.max(dim=1).values, attention_scores=attention_scores, attention=attention)
     return out, torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
 
 
@@ -72,7 +73,7 @@ def test_top_labels_break_ties_by_label_order():
 
 
 def test_a_head_without_attention_gives_no_items():
-    assert attention_items({"scores": torch.zeros(1, 4)}, torch.zeros(1, 8, 8, 3, dtype=torch.uint8)) is None
+    assert attention_items(HeadOutput(scores=torch.zeros(1, 4)), torch.zeros(1, 8, 8, 3, dtype=torch.uint8)) is None
 
 
 def test_region_grid_must_be_square():
@@ -142,7 +143,7 @@ def test_eval_overlays_off_or_without_attention_give_nothing(tiny_eval):
 
     class Holistic(torch.nn.Module):  # a baseline's shape of output: scores only
         def forward(self, images, label_ids):
-            return {"scores": torch.zeros(len(images), len(label_ids))}
+            return HeadOutput(scores=torch.zeros(len(images), len(label_ids)))
 
     assert eval_overlay_files(Holistic(), info, cfg, torch.device("cpu")) == {}
 
@@ -159,8 +160,8 @@ def test_scoring_a_split_prints_progress_with_rate_and_eta(tiny_eval, capsys, mo
     the end."""
     import trainer.progress
     from trainer.bad_samples import BadSampleLog
-    from trainer.evaluation import score_split
-    from trainer.metrics import StreamingMetrics
+    from trainer.evaluation.evaluate import score_split
+    from trainer.evaluation.metrics import StreamingMetrics
 
     cfg, info, model = tiny_eval
     cfg = replaced(cfg, {"eval.batch_size": 2})

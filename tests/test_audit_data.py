@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from datasets.contract import DatasetError, Label, Shard, read_dataset, write_metadata
-from datasets.convert import ImageOptions, reencode_image
-from datasets.embeddings import label_vectors
 from datasets.images import MAX_PIXELS, BadSample
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.convert import ImageOptions, reencode_image
+from datasets.makers.embeddings import label_vectors
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.synthetic import write_synthetic
 from datasets.stream import TRUNCATED_SHARD, ShardStream, StreamSpec, make_loader
-from datasets.synthetic import write_synthetic
 from trainer.bad_samples import BadSampleLog, TooManyBadSamples
 
 SHARD_SIZE = 25
@@ -102,8 +102,8 @@ def test_a_shard_cut_short_counts_its_unread_samples_through_loader_processes(sy
 def test_extraction_record_counts_a_broken_shards_unread_samples_as_read(synth, tmp_path, how):
     """`lesa extract`'s per-shard record: `read` is the shard's samples (dataset.json's count), good
     and bad, not the good ones plus one for the broken shard; its progress line sums `read`."""
-    from datasets.features import ExtractSettings, ShardExtractor
-    from trainer.backbones import SmallCNN
+    from datasets.makers.features import ExtractSettings, ShardExtractor
+    from trainer.models.backbones import SmallCNN
 
     info = broken_copy(synth, tmp_path, {3: how})
     shard = info.shards("train")[3]

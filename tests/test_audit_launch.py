@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from datasets.makers.synthetic import write_synthetic
 from datasets.position import DataPosition
-from datasets.synthetic import write_synthetic
 from launch.driver import open_tracking, resume_target, run_training
 from launch.run_lock import LOCK_FILE, hold
 from launch.submit import job_spec

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from datasets.contract import Shard
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.stream import ShardStream, StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog, TooManyBadSamples
 
@@ -190,7 +190,7 @@ def test_a_shard_of_only_bad_samples_still_reports(tmp_path):
 ALL_BAD_TRAINING = """
 import json, os, sys, threading, time
 from datasets.contract import Shard
-from datasets.shards import SplitWriter, encode_labels
+from datasets.makers.shards import SplitWriter, encode_labels
 from datasets.stream import ShardStream, StreamSpec
 root = sys.argv[1]
 with SplitWriter(root, "s0") as writer:

@@ -1,5 +1,5 @@
-"""The baselines of LESA's tables (trainer/baselines.py) and the model registry that gives every
-model its head and its loss (trainer/model.py)."""
+"""The baselines of LESA's tables (trainer/models/baselines.py) and the model registry that gives every
+model its head and its loss (trainer/models/registry.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead, holistic
 from trainer.config import ConfigError, load_config
-from trainer.losses import seen_logistic_loss, total_loss
-from trainer.model import MODELS, build_model, loss_weights
+from trainer.models.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead, holistic
+from trainer.models.losses import seen_logistic_loss, total_loss
+from trainer.models.output import HeadOutput
+from trainer.models.registry import MODELS, build_model, loss_weights
 from trainer.weights import load_model_state
 
 B, C, H, W_, DIM, K = 2, 8, 3, 4, 5, 6
@@ -45,7 +46,7 @@ def test_head_scores_every_label_and_learns_from_its_loss(name):
     head = heads()[name]
     fmap = torch.rand(B, C, H, W_, requires_grad=True)
     out = head(fmap, unit_rows(K, DIM))
-    assert out["scores"].shape == (B, K) and torch.isfinite(out["scores"]).all()
+    assert out.scores.shape == (B, K) and torch.isfinite(out.scores).all()
     weights = {"seen_logistic": 1.0} if name == "conse" else {"rank": 1.0}
     loss, _ = total_loss(out, labels_for(B, K), weights)
     loss.backward()
@@ -59,7 +60,7 @@ def test_fast0tag_is_an_mlp_of_the_mean_feature_dotted_with_the_label_vector():
     fmap, v = torch.randn(B, C, H, W_), unit_rows(K, DIM)
     mean = fmap.flatten(2).mean(dim=2)
     mapped = head.mlp[2](torch.relu(head.mlp[0](mean)))
-    torch.testing.assert_close(head(fmap, v)["scores"], mapped @ v.T)
+    torch.testing.assert_close(head(fmap, v).scores, mapped @ v.T)
 
 
 def test_labelem_is_bilinear_in_the_mean_feature_and_the_label_vector():
@@ -69,7 +70,7 @@ def test_labelem_is_bilinear_in_the_mean_feature_and_the_label_vector():
     for i in range(B):
         for k in range(K):
             expected = sum(f[i, c] * head.W[c, d] * v[k, d] for c in range(C) for d in range(DIM))
-            assert head(fmap, v)["scores"][i, k].item() == pytest.approx(expected.item(), abs=1e-5)
+            assert head(fmap, v).scores[i, k].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_one_attention_per_label_matches_its_equations_label_by_label():
@@ -77,7 +78,7 @@ def test_one_attention_per_label_matches_its_equations_label_by_label():
     head = heads()["one_attention_per_label"]
     fmap, v = torch.randn(B, C, H, W_), unit_rows(K, DIM)
     x = fmap.flatten(2).transpose(1, 2)  # [B, R, C]
-    scores = head(fmap, v)["scores"]
+    scores = head(fmap, v).scores
     for i in range(B):
         for k in range(K):
             logits = torch.stack([head.U.weight @ x[i, r] @ v[k] for r in range(H * W_)])
@@ -89,11 +90,11 @@ def test_one_attention_per_label_matches_its_equations_label_by_label():
 def test_one_attention_per_label_scores_thousands_of_labels_in_chunks():
     head = heads()["one_attention_per_label"]
     fmap, v = torch.randn(B, C, H, W_), unit_rows(7586, DIM)
-    whole = head(fmap, v)["scores"]
+    whole = head(fmap, v).scores
     assert whole.shape == (B, 7586)
     head.label_chunk = 7  # many chunks, the last one short
-    torch.testing.assert_close(head(fmap, v)["scores"], whole)
-    torch.testing.assert_close(head(fmap, v[:10])["scores"], whole[:, :10])
+    torch.testing.assert_close(head(fmap, v).scores, whole)
+    torch.testing.assert_close(head(fmap, v[:10]).scores, whole[:, :10])
 
 
 def test_conse_embedding_by_hand():
@@ -112,20 +113,20 @@ def test_conse_embedding_by_hand():
     expected = torch.tensor(
         [[1 / math.sqrt(1.04), 0.6 / math.sqrt(0.52), 0.4 / math.sqrt(0.52), -0.6 / math.sqrt(0.52)]]
     )
-    torch.testing.assert_close(out["scores"], expected)
-    torch.testing.assert_close(out["seen_logits"], head.classifier.bias[None])
+    torch.testing.assert_close(out.scores, expected)
+    torch.testing.assert_close(out.seen_logits, head.classifier.bias[None])
 
 
 def test_conse_with_fewer_seen_labels_than_t_mixes_them_all():
     head = CONSEHead(channels=2, seen_vectors=unit_rows(3, DIM), top=10)
     assert head.top == 3
-    assert head(torch.randn(B, 2, H, W_), unit_rows(K, DIM))["scores"].shape == (B, K)
+    assert head(torch.randn(B, 2, H, W_), unit_rows(K, DIM)).scores.shape == (B, K)
 
 
 def test_seen_logistic_loss_by_hand():
     """Logits 0 and ln 3 for a positive, ln 3 for a negative, anything for an unknown:
     (ln 2 + ln(4/3) + ln 4) / 3."""
-    out = {"seen_logits": torch.tensor([[0.0, math.log(3), math.log(3), 123.0]])}
+    out = HeadOutput(None, seen_logits=torch.tensor([[0.0, math.log(3), math.log(3), 123.0]]))
     y = torch.tensor([[1.0, 1.0, -1.0, 0.0]])
     expected = (math.log(2) + math.log(4 / 3) + math.log(4)) / 3
     assert seen_logistic_loss(out, y).item() == pytest.approx(expected, rel=1e-6)
@@ -152,7 +153,7 @@ def test_every_model_trains_from_uint8_images_with_its_own_loss(name):
     assert set(parts) == set(loss_weights(config(name)))
     assert all(p.grad is not None for p in model.backbone.parameters())
     model.eval()
-    assert model(images, torch.arange(12))["scores"].shape == (B, 12)  # GZSL: every label
+    assert model(images, torch.arange(12)).scores.shape == (B, 12)  # GZSL: every label
 
 
 def test_losses_per_model():
@@ -189,7 +190,7 @@ def test_saved_model_scores_the_same_after_loading(name, tmp_path):
     fresh = build_model(config(name, conse_top=4), vectors, seen).eval()
     load_model_state(fresh, str(tmp_path / "model.pt"))
     images = torch.randint(0, 256, (B, 48, 48, 3), dtype=torch.uint8)
-    torch.testing.assert_close(fresh(images, torch.arange(9))["scores"], trained(images, torch.arange(9))["scores"])
+    torch.testing.assert_close(fresh(images, torch.arange(9)).scores, trained(images, torch.arange(9)).scores)
 
 
 @pytest.mark.parametrize(
@@ -214,4 +215,4 @@ def test_lesa_ablations_are_config_only(overrides):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     off = [name for name, w in loss_weights(cfg).items() if w == 0]
     assert not set(off) & set(parts)
-    assert out["attention_scores"].shape[1] == cfg.model.num_attentions
+    assert out.attention_scores.shape[1] == cfg.model.num_attentions

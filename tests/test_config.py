@@ -209,7 +209,7 @@ def test_vgg19_needs_weights_only_where_it_runs_on_images(base_yaml):
     """The config alone cannot tell: on a feature dataset VGG-19 never runs. Building it from the
     config does run it, and refuses without weights (the driver and lesa extract check earlier,
     against the dataset: tests/integration/test_feature_cache.py)."""
-    from trainer.backbones import build_backbone
+    from trainer.models.backbones import build_backbone
 
     cfg = load_config(base_yaml, ["model.backbone=vgg19"])
     with pytest.raises(ConfigError, match="model.backbone_weights: .* vgg19 is frozen"):

@@ -9,7 +9,7 @@ import pytest
 from fixtures_release import make_nuswide
 
 from datasets.contract import read_dataset
-from datasets.nuswide import convert_nuswide
+from datasets.makers.nuswide import convert_nuswide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

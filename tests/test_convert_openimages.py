@@ -17,8 +17,8 @@ from fixtures_release import INDEX, SEEN, UNSEEN, image_id, make_openimages
 from PIL import Image
 
 from datasets.contract import DatasetError, read_dataset
-from datasets.convert import ImageOptions
-from datasets.openimages import convert_openimages, read_annotations, read_mid_list
+from datasets.makers.convert import ImageOptions
+from datasets.makers.openimages import convert_openimages, read_annotations, read_mid_list
 from launch.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -214,7 +214,7 @@ def test_real_lesa_split_lists():
     unseen = read_mid_list(str(oi / "openimages_unseen_400.tsv"))
     assert len(seen) == 7186 and len(unseen) == 400
     assert not set(seen) & set(unseen)
-    from datasets.openimages import build_vocabulary, read_class_descriptions
+    from datasets.makers.openimages import build_vocabulary, read_class_descriptions
 
     names = read_class_descriptions(str(oi / "class-descriptions.csv"))
     assert len(names) == 19995

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from datasets.convert import ImageOptions, ShardJob, SplitReport, run_shards
+from datasets.makers.convert import ImageOptions, ShardJob, SplitReport, run_shards
 from datasets.progress import format_duration
 from trainer import progress
 

@@ -1,4 +1,4 @@
-"""Label encoders (datasets/embeddings.py): GloVe/word2vec text files, .npy + names, missing labels."""
+"""Label encoders (datasets/makers/embeddings.py): GloVe/word2vec text files, .npy + names, missing labels."""
 
 import gzip
 import tracemalloc
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datasets.contract import DatasetError
-from datasets.embeddings import embed_labels, load_label_encoder, name_keys
+from datasets.makers.embeddings import embed_labels, load_label_encoder, name_keys
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

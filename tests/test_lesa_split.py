@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasets.contract import DatasetError
-from datasets.lesa_split import convert_lesa_split, load_restricted_pickle
+from datasets.makers.lesa_split import convert_lesa_split, load_restricted_pickle
 from launch.cli import main
 
 SEEN = ["/m/s0", "/m/s1", "/m/s2"]

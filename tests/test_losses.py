@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from trainer.config import LossConfig
-from trainer.lesa import LESAHead
-from trainer.losses import LOSSES, distribution_loss, diversity_loss, ranking_loss, relevance_loss, total_loss
+from trainer.models.lesa import LESAHead
+from trainer.models.losses import LOSSES, distribution_loss, diversity_loss, ranking_loss, relevance_loss, total_loss
+from trainer.models.output import HeadOutput
 from trainer.optim import RMSpropTF, build_optimizer
 
 
@@ -34,13 +35,13 @@ RANK_Y = [[1, 1, -1, -1, 0], [1, -1, -1, 0, 0]]
 
 
 def test_ranking_loss_by_hand():
-    loss = ranking_loss({"scores": t(RANK_SCORES)}, t(RANK_Y))
+    loss = ranking_loss(HeadOutput(scores=t(RANK_SCORES)), t(RANK_Y))
     assert loss.item() == pytest.approx(0.45, rel=1e-5)
 
 
 def test_ranking_loss_single_images():
-    assert ranking_loss({"scores": t(RANK_SCORES[:1])}, t(RANK_Y[:1])).item() == pytest.approx(0.9, rel=1e-5)
-    assert ranking_loss({"scores": t(RANK_SCORES[1:])}, t(RANK_Y[1:])).item() == 0.0
+    assert ranking_loss(HeadOutput(scores=t(RANK_SCORES[:1])), t(RANK_Y[:1])).item() == pytest.approx(0.9, rel=1e-5)
+    assert ranking_loss(HeadOutput(scores=t(RANK_SCORES[1:])), t(RANK_Y[1:])).item() == 0.0
 
 
 def test_ranking_loss_ignores_unknown_labels():
@@ -50,11 +51,11 @@ def test_ranking_loss_ignores_unknown_labels():
     #   L = 1.825 / 2 = 0.9125
     y = t(RANK_Y)
     y[0, 4] = -1
-    assert ranking_loss({"scores": t(RANK_SCORES)}, y).item() == pytest.approx(0.9125, rel=1e-5)
+    assert ranking_loss(HeadOutput(scores=t(RANK_SCORES)), y).item() == pytest.approx(0.9125, rel=1e-5)
     # Changing the score of an unknown label changes nothing.
     scores = t(RANK_SCORES)
     scores[0, 4], scores[1, 3], scores[1, 4] = 100.0, 50.0, -7.0
-    assert ranking_loss({"scores": scores}, t(RANK_Y)).item() == pytest.approx(0.45, rel=1e-5)
+    assert ranking_loss(HeadOutput(scores=scores), t(RANK_Y)).item() == pytest.approx(0.45, rel=1e-5)
 
 
 def test_ranking_loss_image_without_positives_counts_in_batch():
@@ -62,7 +63,7 @@ def test_ranking_loss_image_without_positives_counts_in_batch():
     scores = t(RANK_SCORES + [[5.0, 5.0, 5.0, 5.0, 5.0]])
     y = t(RANK_Y + [[-1, -1, 0, 0, -1]])
     # (0.9 + 0 + 0) / 3 = 0.3
-    assert ranking_loss({"scores": scores}, y).item() == pytest.approx(0.3, rel=1e-5)
+    assert ranking_loss(HeadOutput(scores=scores), y).item() == pytest.approx(0.3, rel=1e-5)
 
 
 def test_ranking_loss_gradient_only_from_violating_pairs():
@@ -71,7 +72,7 @@ def test_ranking_loss_gradient_only_from_violating_pairs():
     scores = t(RANK_SCORES)
     scores[0, 0] = 2.5
     scores.requires_grad_(True)
-    loss = ranking_loss({"scores": scores}, t(RANK_Y))
+    loss = ranking_loss(HeadOutput(scores=scores), t(RANK_Y))
     assert loss.item() == pytest.approx(0.45, rel=1e-5)
     loss.backward()
     # image 0: d/ds of (hinge(p1,n2) + hinge(p1,n3)) / 2 / B with B = 2:
@@ -98,10 +99,10 @@ def test_distribution_loss_by_hand():
     ln3 = math.log(3.0)
     attention_scores = t([[[0.0, ln3, 5.0], [0.0, 0.0, -5.0]], [[9.0, 9.0, 0.0], [1.0, -3.0, 0.0]]])
     y = t([[1, 1, -1], [0, -1, 1]])
-    out = {"attention_scores": attention_scores}
+    out = HeadOutput(None, attention_scores=attention_scores)
     assert distribution_loss(out, y).item() == pytest.approx(0.65625, rel=1e-6)
     # image 0 alone: 2.125 / 2 = 1.0625
-    assert distribution_loss({"attention_scores": attention_scores[:1]}, y[:1]).item() == pytest.approx(
+    assert distribution_loss(HeadOutput(None, attention_scores=attention_scores[:1]), y[:1]).item() == pytest.approx(
         1.0625, rel=1e-6
     )
 
@@ -109,7 +110,7 @@ def test_distribution_loss_by_hand():
 def test_distribution_loss_not_normalised_by_number_of_positives():
     # M = 2, one image, 4 positives all with equal scores over attentions: pi = 0.5 each,
     # Q = (2, 2) -> (4 + 4) / 2 = 4 (it would be 0.25 if Q were divided by |P| = 4).
-    out = {"attention_scores": torch.zeros(1, 2, 4)}
+    out = HeadOutput(None, attention_scores=torch.zeros(1, 2, 4))
     assert distribution_loss(out, t([[1, 1, 1, 1]])).item() == pytest.approx(4.0)
     # No positives -> 0.
     assert distribution_loss(out, t([[-1, 0, -1, 0]])).item() == 0.0
@@ -127,10 +128,10 @@ def test_relevance_loss_by_hand():
     #   k0 (+): -(0 - 1) = 1.0          k3 (-): +(0 - 1) = -1 -> 0
     #   sum = 1.0
     # L_rel = 1.5 + 1.0 = 2.5 (summed over the batch, not averaged: the mean would be 1.25)
-    out = {
-        "scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
-        "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
-    }
+    out = HeadOutput(
+        scores=t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        global_scores=t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
+    )
     y = t([[1, 1, -1, 0], [1, 0, 0, -1]])
     assert relevance_loss(out, y).item() == pytest.approx(2.5, rel=1e-6)
     # Integer labels work the same.
@@ -144,10 +145,10 @@ def test_relevance_loss_ignores_unknowns_with_margin():
     # Image 1: k0 1 + 0.25 = 1.25; k1, k2 unknown -> 0; k3 -1 + 0.25 -> 0
     #   = 1.25
     # total 3.25
-    out = {
-        "scores": t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
-        "global_scores": t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
-    }
+    out = HeadOutput(
+        scores=t([[1.0, 2.0, 1.5, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        global_scores=t([[2.0, 1.5, 1.0, -4.0], [1.0, 1.0, 1.0, 1.0]]),
+    )
     y = t([[1, 1, -1, 0], [1, 0, 0, -1]])
     assert relevance_loss(out, y, delta=0.25).item() == pytest.approx(3.25, rel=1e-6)
 
@@ -164,12 +165,12 @@ def test_diversity_loss_by_hand():
     # L_div = sqrt(0.8192 + 1.0) = sqrt(1.8192)   (one Frobenius norm over the whole batch)
     e = t([[[3.0, 4.0, 0.0], [0.0, 4.0, 3.0]], [[2.0, 0.0, 0.0], [-1.0, -1.0, 0.0]]])
     expected = math.sqrt(1.8192)  # = 1.34877...
-    out = {"attention_logits": e, "attention": e.softmax(dim=-1)}
+    out = HeadOutput(None, attention_logits=e, attention=e.softmax(dim=-1))
     assert diversity_loss(out, None).item() == pytest.approx(expected, rel=1e-5)
     # not the mean of per-image norms: (sqrt(0.8192) + 1) / 2 = 0.9525...
     assert diversity_loss(out, None).item() != pytest.approx((math.sqrt(0.8192) + 1.0) / 2, rel=1e-3)
     # computed on the logits: scaling a logit row changes the softmax but not the loss
-    out2 = {"attention_logits": e * t([[[10.0], [1.0]], [[0.5], [3.0]]])}
+    out2 = HeadOutput(None, attention_logits=e * t([[[10.0], [1.0]], [[0.5], [3.0]]]))
     assert diversity_loss(out2, None).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -177,15 +178,15 @@ def test_diversity_loss_three_attentions():
     # One image, M = 3, R = 2: e0 = (1, 0), e1 = (0, 1), e2 = (1, 1)/sqrt 2
     #   G offdiag: (0,1) = 0, (0,2) = (1,2) = 1/sqrt 2, each twice -> 4 * 0.5 = 2 -> sqrt 2
     e = t([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
-    assert diversity_loss({"attention_logits": e}, None).item() == pytest.approx(math.sqrt(2.0), rel=1e-5)
+    assert diversity_loss(HeadOutput(None, attention_logits=e), None).item() == pytest.approx(math.sqrt(2.0), rel=1e-5)
     # Orthogonal logits -> 0
     e = t([[[1.0, 0.0, 0.0], [0.0, -2.0, 0.0], [0.0, 0.0, 0.5]]])
-    assert diversity_loss({"attention_logits": e}, None).item() == pytest.approx(0.0, abs=1e-5)
+    assert diversity_loss(HeadOutput(None, attention_logits=e), None).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_diversity_loss_single_attention_is_zero_with_finite_gradient():
     e = torch.randn(3, 1, 7, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    loss = diversity_loss({"attention_logits": e}, None)
+    loss = diversity_loss(HeadOutput(None, attention_logits=e), None)
     assert loss.item() == pytest.approx(0.0, abs=1e-5)
     loss.backward()
     assert e.grad is not None and torch.isfinite(e.grad).all()
@@ -236,7 +237,7 @@ def test_total_loss_weights_real_components():
 
 def test_total_loss_skips_zero_weights():
     # A loss with weight 0 is neither computed nor logged: these outputs have no attention logits.
-    out = {"scores": t(RANK_SCORES), "global_scores": torch.zeros(2, 5)}
+    out = HeadOutput(scores=t(RANK_SCORES), global_scores=torch.zeros(2, 5))
     y = t(RANK_Y)
     total, parts = total_loss(out, y, {"rank": 2.0, "rel": 0.5, "div": 0.0, "dist": 0.0})
     assert set(parts) == {"rank", "rel"}

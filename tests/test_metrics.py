@@ -1,4 +1,4 @@
-"""LESA's evaluation protocol (docs/protocol.md) as trainer/metrics.py implements it.
+"""LESA's evaluation protocol (docs/protocol.md) as trainer/evaluation/metrics.py implements it.
 
 - AP per label equals sklearn's average_precision_score over the images annotated for that label
   (y != 0), ties grouped by threshold; a label without a positive gets AP 0 and stays in the mean.
@@ -23,7 +23,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from launch.cli import main as cli_main
-from trainer.metrics import average_precision, compute_metrics, evaluate_settings, per_label_ap
+from trainer.evaluation.metrics import average_precision, compute_metrics, evaluate_settings, per_label_ap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def _stable_argsort_tp(scores, labels, k):
 @pytest.mark.parametrize("levels", [2, 3, 1000])
 def test_topk_over_many_rows_matches_stable_sort(levels):
     """More rows than one chunk (ROW_CHUNK), heavy ties, +-inf and signed zeros, K up to and past C."""
-    from trainer.metrics import ROW_CHUNK, topk_true_positives
+    from trainer.evaluation.metrics import ROW_CHUNK, topk_true_positives
 
     rng = np.random.default_rng(levels)
     n, c = ROW_CHUNK + 517, 13
@@ -264,7 +264,7 @@ def test_compute_metrics_equals_evaluate_settings_without_process_group():
 def _dist_worker(rank: int, world: int, workdir: str, num_problems: int) -> None:
     import torch.distributed as dist
 
-    from trainer.metrics import evaluate_settings as evaluate
+    from trainer.evaluation.metrics import evaluate_settings as evaluate
 
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'store')}", rank=rank, world_size=world)
     try:
@@ -447,7 +447,7 @@ def test_cli_metrics_error_exit_status_and_stderr(tmp_path):
     ],
 )
 def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
-    from trainer.metrics import kth_largest
+    from trainer.evaluation.metrics import kth_largest
 
     rng = np.random.default_rng(sum(shape))
     scores = rng.standard_normal(shape).astype(np.float16).astype(np.float32)  # many ties
@@ -461,10 +461,10 @@ def test_kth_largest_matches_a_full_sort_with_ties(shape, ks):
 def test_kth_largest_every_small_width(monkeypatch, sort_below):
     """Every row width 1..90 with K up to the width, through both paths: the kernel's group
     layout changes with each width."""
-    import trainer.metrics
-    from trainer.metrics import kth_largest
+    import trainer.evaluation.metrics
+    from trainer.evaluation.metrics import kth_largest
 
-    monkeypatch.setattr(trainer.metrics, "SORT_BELOW", sort_below)
+    monkeypatch.setattr(trainer.evaluation.metrics, "SORT_BELOW", sort_below)
 
     rng = np.random.default_rng(5)
     for width in range(1, 91):
@@ -480,7 +480,7 @@ def test_kth_largest_every_small_width(monkeypatch, sort_below):
 def test_kth_kernel_around_its_group_layout(width, ks):
     """Widths that leave a tail past the last fold, K around the group count (2048 / 64 = 32
     groups: K = 33 scans whole rows) and K = the width; rows of one value, of -inf and +inf."""
-    from trainer.kth_kernel import kth_largest_f32
+    from trainer.evaluation.kth_kernel import kth_largest_f32
 
     rng = np.random.default_rng(width)
     scores = rng.standard_normal((23, width)).astype(np.float16).astype(np.float32)
@@ -493,7 +493,7 @@ def test_kth_kernel_around_its_group_layout(width, ks):
 
 
 def test_kth_kernel_skips_nan_scores():
-    from trainer.kth_kernel import kth_largest_f32
+    from trainer.evaluation.kth_kernel import kth_largest_f32
 
     scores = np.arange(4096, dtype=np.float32)[None].repeat(2, 0)
     scores[0, 4095] = np.nan
@@ -502,7 +502,7 @@ def test_kth_kernel_skips_nan_scores():
 
 
 def test_kth_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
-    from trainer import kth_kernel
+    from trainer.evaluation import kth_kernel
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kth_kernel._library.cache_clear()
@@ -521,8 +521,8 @@ def test_kth_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
 
 def test_kth_largest_sorts_when_no_compiler_builds_the_kernel(monkeypatch, tmp_path):
     """A machine without a C compiler: one warning naming the source, and the same K-th scores."""
-    from trainer import kth_kernel
-    from trainer.metrics import kth_largest
+    from trainer.evaluation import kth_kernel
+    from trainer.evaluation.metrics import kth_largest
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -538,7 +538,7 @@ def test_kth_largest_sorts_when_no_compiler_builds_the_kernel(monkeypatch, tmp_p
 
 
 def test_ascending_key_orders_and_ties_exactly_as_the_floats():
-    from trainer.metrics import ascending_key
+    from trainer.evaluation.metrics import ascending_key
 
     rng = np.random.default_rng(3)
     special = np.array(
@@ -560,7 +560,7 @@ def test_streaming_metrics_equal_the_reference_for_any_batching(seed):
     """Batches of any size, empty ones included, fed as they would come from the model."""
     import torch
 
-    from trainer.metrics import Annotations, StreamingMetrics
+    from trainer.evaluation.metrics import Annotations, StreamingMetrics
 
     rng = np.random.default_rng(seed)
     n, c = 90, int(rng.integers(3, 30))
@@ -582,7 +582,7 @@ def test_streaming_metrics_equal_the_reference_for_any_batching(seed):
 def test_streaming_metrics_take_bf16_scores_as_the_model_gives_them():
     import torch
 
-    from trainer.metrics import Annotations, StreamingMetrics
+    from trainer.evaluation.metrics import Annotations, StreamingMetrics
 
     rng = np.random.default_rng(11)
     scores, labels = random_problem(rng, 40, 9)
@@ -598,7 +598,7 @@ def test_k_th_scores_on_the_gpu_equal_the_cpu_filter():
     """The GPU path (torch.topk) against the CPU kernel, wide rows with ties; run on the lent GPU."""
     import torch
 
-    from trainer.metrics import Annotations, StreamingMetrics, kth_largest_rows
+    from trainer.evaluation.metrics import Annotations, StreamingMetrics, kth_largest_rows
 
     rng = np.random.default_rng(2)
     scores = rng.standard_normal((700, 7586)).astype(np.float16).astype(np.float32)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.backbones import FrozenSmallCNN, SmallCNN, VGG19Conv54, build_backbone
 from trainer.config import ConfigError, load_config
-from trainer.lesa import Adapter, LESAHead
-from trainer.losses import total_loss
-from trainer.model import TaggingModel, build_model
+from trainer.models.backbones import FrozenSmallCNN, SmallCNN, VGG19Conv54, build_backbone
+from trainer.models.lesa import Adapter, LESAHead
+from trainer.models.losses import total_loss
+from trainer.models.registry import TaggingModel, build_model
 
 B, C, H, W_, DIM, M, K = 2, 8, 3, 4, 5, 3, 6
 WEIGHTS = {"rank": 1.0, "dist": 0.1, "rel": 0.001, "div": 0.01}
@@ -48,27 +48,27 @@ def test_head_output_shapes(head_out):
         "attention": (B, M, R),
         "global_scores": (B, K),
     }
-    assert set(out) == set(expected)
+    assert {k for k, v in vars(out).items() if v is not None} == set(expected)
     for key, shape in expected.items():
-        assert tuple(out[key].shape) == shape, key
-        assert torch.isfinite(out[key]).all(), key
+        assert tuple(getattr(out, key).shape) == shape, key
+        assert torch.isfinite(getattr(out, key)).all(), key
 
 
 def test_attention_is_a_softmax_over_regions(head_out):
     _, _, out = head_out
-    a = out["attention"]
+    a = out.attention
     assert (a >= 0).all()
     torch.testing.assert_close(a.sum(dim=2), torch.ones(B, M))
     # ... of the pre-softmax logits that are also returned (the diversity loss uses those).
-    torch.testing.assert_close(a, out["attention_logits"].softmax(dim=2))
+    torch.testing.assert_close(a, out.attention_logits.softmax(dim=2))
 
 
 def test_scores_are_max_over_attentions(head_out):
     _, _, out = head_out
-    s = out["attention_scores"]
+    s = out.attention_scores
     for i in range(B):
         for k in range(K):
-            assert out["scores"][i, k].item() == max(s[i, m, k].item() for m in range(M))
+            assert out.scores[i, k].item() == max(s[i, m, k].item() for m in range(M))
 
 
 def test_head_without_adapter_matches_the_spec_formulas():
@@ -87,15 +87,13 @@ def test_head_without_adapter_matches_the_spec_formulas():
             z = sum(alpha[m, r] * regions[r] for r in range(len(regions)))
             projected = head.W.T @ z  # into the word space
             for k in range(K):
-                assert out["attention_scores"][0, m, k].item() == pytest.approx(
+                assert out.attention_scores[0, m, k].item() == pytest.approx(
                     float(projected @ v[k]), rel=1e-4, abs=1e-5
                 )
         mean = sum(regions) / len(regions)
         for k in range(K):
-            assert out["global_scores"][0, k].item() == pytest.approx(
-                float((head.W.T @ mean) @ v[k]), rel=1e-4, abs=1e-5
-            )
-    torch.testing.assert_close(out["attention_logits"][0], e, rtol=1e-4, atol=1e-5)
+            assert out.global_scores[0, k].item() == pytest.approx(float((head.W.T @ mean) @ v[k]), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(out.attention_logits[0], e, rtol=1e-4, atol=1e-5)
 
 
 def test_adapter_pads_like_tf_same():
@@ -142,7 +140,7 @@ def test_gradient_reaches_head_and_trainable_backbone():
     model.train()
     images = torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8)
     out = model(images, torch.arange(K))
-    assert out["attention"].shape == (B, M, 16)  # 32 -> 4x4 regions
+    assert out.attention.shape == (B, M, 16)  # 32 -> 4x4 regions
     loss, parts = total_loss(out, labels_for(B, K), WEIGHTS)
     assert set(parts) == set(WEIGHTS) and loss.item() > 0
     loss.backward()
@@ -189,7 +187,7 @@ def test_vgg19_gradient_does_not_flow_to_backbone(vgg):
     assert fmap.shape == (1, 512, 14, 14)
     assert (fmap >= 0).all()  # after the ReLU
     out = model(images, torch.arange(K))
-    assert out["attention"].shape == (1, M, 196)
+    assert out.attention.shape == (1, M, 196)
     loss, _ = total_loss(out, labels_for(1, K), WEIGHTS)
     loss.backward()
     assert all(p.grad is None for p in vgg.parameters())
@@ -311,13 +309,13 @@ def test_label_ids_select_rows():
     full = model(fmap, torch.arange(K))
     ids = torch.tensor([4, 1, 1, 5])
     part = model(fmap, ids)
-    assert part["scores"].shape == (B, 4)
-    torch.testing.assert_close(part["scores"], full["scores"][:, ids])
-    torch.testing.assert_close(part["global_scores"], full["global_scores"][:, ids])
-    torch.testing.assert_close(part["attention_scores"], full["attention_scores"][:, :, ids])
-    torch.testing.assert_close(part["attention"], full["attention"])  # attention is label-agnostic
+    assert part.scores.shape == (B, 4)
+    torch.testing.assert_close(part.scores, full.scores[:, ids])
+    torch.testing.assert_close(part.global_scores, full.global_scores[:, ids])
+    torch.testing.assert_close(part.attention_scores, full.attention_scores[:, :, ids])
+    torch.testing.assert_close(part.attention, full.attention)  # attention is label-agnostic
     direct = head(fmap, model.label_vectors[ids])
-    torch.testing.assert_close(part["scores"], direct["scores"])
+    torch.testing.assert_close(part.scores, direct.scores)
 
 
 def test_build_model_from_config():
@@ -351,7 +349,7 @@ def test_compiled_model_matches_eager_and_keeps_checkpoint_keys():
         loss.backward()
         losses.append((out, loss, [p.grad.clone() for p in model.head.parameters()]))
     (out_e, loss_e, grads_e), (out_c, loss_c, grads_c) = losses
-    torch.testing.assert_close(out_c["scores"], out_e["scores"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_c.scores, out_e.scores, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     for g_c, g_e in zip(grads_c, grads_e):
         torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)

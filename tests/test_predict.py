@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from datasets.contract import Label, write_metadata
+from datasets.makers.synthetic import write_synthetic
 from datasets.stream import decode_image
-from datasets.synthetic import write_synthetic
 from launch.cli import main
-from trainer.attention_maps import sheet_size
 from trainer.config import load_config
-from trainer.model import build_model
+from trainer.evaluation.attention_maps import sheet_size
+from trainer.models.registry import build_model
 
 IMAGE_SIZE = 48
 NUM_ATTENTIONS = 4
@@ -78,7 +78,7 @@ def expected_scores(model, path: Path, names_to_vectors=None) -> np.ndarray:
         if names_to_vectors is not None:
             model.label_vectors = torch.nn.functional.normalize(torch.as_tensor(names_to_vectors), dim=1)
         ids = torch.arange(model.label_vectors.shape[0])
-        return model(torch.from_numpy(image[None]), ids)["scores"][0].numpy()
+        return model(torch.from_numpy(image[None]), ids).scores[0].numpy()
 
 
 def test_top_k_for_each_good_image_and_the_corrupt_one_named(run, capsys):

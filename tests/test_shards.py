@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datasets.contract import DatasetError, Label, read_dataset, write_metadata
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
 from datasets.stream import Batch, ShardStream, StreamSpec, epoch_shards, make_loader
 
 SIZE = 16

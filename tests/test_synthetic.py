@@ -1,4 +1,4 @@
-"""The synthetic colour x shape benchmark (datasets/synthetic.py) and what write_synthetic writes."""
+"""The synthetic colour x shape benchmark (datasets/makers/synthetic.py) and what write_synthetic writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from datasets.contract import read_dataset
-from datasets.synthetic import COLOURS, SHAPES, SyntheticBenchmark, write_synthetic
+from datasets.makers.synthetic import COLOURS, SHAPES, SyntheticBenchmark, write_synthetic
 
 SIZE = 48  # small images keep the tests fast; the label logic does not depend on the size
 

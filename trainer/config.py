@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or a value out of range."""
 
 
-VAL_METRIC = re.compile(r"mAP|(P|R|F1)@([1-9][0-9]*)")  # the names trainer/metrics.py reports
+VAL_METRIC = re.compile(r"mAP|(P|R|F1)@([1-9][0-9]*)")  # the names trainer/evaluation/metrics.py reports
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "lesa"  # registry in trainer/model.py
-    backbone: str = "small_cnn"  # registry in trainer/backbones.py
+    name: str = "lesa"  # registry in trainer/models/registry.py
+    backbone: str = "small_cnn"  # registry in trainer/models/backbones.py
     backbone_weights: str | None = None  # path or fsspec URL of a state dict (frozen backbones)
     num_attentions: int = 10  # M of docs/protocol.md, The head
     adapter: bool = True  # the 2x2 conv + BN + ReLU adapter of the official code

@@ -23,7 +23,7 @@ from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed
 from trainer.ledger import Ledger
-from trainer.losses import total_loss
+from trainer.models.losses import total_loss
 from trainer.tracking import RunLogger
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.evaluation import EvalResult, settings_of
-from trainer.report import write_per_label
+from trainer.evaluation.evaluate import EvalResult, settings_of
+from trainer.evaluation.report import write_per_label
 
 
 def flat_eval_metrics(settings: dict[str, dict[str, float]]) -> dict[str, float]:

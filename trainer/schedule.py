@@ -1,7 +1,7 @@
 """What follows the validation metric: LESA's adaptive learning rate, early stopping, the best model.
 
 Every `eval.every` steps the workers compute `eval.val_metric` on the seen labels of
-`eval.val_split` (trainer/evaluation.py, validation_metric; never the test split) and hand it to
+`eval.val_split` (trainer/evaluation/evaluate.py, validation_metric; never the test split) and hand it to
 `ValidationSchedule.observe`, which
 - adapts the learning rate (AdaptiveLR, docs/protocol.md, Optimisation) in the optimizer's param groups,
 - counts evaluations without improvement (EarlyStopping) and says when to stop,

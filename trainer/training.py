@@ -15,13 +15,13 @@ import torch
 
 from datasets.contract import DatasetInfo, read_dataset
 from datasets.position import DataPosition
-from trainer.attention_maps import eval_overlay_files
 from trainer.checkpointing import FaultPoint, restore, save, state_digest
 from trainer.config import Config
 from trainer.engine import WorkerArgs, init_engine, setup_worker
-from trainer.evaluation import EvalResult, evaluate, validation_metric
+from trainer.evaluation.attention_maps import eval_overlay_files
+from trainer.evaluation.evaluate import EvalResult, evaluate, validation_metric
 from trainer.loop import LossMeter, RankZeroLog, TrainStream, check_weights_finite
-from trainer.model import build_model, loss_weights
+from trainer.models.registry import build_model, loss_weights
 from trainer.progress import Progress, format_table
 from trainer.results import final_metrics, flat_eval_metrics, result_files
 from trainer.schedule import ValidationSchedule, current_lr
@@ -89,7 +89,7 @@ class TrainingRun:
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        return loss_weights(self.cfg)  # each model.name brings its own loss terms (trainer/model.py)
+        return loss_weights(self.cfg)  # each model.name brings its own loss terms (trainer/models/registry.py)
 
     def log_window(self) -> None:
         row = self.meter.read(self.optimizer, self.device)  # raises at a non-finite loss

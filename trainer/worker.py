@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 from datasets.contract import read_dataset
-from trainer.attention_maps import eval_overlay_files
 from trainer.engine import WorkerArgs, setup_worker
-from trainer.evaluation import evaluate
+from trainer.evaluation.attention_maps import eval_overlay_files
+from trainer.evaluation.evaluate import evaluate
 from trainer.loop import train_step
-from trainer.model import build_model
+from trainer.models.registry import build_model
 from trainer.results import final_metrics, publish
 from trainer.training import TrainingRun
 from trainer.weights import load_model_state

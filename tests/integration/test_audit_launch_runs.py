@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from run_cli import run_cli
 
-from datasets.synthetic import write_synthetic
+from datasets.makers.synthetic import write_synthetic
 from launch.run_lock import hold
 
 REPO = Path(__file__).resolve().parents[2]

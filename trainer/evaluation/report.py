@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.contract import DatasetInfo
-from trainer.metrics import LabelStats
+from trainer.evaluation.metrics import LabelStats
 
 COLUMNS = ["index", "id", "name", "role", "AP", "positives", "annotated"]
 

@@ -7,7 +7,7 @@ models alike. Three of them see the image only through its holistic feature
     f(x) = (1/R) sum_r x_r                                          mean-pooled region map
 
 and one attends over regions, but with one attention per label instead of LESA's M shared ones.
-The losses they train with are chosen in trainer/model.py (MODELS).
+The losses they train with are chosen in trainer/models/registry.py (MODELS).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.lesa import variance_scaling_
+from trainer.models.lesa import variance_scaling_
+from trainer.models.output import HeadOutput
 
 
 def holistic(fmap: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,8 @@ class Fast0TagHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, embed_dim))
 
-    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": self.mlp(holistic(fmap)) @ label_vectors.T}
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
+        return HeadOutput(self.mlp(holistic(fmap)) @ label_vectors.T)
 
 
 class LabelEMHead(nn.Module):
@@ -51,8 +52,8 @@ class LabelEMHead(nn.Module):
         super().__init__()
         self.W = nn.Parameter(variance_scaling_(torch.empty(channels, embed_dim), channels))
 
-    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": (holistic(fmap) @ self.W) @ label_vectors.T}
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
+        return HeadOutput((holistic(fmap) @ self.W) @ label_vectors.T)
 
 
 class CONSEHead(nn.Module):
@@ -82,10 +83,10 @@ class CONSEHead(nn.Module):
         mixed = (p[:, :, None] * self.seen_vectors[ranked]).sum(dim=1)  # [B, dim]
         return mixed / p.sum(dim=1, keepdim=True)
 
-    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
         seen_logits = self.classifier(holistic(fmap))
         scores = F.normalize(self.embed(seen_logits), dim=1) @ label_vectors.T  # v_k are unit rows
-        return {"scores": scores, "seen_logits": seen_logits}
+        return HeadOutput(scores, seen_logits=seen_logits)
 
 
 class OneAttentionPerLabelHead(nn.Module):
@@ -109,11 +110,11 @@ class OneAttentionPerLabelHead(nn.Module):
         self.U = nn.Linear(channels, embed_dim, bias=False)
         self.W = nn.Parameter(variance_scaling_(torch.empty(channels, embed_dim), channels))
 
-    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
         x = fmap.flatten(2).transpose(1, 2)  # [B, R, C]
         keys, values = self.U(x), x @ self.W  # [B, R, dim] each
         scores = [self.score_chunk(keys, values, v) for v in label_vectors.split(self.label_chunk)]
-        return {"scores": torch.cat(scores, dim=1)}
+        return HeadOutput(torch.cat(scores, dim=1))
 
     @staticmethod
     def score_chunk(keys: torch.Tensor, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

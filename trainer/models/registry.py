@@ -4,7 +4,7 @@ The label vectors are fixed and L2-normalised (docs/protocol.md, The head); they
 a saved model carries the vocabulary it was trained against. `forward(images, label_ids)` scores
 the chosen labels: seen ones in training, unseen (ZSL) or all (GZSL) at evaluation.
 
-Each entry of MODELS says how to build its head and which terms of trainer/losses.py train it,
+Each entry of MODELS says how to build its head and which terms of trainer/models/losses.py train it,
 with their weights; the train loop asks for those and knows nothing else about the model.
 """
 
@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.contract import FeatureSpec
-from trainer.backbones import build_backbone
-from trainer.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead
 from trainer.config import Config
-from trainer.lesa import LESAHead
+from trainer.models.backbones import build_backbone
+from trainer.models.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead
+from trainer.models.lesa import LESAHead
+from trainer.models.output import HeadOutput
 
 
 def unit_rows(vectors: np.ndarray) -> torch.Tensor:
@@ -36,7 +37,7 @@ class TaggingModel(nn.Module):
         self.head = head
         self.register_buffer("label_vectors", unit_rows(label_vectors))
 
-    def forward(self, images: torch.Tensor, label_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, label_ids: torch.Tensor) -> HeadOutput:
         fmap = self.backbone(images)
         return self.head(fmap, self.label_vectors[label_ids])
 
@@ -54,7 +55,7 @@ def conse_head(cfg: Config, channels: int, vectors: np.ndarray, seen_ids) -> nn.
 @dataclass(frozen=True)
 class ModelEntry:
     head: Callable  # (cfg, backbone channels, label vectors, seen ids) -> head module
-    loss_weights: Callable  # cfg -> {term of trainer.losses.LOSSES: weight}
+    loss_weights: Callable  # cfg -> {term of trainer.models.losses.LOSSES: weight}
 
 
 def lesa_losses(cfg: Config) -> dict[str, float]:
@@ -81,7 +82,7 @@ def build_model(
 ) -> TaggingModel:
     """`seen_ids`: the labels training sees (the dataset's seen role); CONSE's embedding needs them.
     `features`: the FeatureSpec of a feature dataset (`DatasetInfo.features`); its cached rows then
-    stand in for the frozen backbone (trainer/backbones.py, FeatureInput)."""
+    stand in for the frozen backbone (trainer/models/backbones.py, FeatureInput)."""
     backbone = build_backbone(cfg.model, features)
     head = MODELS[cfg.model.name].head(cfg, backbone.out_channels, label_vectors, seen_ids)
     if cfg.model.compile:
@@ -91,5 +92,5 @@ def build_model(
 
 
 def loss_weights(cfg: Config) -> dict[str, float]:
-    """What trains `model.name`: weights for trainer.losses.total_loss."""
+    """What trains `model.name`: weights for trainer.models.losses.total_loss."""
     return MODELS[cfg.model.name].loss_weights(cfg)

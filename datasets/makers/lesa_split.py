@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 
 from datasets.contract import DatasetError, join
-from datasets.convert import say
+from datasets.makers.convert import say
 
 # (module, name) pairs a pickled numpy object array of str may reference, mapped to what they are.
 # numpy 2 renamed numpy.core to numpy._core; a pickle written by either names one of them.

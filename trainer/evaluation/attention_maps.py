@@ -61,10 +61,10 @@ def attention_outputs(model, images: torch.Tensor, label_ids: torch.Tensor) -> l
 
 def attention_items(out: dict, images: torch.Tensor) -> list[ImageAttention] | None:
     """Per-image pieces of a head's output for `images`; None if the head has no attention."""
-    if "attention" not in out:
+    if out.attention is None:
         return None
     attention, scores, per_attention = (
-        out[k].float().cpu().numpy() for k in ("attention", "scores", "attention_scores")
+        getattr(out, k).float().cpu().numpy() for k in ("attention", "scores", "attention_scores")
     )
     return [
         ImageAttention(images[i].cpu().numpy(), attention[i], scores[i], per_attention[i]) for i in range(len(images))

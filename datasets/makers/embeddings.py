@@ -294,7 +294,7 @@ def label_vectors(
     names: list[str], vectors, vector_names, embeddings: str | None, missing: str, log=print
 ) -> np.ndarray:
     """Label vectors from a precomputed `.npy` aligned with labels.tsv, or from word vectors
-    (`vectors`: one source or a list, first source with a word wins; see datasets/embeddings.py).
+    (`vectors`: one source or a list, first source with a word wins; see datasets/makers/embeddings.py).
     Checked before any shard is written: a NaN, Inf or all-zero vector is an error naming its label."""
     if (not vectors) == (embeddings is None):
         raise DatasetError(

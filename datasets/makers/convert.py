@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from datasets.contract import join
 from datasets.images import CONVERT_FORMATS, check_pixels, open_image
 from datasets.progress import format_duration
+from datasets.ray_start import connect_or_start_ray
 
 MARKER_DIR = "_convert"
 EXAMPLES = 10  # examples of each kind of skipped image kept in the report
@@ -159,27 +160,6 @@ def read_markers(out: str) -> dict[str, dict]:
     return markers
 
 
-def start_ray(num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS, else start a local Ray; returns whether this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-    else:
-        # No dashboard, so no jobs API; Ray 2.60 cannot bind its GCS and raylet to loopback
-        # (cluster/README.md, "Loopback binds"): they require the cluster's auth token instead.
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            logging_level="WARNING",
-            configure_logging=True,
-        )
-    return True
-
-
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -262,7 +242,7 @@ class _RayWriter:
     def submit(self, job: ShardJob, out: str, options: ImageOptions, fingerprint: str) -> None:
         """Start `job`'s task, then wait while more than `capacity` tasks are in flight."""
         if self.task is None:
-            self.started = start_ray(self.num_cpus)
+            self.started = connect_or_start_ray(self.num_cpus)
             import ray
 
             self.ray = ray

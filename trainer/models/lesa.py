@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.output import HeadOutput
+
 
 class Adapter(nn.Module):
     """2x2 conv with TF 'SAME' padding (0 before, 1 after), no bias, BN as TF defaults, ReLU."""
@@ -54,7 +56,7 @@ class LESAHead(nn.Module):
             variance_scaling_(layer.bias, channels + 1)
         variance_scaling_(self.W, channels)
 
-    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
         """fmap [B, C, H, W], label_vectors [K, dim] (unit rows) -> scores and what the losses need."""
         x = self.adapter(fmap).flatten(2).transpose(1, 2)  # [B, R, C]
         h = torch.tanh(self.W1(x))  # [B, R, C]
@@ -64,10 +66,4 @@ class LESAHead(nn.Module):
         attention_scores = (z @ self.W) @ label_vectors.T  # [B, M, K]
         scores = attention_scores.max(dim=1).values  # [B, K]
         global_scores = (x.mean(dim=1) @ self.W) @ label_vectors.T  # [B, K]
-        return {
-            "scores": scores,
-            "attention_scores": attention_scores,
-            "attention_logits": e,
-            "attention": a,
-            "global_scores": global_scores,
-        }
+        return HeadOutput(scores, attention_scores, attention_logits=e, attention=a, global_scores=global_scores)

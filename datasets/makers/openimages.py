@@ -26,9 +26,9 @@ import fsspec
 import numpy as np
 
 from datasets.contract import DatasetError, Label, join, write_metadata
-from datasets.convert import EXAMPLES, ImageOptions, ShardJob, SplitReport, run_shards, say, write_report
-from datasets.embeddings import label_vectors
-from datasets.shards import encode_labels
+from datasets.makers.convert import EXAMPLES, ImageOptions, ShardJob, SplitReport, run_shards, say, write_report
+from datasets.makers.embeddings import label_vectors
+from datasets.makers.shards import encode_labels
 
 SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}  # contract split -> OI name
 ANNOTATION_COLUMNS = ("ImageID", "LabelName", "Confidence")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.distributed import distributed
-from trainer.kth_kernel import kth_largest_f32
+from trainer.evaluation.kth_kernel import kth_largest_f32
 
 ROW_CHUNK = 4096  # rows sorted at once, to bound temporaries
 
@@ -125,7 +125,7 @@ def ascending_key(values: np.ndarray) -> np.ndarray:
 def kth_largest(scores: np.ndarray, ks) -> np.ndarray:
     """[rows, len(ks)]: the k-th largest score of every row for each k in `ks` (all <= columns).
 
-    Wide float32 rows (GZSL's 7,586 labels) go through the one-pass C kernel (trainer/kth_kernel.py);
+    Wide float32 rows (GZSL's 7,586 labels) go through the one-pass C kernel (trainer/evaluation/kth_kernel.py);
     narrow rows, other dtypes, or a machine without a C compiler through numpy's vectorised sort.
     """
     ks = np.asarray(ks)

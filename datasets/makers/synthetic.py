@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datasets.contract import Label, write_metadata
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
 
 COLOURS = {
     "red": (220, 40, 40),

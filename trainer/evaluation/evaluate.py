@@ -1,5 +1,5 @@
 """Evaluation inside the workers: every worker scores a disjoint share of the test shards, then the
-metrics are combined exactly (trainer/metrics.py). ZSL scores the unseen labels, GZSL all labels.
+metrics are combined exactly (trainer/evaluation/metrics.py). ZSL scores the unseen labels, GZSL all labels.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datasets.stream import StreamSpec, make_loader, split_by_rank
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed
-from trainer.metrics import Annotations, LabelStats, StreamingMetrics
+from trainer.evaluation.metrics import Annotations, LabelStats, StreamingMetrics
 from trainer.progress import ScoringProgress
 
 
@@ -70,7 +70,7 @@ def score_split(
         bad.add(batch)
         if batch.has_samples:
             out = model(batch.images.to(device, non_blocking=True), ids)
-            metrics.add(out["scores"], Annotations.from_dense(batch.labels.numpy()[:, label_ids]))
+            metrics.add(out.scores, Annotations.from_dense(batch.labels.numpy()[:, label_ids]))
             progress.update(len(batch.keys))
     progress.finish()
 

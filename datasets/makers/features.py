@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from datasets.contract import FeatureSpec, Shard, join
-from datasets.shards import ShardFile, encode_labels, encode_npy
+from datasets.makers.shards import ShardFile, encode_labels, encode_npy
 from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader, skipped_samples
 
 RECORDS_DIR = "extract"

@@ -27,9 +27,9 @@ import fsspec
 import numpy as np
 
 from datasets.contract import DatasetError, Label, join, read_bytes, write_metadata
-from datasets.convert import ImageOptions, ShardJob, SplitReport, run_shards, say, write_report
-from datasets.embeddings import label_vectors
-from datasets.shards import encode_labels
+from datasets.makers.convert import ImageOptions, ShardJob, SplitReport, run_shards, say, write_report
+from datasets.makers.embeddings import label_vectors
+from datasets.makers.shards import encode_labels
 
 
 def _read(url: str) -> bytes:
