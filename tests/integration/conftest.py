@@ -1,6 +1,7 @@
 """Everything in this folder starts a real local Ray cluster or runs the `lesa` CLI as a subprocess:
 `make test-unit` leaves it out, `make test` runs it."""
 
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,22 +31,24 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_ray():
-    """The address of one real local Ray cluster for the whole session, for runs whose subject is
-    not a fresh cluster (RAY_ADDRESS=it in lesa_env; launch/driver.py's start_ray then connects).
-    Its processes have this environment: PYTHONPATH is the checkout, as in a run's own cluster.
-    8 logical CPUs: start_ray gives a local cluster at least the CPUs its workers need."""
+    """The environment (RAY_ADDRESS and a token of its own) of one real local Ray cluster for the
+    whole session, for runs whose subject is not a fresh cluster: lesa_env(**shared_ray), and
+    launch/driver.py's start_ray connects instead of starting one. Its processes have this
+    environment, PYTHONPATH the checkout, as a run's own cluster has; 8 logical CPUs, since
+    start_ray gives a local cluster at least the CPUs its workers ask for."""
     temp = tempfile.mkdtemp(prefix="lesa-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen(
         [sys.executable, "-c", HEAD, "8", temp],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=lesa_env(),
+        env=lesa_env(**auth),
     )
     try:
         address = head.stdout.readline().strip()
         assert address, f"the session's Ray head exited with {head.wait(timeout=60)}"
-        yield address
+        yield {"RAY_ADDRESS": address, **auth}
     finally:
         head.stdin.close()
         try:

@@ -42,7 +42,7 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, sh
         "mlflow.experiment=compare",
         timeout=900,
         cwd=tmp_path,
-        env=lesa_env(RAY_ADDRESS=shared_ray),
+        env=lesa_env(**shared_ray),
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

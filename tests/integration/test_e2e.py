@@ -156,7 +156,7 @@ def test_evaluate_checkpoint_on_another_number_of_workers_gives_the_same_metrics
         "mlflow.experiment=e2e-eval",
         timeout=600,
         cwd=work,
-        env=lesa_env(RAY_ADDRESS=shared_ray),
+        env=lesa_env(**shared_ray),
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = json.loads((work / "eval3" / "metrics.json").read_text())

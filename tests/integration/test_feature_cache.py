@@ -70,6 +70,8 @@ def tar_members(source) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
+    # Its `lesa` commands run in this process, on a Ray of their own: this process's Ray reads its
+    # token settings on import, so it cannot join the session's cluster (tests/integration/conftest.py).
     import ray
 
     root = tmp_path_factory.mktemp("feature_cache")

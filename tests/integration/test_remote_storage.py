@@ -29,14 +29,12 @@ import pytest
 s3fs = pytest.importorskip("s3fs", reason="remote storage tests need the s3 extra: pip install -e '.[test]'")
 pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip install -e '.[test]'")
 
-from run_cli import run_cli  # noqa: E402
+from run_cli import REPO, lesa, lesa_env  # noqa: E402
 
 from datasets.contract import read_dataset  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, fork_server, make_loader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-LESA = [sys.executable, "-m", "launch.cli"]
 BUCKET = "lesa-test"
 SECRET = "not-a-real-secret-7f3a"  # must never appear in a log
 
@@ -251,17 +249,8 @@ def test_driver_storage_helpers_keep_local_paths(tmp_path, monkeypatch):
 
 
 def run_lesa(work: Path, *args: str, env_extra: dict | None = None) -> str:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DS_ACCELERATOR": "cpu",
-    }
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
-        env.pop(name, None)  # MLflow must find the endpoint through AWS_ENDPOINT_URL alone
-    env.update(env_extra or {})
-    proc = run_cli(LESA + list(args), timeout=600, cwd=work, env=env)
+    # lesa_env drops MLFLOW_S3_ENDPOINT_URL: MLflow must find the endpoint through AWS_ENDPOINT_URL alone
+    proc = lesa(*args, timeout=600, cwd=work, env=lesa_env(**(env_extra or {})))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert SECRET not in log

@@ -41,7 +41,7 @@ def write_data(root: Path) -> None:
     )
 
 
-def lesa_train(work: Path, data: Path, ray_address: str, *extra: str) -> str:
+def lesa_train(work: Path, data: Path, ray: dict, *extra: str) -> str:
     """`lesa train` on the session's Ray cluster: the subject here is the schedule, not a fresh Ray."""
     proc = lesa(
         "train",
@@ -85,7 +85,7 @@ def lesa_train(work: Path, data: Path, ray_address: str, *extra: str) -> str:
         *extra,
         timeout=600,
         cwd=work,
-        env=lesa_env(RAY_ADDRESS=ray_address),
+        env=lesa_env(**ray),
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
