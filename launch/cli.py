@@ -125,10 +125,13 @@ def cmd_metrics(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lesa", description="LESA multi-label zero-shot tagging at scale")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_set(
+    p: argparse.ArgumentParser, text: str = "override a config key, e.g. --set train.max_steps=100 (repeatable)"
+):
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=text)
 
+
+def add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic benchmark in the dataset contract")
     p.add_argument("out", help="output dataset root (path or fsspec URL)")
     p.add_argument("--seed", type=int, default=0)
@@ -147,16 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_synth)
 
+
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate on a Ray cluster (local if RAY_ADDRESS is unset)")
     p.add_argument("config", help="experiment YAML, e.g. launch/synthetic.yaml")
     p.add_argument("--out", required=True, help="output folder: metrics.json, model.pt, checkpoints/")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.max_steps=100 (repeatable)",
-    )
+    add_set(p)
     p.add_argument(
         "--resume",
         metavar="latest|PATH",
@@ -165,22 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def add_submit(sub) -> None:
     p = sub.add_parser("submit", help="run `lesa train CONFIG` as a Ray job on a cluster (the YAML's submit: section)")
     p.add_argument("config", help="experiment YAML inside submit.working_dir")
     p.add_argument("--address", help="Ray dashboard URL (default: submit.address, $RAY_ADDRESS, http://127.0.0.1:8265)")
     p.add_argument("--out", help="results folder on the head node (default: submit.out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set(p)
     p.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C stops the job (default: detach)")
     p.set_defaults(func=cmd_submit)
 
+
+def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained model.pt on the cluster, any number of workers")
     p.add_argument("config", help="experiment YAML (data.url, model, eval.*, scaling.num_workers)")
     p.add_argument("--checkpoint", required=True, help="a model.pt written by lesa train, or its folder")
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_label_*.tsv")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_extract(sub) -> None:
     p = sub.add_parser(
         "extract",
         help="cache a frozen backbone's features of every image (a feature dataset "
@@ -203,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="run the backbone under autocast (features are stored float16 either way)",
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set(p)
     p.set_defaults(func=cmd_extract)
 
+
+def add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", help="train LESA and the baselines on the same data, budget and seed; write the paper's table"
     )
@@ -230,15 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with the per-seed values",
     )
     p.add_argument("--out", required=True, help="output folder: table.md, table.json, one folder per model")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key for every model (repeatable)",
-    )
+    add_set(p, "override a config key for every model (repeatable)")
     p.set_defaults(func=cmd_compare)
 
+
+def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-K labels of image files with a trained model (plain torch, no Ray)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (paths or fsspec URLs)")
     p.add_argument(
@@ -266,15 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    from launch.convert_cli import add_convert_parser
 
-    add_convert_parser(sub)  # lesa convert openimages|nuswide|lesa-split
-
+def add_metrics(sub) -> None:
     p = sub.add_parser("metrics", help="LESA's metrics for a score matrix and a label matrix")
     p.add_argument("--scores", required=True, help=".npy float [images, labels]")
     p.add_argument("--labels", required=True, help=".npy [images, labels]: +1 present, -1 absent, 0 unknown")
     p.add_argument("--k", type=int, nargs="+", default=[3, 5])
     p.set_defaults(func=cmd_metrics)
+
+
+def add_convert(sub) -> None:
+    from launch.convert_cli import add_convert_parser
+
+    add_convert_parser(sub)  # lesa convert openimages|nuswide|lesa-split
+
+
+COMMANDS = (add_synth, add_train, add_submit, add_evaluate, add_extract, add_compare, add_predict, add_convert,
+            add_metrics)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesa", description="LESA multi-label zero-shot tagging at scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:  # in the order `lesa --help` lists them
+        add(sub)
     return parser
 
 

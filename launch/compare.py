@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.preflight import check_registries
-from trainer.config import ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config
 
 TITLES = {
     "lesa": "LESA",
@@ -66,9 +66,6 @@ def failure_reason(exc: BaseException) -> str:
 
 def run_compare(config: str, variants: list[Variant], out: str | Path, overrides: list[str] = ()) -> dict:
     """Train every variant in turn; write DIR/table.md and DIR/table.json; return the table."""
-    from launch.driver import run_training
-    from trainer.tracking import RunLogger, open_run, resolve_tracking
-
     out = Path(out).resolve()
     configs = {
         v.name: load_config(config, [*overrides, *v.overrides, f"mlflow.run_name={v.name}"]) for v in variants
@@ -78,55 +75,8 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     refuse_used_folders(out, variants)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides))
-    tracking_uri, artifact_location = resolve_tracking(base.mlflow)
-    parent_name = base.mlflow.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = RunLogger(
-        tracking_uri,
-        open_run(
-            tracking_uri,
-            artifact_location,
-            base.mlflow.experiment,
-            parent_name,
-            {"compare.config": config, "compare.variants": " ".join(configs), **base.flat()},
-        ),
-    )
-    print(
-        f"MLflow parent run {parent.run_id} ({parent_name}) in {tracking_uri}; "
-        f"{len(variants)} models: {', '.join(configs)}",
-        flush=True,
-    )
-
-    rows = []
-    for v in variants:
-        cfg = configs[v.name]
-        print(f"\n##### lesa compare: {v.title} ({v.name}) #####", flush=True)
-        row = {"name": v.name, "title": v.title, "overrides": v.overrides, "out": str(out / v.name)}
-        try:
-            metrics = run_training(cfg, out / v.name, parent_run_id=parent.run_id)
-        except Exception as exc:  # reported in the table; the next model still runs
-            traceback.print_exc()
-            row.update(status="failed", reason=failure_reason(exc))
-            print(f"##### {v.name} failed: {row['reason']}", flush=True)
-        else:
-            row.update(
-                status="ok",
-                zsl=metrics["zsl"],
-                gzsl=metrics["gzsl"],
-                chance_mAP=metrics["chance_mAP"],
-                step=metrics["step"],
-                num_test_images=metrics["num_test_images"],
-                mlflow_run_id=metrics["mlflow_run_id"],
-            )
-            parent.log(
-                {
-                    f"{v.name}/{setting}/{k}": value
-                    for setting in ("zsl", "gzsl")
-                    for k, value in metrics[setting].items()
-                },
-                metrics["step"],
-            )
-        rows.append(row)
-
+    parent, tracking_uri = open_parent_run(config, base, list(configs))
+    rows = [train_variant(v, configs[v.name], out, parent) for v in variants]
     table = {
         "config": str(config),
         "overrides": list(overrides),
@@ -147,6 +97,39 @@ def run_compare(config: str, variants: list[Variant], out: str | Path, overrides
     parent.finish(ok=any(row["status"] == "ok" for row in rows))
     print("\n" + (out / "table.md").read_text() + f"\nresults in {out} (table.md, table.json, one folder per model)")
     return table
+
+
+def open_parent_run(config: str, base: Config, names: list[str]):
+    """(the MLflow run every variant's run is nested under, its tracking URI)."""
+    from trainer.tracking import RunLogger, open_run, resolve_tracking
+
+    tracking_uri, artifact_location = resolve_tracking(base.mlflow)
+    parent_name = base.mlflow.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    params = {"compare.config": config, "compare.variants": " ".join(names), **base.flat()}
+    run_id = open_run(tracking_uri, artifact_location, base.mlflow.experiment, parent_name, params)
+    print(f"MLflow parent run {run_id} ({parent_name}) in {tracking_uri}; {len(names)} models: {', '.join(names)}",
+          flush=True)  # fmt: skip
+    return RunLogger(tracking_uri, run_id), tracking_uri
+
+
+def train_variant(v: Variant, cfg: Config, out: Path, parent) -> dict:
+    """One row of the table: the variant trained in OUT/<name>, or why it failed (the next one still runs)."""
+    from launch.driver import run_training
+
+    print(f"\n##### lesa compare: {v.title} ({v.name}) #####", flush=True)
+    row = {"name": v.name, "title": v.title, "overrides": v.overrides, "out": str(out / v.name)}
+    try:
+        metrics = run_training(cfg, out / v.name, parent_run_id=parent.run_id)
+    except Exception as exc:  # reported in the table; the next model still runs
+        traceback.print_exc()
+        row.update(status="failed", reason=failure_reason(exc))
+        print(f"##### {v.name} failed: {row['reason']}", flush=True)
+        return row
+    keep = ("zsl", "gzsl", "chance_mAP", "step", "num_test_images", "mlflow_run_id")
+    row.update(status="ok", **{k: metrics[k] for k in keep})
+    flat = {f"{v.name}/{s}/{k}": value for s in ("zsl", "gzsl") for k, value in metrics[s].items()}
+    parent.log(flat, metrics["step"])
+    return row
 
 
 def refuse_used_folders(out: Path, variants: list[Variant]) -> None:

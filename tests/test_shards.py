@@ -13,9 +13,10 @@ import psutil
 import pytest
 import torch
 
+from datasets.batch import Batch
 from datasets.contract import DatasetError, Label, read_dataset, write_metadata
 from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
-from datasets.stream import Batch, ShardStream, StreamSpec, epoch_shards, make_loader
+from datasets.stream import ShardStream, StreamSpec, epoch_shards, make_loader
 
 SIZE = 16
 NUM_LABELS = 6

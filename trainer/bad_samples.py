@@ -13,8 +13,8 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from datasets.batch import skipped_samples
 from datasets.contract import DatasetError
-from datasets.stream import skipped_samples
 from trainer.distributed import distributed
 
 EXAMPLES_KEPT = 20

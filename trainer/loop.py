@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from datasets.batch import Batch
 from datasets.position import DataPosition
-from datasets.stream import Batch, StreamSpec, make_loader
+from datasets.stream import StreamSpec, make_loader
 from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed

@@ -27,9 +27,10 @@ import fsspec
 import numpy as np
 import torch
 
+from datasets.batch import skipped_samples
 from datasets.contract import FeatureSpec, Shard, join
 from datasets.makers.shards import ShardFile, encode_labels, encode_npy
-from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader, skipped_samples
+from datasets.stream import FEATURE_EXTENSION, StreamSpec, make_loader
 
 RECORDS_DIR = "extract"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
