@@ -11,8 +11,8 @@ import pytest
 from run_cli import REPO, lesa, lesa_env
 
 from datasets.contract import read_dataset, write_metadata
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels
-from datasets.synthetic import SyntheticBenchmark, write_synthetic
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
+from datasets.makers.synthetic import SyntheticBenchmark, write_synthetic
 
 CONFIG = REPO / "launch" / "synthetic.yaml"
 STEPS, LOG_EVERY = 24, 8

@@ -27,12 +27,12 @@ import torch
 
 from benchmarks.feature_cache import random_vgg19  # torchvision's init and key names
 from datasets.contract import Shard, read_dataset, write_metadata
-from datasets.shards import SplitWriter, encode_jpeg, encode_labels, encode_npy
+from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels, encode_npy
+from datasets.makers.synthetic import SyntheticBenchmark, write_synthetic
 from datasets.stream import BadSample, ShardStream, StreamSpec, decode_feature, decode_image
-from datasets.synthetic import SyntheticBenchmark, write_synthetic
 from launch import cli
-from trainer.backbones import FeatureInput, VGG19Conv54
 from trainer.config import ConfigError, load_config
+from trainer.models.backbones import FeatureInput, VGG19Conv54
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE, GRID, CHANNELS = 64, (4, 4), 512  # VGG-19 conv5_4 at 64 px: 4 x 4 x 512
@@ -226,9 +226,9 @@ def test_extract_refuses_a_trainable_backbone_before_any_cluster_work(work, caps
 def test_a_frozen_small_cnn_from_a_model_pt_extracts_its_own_map(work, tmp_path):
     """The synthetic analogue of LESA's frozen features: small_cnn_frozen with a lesa train model.pt
     (here random), one shard through the extractor that each Ray actor of lesa extract runs."""
-    from datasets.features import ShardExtractor
+    from datasets.makers.features import ShardExtractor
     from launch.extract import extractor_args
-    from trainer.backbones import FrozenSmallCNN, SmallCNN
+    from trainer.models.backbones import FrozenSmallCNN, SmallCNN
 
     torch.manual_seed(4)
     weights = tmp_path / "model.pt"
@@ -365,7 +365,7 @@ def test_vgg19_on_images_needs_its_weights_named_before_any_cluster_work(work, c
 
 def test_a_model_pt_moves_between_image_and_feature_inputs(work, tmp_path):
     """The frozen backbone is not the model's to load: it comes from model.backbone_weights."""
-    from trainer.model import build_model
+    from trainer.models.registry import build_model
     from trainer.weights import load_model_state
 
     cfg = load_config(REPO / "launch" / "synthetic.yaml", [a for a in overrides(work, "images") if a != "--set"])
@@ -419,9 +419,9 @@ def test_bad_feature_arrays_are_skipped_with_shard_key_and_kind(tmp_path):
         features=read_spec(),
     )
     (batch,) = list(ShardStream(spec))
-    assert batch["keys"] == ["ok"] and batch["images"].dtype == torch.float16
-    assert tuple(batch["images"].shape) == (1, 16, CHANNELS)
-    kinds = {key: kind for shard, key, kind, _ in batch["skipped"]}
+    assert batch.keys == ["ok"] and batch.images.dtype == torch.float16
+    assert tuple(batch.images.shape) == (1, 16, CHANNELS)
+    kinds = {key: kind for shard, key, kind, _ in batch.skipped}
     assert kinds == {
         "garbage": "corrupt feature",
         "pickled": "corrupt feature",
@@ -429,6 +429,6 @@ def test_bad_feature_arrays_are_skipped_with_shard_key_and_kind(tmp_path):
         "nan": "corrupt feature",
         "nofeat": "missing feature",
     }
-    assert all(shard.endswith("s-000000.tar") for shard, *_ in batch["skipped"])
+    assert all(shard.endswith("s-000000.tar") for shard, *_ in batch.skipped)
     with pytest.raises(BadSample, match=r"\[9, 512\], expected \[16, 512\]"):
         decode_feature(samples["wrongshape"], (16, CHANNELS))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 s3fs = pytest.importorskip("s3fs", reason="remote storage tests need the s3 extra: pip install -e '.[test]'")
 pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip install -e '.[test]'")
@@ -32,8 +33,11 @@ pytest.importorskip("moto", reason="remote storage tests need moto[server]: pip 
 from run_cli import REPO, lesa, lesa_env  # noqa: E402
 
 from datasets.contract import read_dataset  # noqa: E402
+from datasets.makers.synthetic import write_synthetic  # noqa: E402
+from datasets.position import DataPosition  # noqa: E402
 from datasets.stream import ShardStream, StreamSpec, fork_server, make_loader  # noqa: E402
-from datasets.synthetic import write_synthetic  # noqa: E402
+from trainer.checkpointing import write_manifest  # noqa: E402
+from trainer.state import TrainState  # noqa: E402
 
 BUCKET = "lesa-test"
 SECRET = "not-a-real-secret-7f3a"  # must never appear in a log
@@ -109,9 +113,9 @@ def stream_all(shards, num_labels: int) -> dict[str, tuple[np.ndarray, np.ndarra
     spec = StreamSpec(shards=shards, num_labels=num_labels, image_size=32, batch_size=5, train=False)
     out = {}
     for batch in ShardStream(spec):
-        assert not batch["skipped"]
-        for i, key in enumerate(batch["keys"]):
-            out[key] = (batch["images"][i].numpy(), batch["labels"][i].numpy())
+        assert not batch.skipped
+        for i, key in enumerate(batch.keys):
+            out[key] = (batch.images[i].numpy(), batch.labels[i].numpy())
     return out
 
 
@@ -146,12 +150,12 @@ def test_dataset_written_to_and_streamed_from_s3(s3, tmp_path):
     )
     batches = []
     for batch in make_loader(spec, loader_workers=1):
-        if batch["images"] is not None:
+        if batch.has_samples:
             batches.append(batch)
         if len(batches) == 4:  # one epoch of 24 samples and the start of the next
             break
-    assert all(b["images"].shape == (8, 32, 32, 3) for b in batches)
-    assert sorted(k for b in batches[:3] for k in b["keys"]) == sorted(
+    assert all(b.images.shape == (8, 32, 32, 3) for b in batches)
+    assert sorted(k for b in batches[:3] for k in b.keys) == sorted(
         k for shard in range(3) for k in _shard_keys(s3, f"{BUCKET}/tiny/train/train-{shard:06d}.tar")
     )
 
@@ -196,14 +200,14 @@ def test_driver_storage_helpers_on_s3(s3, tmp_path, monkeypatch):
     s3.pipe(f"{BUCKET}/ck/checkpoint_1/model.pt", b"weights")
     s3.pipe(
         f"{BUCKET}/ck/checkpoint_1/lesa_state.json",
-        json.dumps({"step": 4, "mlflow_run_id": "abc", "tracking_uri": "sqlite:///x.db"}).encode(),
+        TrainState(4, DataPosition([8]), "abc", "sqlite:///x.db").to_json().encode(),
     )
     assert model_file(f"s3://{BUCKET}/ck/checkpoint_1/") == f"s3://{BUCKET}/ck/checkpoint_1/model.pt"
     assert model_file(f"s3://{BUCKET}/ck/checkpoint_1/model.pt") == f"s3://{BUCKET}/ck/checkpoint_1/model.pt"
     assert model_file(f"s3://{BUCKET}/ck/nothing") is None
     run, start = resume_target(tmp_path, f"s3://{BUCKET}/ck/checkpoint_1/")
     assert start == f"s3://{BUCKET}/ck/checkpoint_1"
-    assert run["mlflow_run_id"] == "abc" and run["storage"] is None
+    assert run.mlflow_run_id == "abc" and run.storage is None
     for url in (start, f"s3a://{BUCKET}/ck/checkpoint_1"):  # what run_workers hands Ray Train to resume from
         with Checkpoint(*ray_storage(url)).as_directory() as folder:
             assert Path(folder, "model.pt").read_bytes() == b"weights"
@@ -236,16 +240,18 @@ def test_driver_storage_helpers_keep_local_paths(tmp_path, monkeypatch):
 
     folder = tmp_path / "checkpoint_1"
     folder.mkdir()
-    (folder / "model.pt").write_bytes(b"weights")
-    (folder / "lesa_state.json").write_text(json.dumps({"mlflow_run_id": "abc", "tracking_uri": "sqlite:///x.db"}))
+    torch.save({"w": torch.ones(2)}, folder / "model.pt")
+    weights = (folder / "model.pt").read_bytes()
+    (folder / "lesa_state.json").write_text(TrainState(4, DataPosition([8]), "abc", "sqlite:///x.db").to_json())
+    write_manifest(folder, rank=0)  # --resume PATH checks a local checkpoint's digests and tensors
     assert model_file(str(folder)) == str(folder / "model.pt")
     assert model_file(str(folder / "model.pt")) == str(folder / "model.pt")
     assert model_file(str(tmp_path / "nothing")) is None
     monkeypatch.chdir(tmp_path)
     run, start = resume_target(tmp_path / "out", "checkpoint_1")
-    assert start == str(folder) and run["mlflow_run_id"] == "abc"
+    assert start == str(folder) and run.mlflow_run_id == "abc"
     with Checkpoint(*ray_storage(start)).as_directory() as local:
-        assert Path(local, "model.pt").read_bytes() == b"weights"
+        assert Path(local, "model.pt").read_bytes() == weights
 
 
 def run_lesa(work: Path, *args: str, env_extra: dict | None = None) -> str:

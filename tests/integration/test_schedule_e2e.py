@@ -22,8 +22,8 @@ def write_data(root: Path) -> None:
     the better the model learns the training task, the lower its validation metric, so the lr
     decays and early stopping ends the run without waiting for noise."""
     from datasets.contract import read_dataset, write_metadata
-    from datasets.shards import SplitWriter, encode_jpeg, encode_labels
-    from datasets.synthetic import SyntheticBenchmark, write_synthetic
+    from datasets.makers.shards import SplitWriter, encode_jpeg, encode_labels
+    from datasets.makers.synthetic import SyntheticBenchmark, write_synthetic
 
     write_synthetic(
         str(root), seed=4, sizes={"train": 64, "test": 16}, image_size=32, shard_size=16, log=lambda *_: None
@@ -143,8 +143,8 @@ def test_lr_decays_early_stopping_ends_the_run_and_the_best_model_is_kept(stoppe
     # one process, is the one the two workers measured at that step
     from datasets.contract import read_dataset
     from trainer.config import config_from_dict
-    from trainer.evaluation import validation_metric
-    from trainer.model import build_model
+    from trainer.evaluation.evaluate import validation_metric
+    from trainer.models.registry import build_model
     from trainer.weights import load_model_state
 
     cfg = config_from_dict(json.loads((work / "run" / "config.json").read_text()))
