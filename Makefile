@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py --json bench_results/training.json
 	$(BIN)/python benchmarks/feature_cache.py --json bench_results/feature_cache.json
 	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586 --json bench_results/eval_metrics.json
+	$(BIN)/python benchmarks/metrics_cli.py --images 20000 --labels 7586 --json bench_results/metrics_cli.json
 	$(BIN)/python benchmarks/summary.py bench_results
 
 ui: $(STAMP)

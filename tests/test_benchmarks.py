@@ -107,3 +107,13 @@ def test_bench_summary_prints_one_table_from_the_benchmarks_outputs(tmp_path):
     assert starts[0]["ratio"] == 1.0 and all(row["first_batch_s"] > 0 for row in starts)
     exact = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert all(row["mAP_abs_diff"] == 0 for row in exact)
+
+
+def test_metrics_cli_benchmark_runs_both_paths_and_they_agree(tmp_path):
+    out = tmp_path / "metrics_cli.json"
+    run(
+        [sys.executable, "benchmarks/metrics_cli.py", "--images", "600", "--labels", "40", "--json", str(out)], tmp_path
+    )
+    result = json.loads(out.read_text())
+    assert result["same_metrics"] is True
+    assert result["reference"]["seconds"] > 0 and result["lesa_metrics"]["peak_rss_mb"] > 0
