@@ -1,7 +1,7 @@
 """One table of the CPU benchmarks' results against their goals, from the JSON files they wrote.
 
     .venv/bin/python benchmarks/summary.py DIR      # DIR holds loader.json, training.json,
-                                                    # feature_cache.json, eval_metrics.json
+                                                    # feature_cache.json, eval_metrics.json, metrics_cli.json
 
 `make bench` writes those files to bench_results/ and ends with this table. A missing file is
 reported as such; the other rows still print.
@@ -63,11 +63,20 @@ def eval_rows(rows: list[dict]) -> list[tuple]:
     return out
 
 
+def metrics_cli_rows(row: dict) -> list[tuple[str, str, str]]:
+    where = f"{row['images']:,} x {row['labels']:,}"
+    return [
+        (f"lesa metrics / reference, {where}", f"{row['speedup']:.1f}x", "-"),
+        ("  peak memory, reference / lesa metrics", f"{row['memory_ratio']:.1f}x", "-"),
+    ]
+
+
 SOURCES = {
     "loader.json": loader_rows,
     "training.json": training_rows,
     "feature_cache.json": feature_cache_rows,
     "eval_metrics.json": eval_rows,
+    "metrics_cli.json": metrics_cli_rows,
 }
 
 
