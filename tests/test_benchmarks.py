@@ -117,3 +117,5 @@ def test_metrics_cli_benchmark_runs_both_paths_and_they_agree(tmp_path):
     result = json.loads(out.read_text())
     assert result["same_metrics"] is True
     assert result["reference"]["seconds"] > 0 and result["lesa_metrics"]["peak_rss_mb"] > 0
+    table = run([sys.executable, "benchmarks/summary.py", str(tmp_path)], tmp_path).stdout
+    assert "lesa metrics / reference, 600 x 40" in table and "loader.json: missing" in table
