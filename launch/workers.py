@@ -63,6 +63,7 @@ def build_trainer(cfg: Config, out: Path, worker_fn, payload: dict, run_name: st
         # Ray Train V2 refuses resume_from_checkpoint: the workers fall back to this one themselves
         # while the run has no checkpoint of its own.
         resume_from=Checkpoint(*ray_storage(resume_from)) if resume_from else None,
+        driver_pid=os.getpid(),
         **payload,
     )
     return TorchTrainer(

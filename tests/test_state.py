@@ -26,6 +26,7 @@ from trainer.checkpointing import (
     verify_files,
     write_manifest,
 )
+from trainer.config import ConfigError, load_config
 from trainer.loop import LossMeter, NonFiniteLoss, StepOutput
 from trainer.state import STATE_VERSION, BadSampleTotals, StateError, Throughput, TrainState
 from trainer.training import resume_report
@@ -144,9 +145,13 @@ def test_orphaned_checkpoint_folders_of_dead_writers_are_removed():
 def test_fault_point_is_an_explicit_setting(tmp_path):
     assert FaultPoint.parse(None, str(tmp_path)) is None
     fault = FaultPoint.parse("checkpoint@10", str(tmp_path))
-    assert fault.step == 10 and fault.marker.parent == tmp_path
-    with pytest.raises(ValueError, match="expected checkpoint@STEP"):
+    assert (fault.where, fault.step, fault.marker.parent) == ("checkpoint", 10, tmp_path)
+    assert fault.due("checkpoint", 10, rank=0) and not fault.due("checkpoint", 10, rank=0)  # once a run
+    assert FaultPoint.parse("driver@4", str(tmp_path), driver_pid=123).driver_pid == 123
+    with pytest.raises(ValueError, match="expected checkpoint@STEP or driver@STEP"):
         FaultPoint.parse("loss@3", str(tmp_path))
+    with pytest.raises(ConfigError, match="train.debug_fault"):
+        load_config(None, ["data.url=x", "train.debug_fault=checkpoint"])
 
 
 def test_a_non_finite_loss_is_named_by_its_step():

@@ -29,7 +29,9 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,28 +130,45 @@ def check_loadable(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class FaultPoint:
-    """Testing aid (`train.debug_fault: checkpoint@STEP`): rank 0 dies once while writing the
-    checkpoint of STEP, as a machine lost at that moment would; a marker in the run folder keeps
-    the retried attempt alive."""
+    """Testing aid, `train.debug_fault: WHERE@STEP`, once per run (a marker in the run folder keeps
+    the retried attempt alive), for the resume tests:
+    - `checkpoint@S`: rank 0 dies while writing the checkpoint of step S, as a machine lost at that
+      moment would;
+    - `driver@S`: once the checkpoint of step S is committed, rank 0 SIGKILLs the driver (its pid
+      comes with the worker's arguments), as a lost head node would, before anything else runs."""
 
+    where: str
     step: int
     marker: Path
+    driver_pid: int = 0
 
     @classmethod
-    def parse(cls, spec: str | None, out: str) -> "FaultPoint | None":
+    def parse(cls, spec: str | None, out: str, driver_pid: int = 0) -> "FaultPoint | None":
         if not spec:
             return None
         where, _, step = spec.partition("@")
-        if where != "checkpoint" or not step.isdigit():
-            raise ValueError(f"train.debug_fault: expected checkpoint@STEP, got {spec!r}")
-        return cls(int(step), Path(out, f".fault-checkpoint-{step}"))
+        if where not in ("checkpoint", "driver") or not step.isdigit():
+            raise ValueError(f"train.debug_fault: expected checkpoint@STEP or driver@STEP, got {spec!r}")
+        return cls(where, int(step), Path(out, f".fault-{where}-{step}"), driver_pid)
 
-    def maybe_die(self, step: int, rank: int) -> None:
-        if step != self.step or rank != 0 or self.marker.exists():
-            return
+    def due(self, where: str, step: int, rank: int) -> bool:
+        if where != self.where or step != self.step or rank != 0 or self.marker.exists():
+            return False
         self.marker.touch()
-        print(f"[rank {rank}] train.debug_fault: dying while writing the checkpoint of step {step}", flush=True)
-        os._exit(137)
+        return True
+
+    def while_writing(self, step: int, rank: int) -> None:
+        if self.due("checkpoint", step, rank):
+            print(f"[rank {rank}] train.debug_fault: dying while writing the checkpoint of step {step}", flush=True)
+            os._exit(137)
+
+    def after_commit(self, step: int, rank: int) -> None:
+        if self.due("driver", step, rank):
+            print(
+                f"[rank {rank}] train.debug_fault: killing the driver after the checkpoint of step {step}", flush=True
+            )
+            os.kill(self.driver_pid, signal.SIGKILL)
+            time.sleep(600)  # the cluster goes down with its driver; nothing more of this run happens
 
 
 TEMP_PREFIX = "lesa-ckpt-"
@@ -184,11 +203,13 @@ def save(engine, rank: int, state: TrainState, metrics: dict, extra_files=None, 
                 write(Path(tmp, name))
         write_manifest(tmp, rank)
         if fault is not None:
-            fault.maybe_die(state.step, rank)
+            fault.while_writing(state.step, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
         # Reports are registered asynchronously by Ray Train's controller; a worker lost before
         # that would take this checkpoint with it. Wait until it is committed as the latest.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if fault is not None:
+            fault.after_commit(state.step, rank)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

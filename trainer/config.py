@@ -90,7 +90,8 @@ class TrainConfig:
     early_stopping_patience: int = 10  # validations in a row without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement must exceed this (metric units, percent)
     # Testing aid, never needed in a real run: "checkpoint@S" makes rank 0 die once (exit 137)
-    # while writing the checkpoint of step S, as a lost machine would (the resume tests use it).
+    # while writing the checkpoint of step S, as a lost machine would; "driver@S" kills the driver
+    # once that checkpoint is committed, as a lost head node would (the resume tests use both).
     debug_fault: str | None = None
 
 
@@ -277,6 +278,11 @@ def _check_schedule(cfg: Config, need) -> None:
     need(0 < o.lr_decay <= 1, "optim.lr_decay", "must be in (0, 1]")
     need(0 <= o.lr_ema < 1, "optim.lr_ema", "must be in [0, 1)")
     need(o.lr_floor >= 0, "optim.lr_floor", "must be 0 or more")
+    need(
+        t.debug_fault is None or re.fullmatch(r"(checkpoint|driver)@[0-9]+", t.debug_fault) is not None,
+        "train.debug_fault",
+        "expected checkpoint@STEP or driver@STEP (a testing aid; leave it unset)",
+    )
     need(t.early_stopping_patience >= 1, "train.early_stopping_patience", "must be at least 1")
     need(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be 0 or more")
     need(

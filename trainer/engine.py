@@ -26,6 +26,7 @@ class WorkerArgs:
     tracking_uri: str = ""  # lesa train: where that run lives
     resume_from: object | None = None  # a ray.train.Checkpoint named by --resume PATH
     checkpoint: str | None = None  # lesa evaluate: the model.pt to score
+    driver_pid: int = 0  # the driver's process, for train.debug_fault=driver@STEP only
 
 
 def setup_worker(args: WorkerArgs) -> tuple[Config, int, int, torch.device]:

@@ -75,7 +75,7 @@ class TrainingRun:
         meter = LossMeter(cfg.train.log_every, cfg.train.max_steps, samples_per_step)
         progress = Progress(cfg.train.max_steps, samples_per_step, first_step=state.step) if rank == 0 else None
         log = RankZeroLog(rank, args.tracking_uri, args.run_id, after_step=state.step)
-        fault = FaultPoint.parse(cfg.train.debug_fault, args.out)
+        fault = FaultPoint.parse(cfg.train.debug_fault, args.out, args.driver_pid)
         return cls(cfg, args, rank, world, device, info, engine, optimizer, schedule, state, stream, meter, log,
                    progress, fault, state.bad_samples, state.throughput)  # fmt: skip
 

@@ -144,3 +144,24 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_reports_no_success(tmp_pat
     assert "at step 2" in log or "at step 3" in log, log[-3000:]
     assert "a retry would fail again" in log  # not retried checkpoint.max_failures times
     assert not (out / "metrics.json").exists()
+
+
+def test_a_driver_killed_right_after_a_commit_leaves_no_gap_in_mlflow(tmp_path, synthetic):
+    """The audit's driver kill during a checkpoint: the controller still committed it, and the
+    steps since the last MLflow write were lost for good (they were flushed only after the commit).
+    The driver here has its own Ray: a killed driver of a shared cluster would leave its controller."""
+    data = synthetic(3, 32, 16, train=64, test=32)
+    out = tmp_path / "run"
+    steps = ("train.max_steps=8", "checkpoint.every=4", "train.log_every=1")
+    killed = lesa(*train_args(out, data, *steps, "train.debug_fault=driver@4"), cwd=tmp_path)
+    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert (out / ".fault-driver-4").exists()  # rank 0 killed it (its own line dies with the driver's log)
+    resumed = lesa(*train_args(out, data, *steps), "--resume", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout + resumed.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in logged) == list(range(1, 9)), "every step once: no gap, no duplicate"
