@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A two-node Ray cluster on this one machine: a head and a second node, each with its own
 # raylet, so multi-node code paths (placement across nodes, `ray job submit`, RAY_ADDRESS) can
-# be exercised without a cloud. Used by tests/test_cluster_files.py.
+# be exercised without a cloud. Used by tests/integration/test_cluster_files.py.
 #
 #   cluster/local-multinode.sh start [DIR]   start both nodes; Ray's temp dir is DIR (default: a
 #                                            new /tmp/lesa-ray-XXXXXX); prints the client env and
