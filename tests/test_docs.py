@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Background files of the project's authors, outside the repository. Spelled in pieces so that this
 # file does not match itself.
 OUTSIDE = ["DESIGN" + ".md", "lesa" + "_spec", "stack" + "_notes", ".." + "/shared"]
-CHECKED = (".py", ".md", ".yaml", ".toml", ".sh")
+CHECKED = (".py", ".md", ".yaml", ".toml", ".sh", ".txt")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
