@@ -115,6 +115,7 @@ def open_parent_run(config: str, base: Config, names: list[str]):
 def train_variant(v: Variant, cfg: Config, out: Path, parent) -> dict:
     """One row of the table: the variant trained in OUT/<name>, or why it failed (the next one still runs)."""
     from launch.driver import run_training
+    from trainer.results import flat_eval_metrics
 
     print(f"\n##### lesa compare: {v.title} ({v.name}) #####", flush=True)
     row = {"name": v.name, "title": v.title, "overrides": v.overrides, "out": str(out / v.name)}
@@ -127,8 +128,7 @@ def train_variant(v: Variant, cfg: Config, out: Path, parent) -> dict:
         return row
     keep = ("zsl", "gzsl", "chance_mAP", "step", "num_test_images", "mlflow_run_id")
     row.update(status="ok", **{k: metrics[k] for k in keep})
-    flat = {f"{v.name}/{s}/{k}": value for s in ("zsl", "gzsl") for k, value in metrics[s].items()}
-    parent.log(flat, metrics["step"])
+    parent.log({f"{v.name}/{k}": value for k, value in flat_eval_metrics(metrics).items()}, metrics["step"])
     return row
 
 

@@ -15,7 +15,8 @@ from datasets.ray_start import connect_or_start_ray
 from launch.errors import RunFailed
 from launch.storage import checkpoint_url, ray_storage, storage_env
 from trainer.config import Config
-from trainer.run_folder import ATTENTION_DIR, PER_LABEL_FILES, RESULT_FILES, SETTINGS, RunFolder
+from trainer.results import flat_eval_metrics
+from trainer.run_folder import ATTENTION_DIR, PER_LABEL_FILES, RESULT_FILES, RunFolder
 from trainer.tracking import RunLogger
 
 
@@ -133,7 +134,7 @@ def run_workers(
     metrics["checkpoint"] = checkpoint_url(cfg.checkpoint.storage, result.checkpoint.path)
     folder.metrics.write_text(json.dumps(metrics, indent=1))
     if log_metrics:  # training's rank 0 logged them already, with their step
-        logger.log({f"{s}/{k}": v for s in SETTINGS for k, v in metrics[s].items()}, metrics["step"])
+        logger.log(flat_eval_metrics(metrics), metrics["step"])
     for path in (folder.metrics, *(folder.root / name for name in PER_LABEL_FILES)):
         logger.artifact(path)
     for picture in sorted(folder.attention.glob("*.png")):

@@ -209,6 +209,8 @@ class LossMeter:
 
 def check_weights_finite(model: torch.nn.Module, step: int) -> None:
     """Before a checkpoint: a non-finite weight (a gradient that overflowed) is never saved."""
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise NonFiniteLoss(f"weight {name} is not finite at step {step}: training stopped before checkpointing it")
+    params = dict(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).cpu()  # one wait, not one a tensor
+    if not bool(finite.all()):
+        name = list(params)[int((~finite).nonzero()[0])]
+        raise NonFiniteLoss(f"weight {name} is not finite at step {step}: training stopped before checkpointing it")

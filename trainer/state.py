@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from datasets.position import DataPosition
+from trainer.bad_samples import EXAMPLES_KEPT
 
 STATE_FILE = "lesa_state.json"
 STATE_VERSION = 2
@@ -58,7 +59,7 @@ class BadSampleTotals:
             "count": self.count + summary["count"],
             "read": self.read + summary["read"],
             "by_kind": by_kind,
-            "examples": (self.examples + summary["examples"])[:20],
+            "examples": (self.examples + summary["examples"])[:EXAMPLES_KEPT],
         }
 
 
