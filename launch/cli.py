@@ -26,10 +26,11 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from launch.driver import run_training
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # before the driver's imports (torch, ray, mlflow): errors in 1 s
+    from launch.driver import run_training
+
     run_training(cfg, args.out, resume=args.resume)
     return 0
 
@@ -64,10 +65,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from launch.driver import run_evaluation
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # before the driver's imports, as in cmd_train
+    from launch.driver import run_evaluation
+
     run_evaluation(cfg, args.checkpoint, args.out)
     return 0
 
@@ -89,10 +91,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from launch.extract import run_extract
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # before torch is imported, as in cmd_train
+    from launch.extract import run_extract
+
     run_extract(cfg, args.out, splits=args.splits, precision=args.precision)
     return 0
 
