@@ -141,9 +141,9 @@ def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
     """`lesa evaluate`: a trained model.pt (or a folder holding one) on any number of workers."""
     from trainer.worker import evaluate_worker
 
-    cfg, out, _, _ = preflight(cfg, out, [cfg.eval.split])
+    cfg, out, info, _ = preflight(cfg, out, [cfg.eval.split])
+    checkpoint = evaluation_checkpoint(checkpoint, cfg, info)  # before the MLflow run and Ray
     with hold(out):  # launch/run_lock.py: one run per --out
-        checkpoint = evaluation_checkpoint(checkpoint)
         tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
         metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
         print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")

@@ -116,11 +116,24 @@ def resumed(cfg: Config, run: RunRecord | None) -> Config:
     return replaced(cfg, {"checkpoint.storage": run.storage}) if run and run.storage else cfg
 
 
-def evaluation_checkpoint(checkpoint: str) -> str:
-    """`lesa evaluate --checkpoint`: the model.pt it names, absolute."""
+def evaluation_checkpoint(checkpoint: str, cfg: Config, info: DatasetInfo) -> str:
+    """`lesa evaluate --checkpoint`: the model.pt it names, absolute, once it has been read (plain
+    tensors only) and fits the model `cfg` builds over `info`, which every worker would otherwise
+    fail on after Ray started. Built on the meta device, the model allocates nothing."""
+    import torch
+
+    from trainer.models.registry import build_model
+    from trainer.weights import WeightsError, fitting_state, read_state_dict
+
     found = model_file(absolute(checkpoint))
     if found is None:
         raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
+    with torch.device("meta"):
+        model = build_model(replaced(cfg, {"model.compile": False}), info.embeddings, info.seen, info.features)
+    try:
+        fitting_state(model, read_state_dict(found), found)
+    except WeightsError as exc:
+        raise ConfigError(f"--checkpoint: {exc}") from None
     return found
 
 
@@ -177,3 +190,33 @@ def preflight_predict(checkpoint: str, top_k: int, device: str) -> tuple[str, Co
     except ConfigError as exc:
         raise ConfigError(f"{config_url}: {exc}") from None
     return model_url, cfg
+
+
+def check_resume_engine(cfg: Config, run: RunRecord | None, resume_from: str | None) -> None:
+    """`lesa train --resume`: the optimizer state continues only at the ZeRO stage and with the
+    optimizer that wrote it (trainer/training.py checks the same in the workers); a switch is
+    refused here, naming both, before any cluster work. Reads --resume PATH's lesa_state.json, or
+    the newest checkpoint's of the run being continued."""
+    from trainer.state import STATE_FILE
+    from trainer.zero import stage_switch_error
+
+    if resume_from:
+        text = read_text(join(resume_from, STATE_FILE))
+    elif run and run.storage:
+        text = newest_checkpoint_text(run.storage, run.run_name, STATE_FILE)
+    else:
+        return
+    try:
+        saved = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return  # a damaged state is named by the check that reads it whole (the workers')
+    if not isinstance(saved, dict) or "zero_stage" not in saved:
+        return  # an older schema: refused by its version where it is read
+    problem = stage_switch_error(saved["zero_stage"], cfg.deepspeed.zero_stage)
+    if problem is None and saved.get("optimizer") not in (None, cfg.optim.name):
+        problem = (
+            f"optim.name: the checkpoint's optimizer state is {saved['optimizer']}'s, this run uses "
+            f"{cfg.optim.name}: resume with --set optim.name={saved['optimizer']}, or start a new run"
+        )
+    if problem:
+        raise ConfigError(problem)

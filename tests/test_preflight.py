@@ -17,6 +17,7 @@ import pytest
 from datasets.contract import DatasetError
 from launch.preflight import (
     check_registries,
+    evaluation_checkpoint,
     preflight,
     preflight_extract,
     preflight_predict,
@@ -162,3 +163,59 @@ def test_a_config_error_imports_none_of_the_heavy_modules(tmp_path, command):
     )
     assert proc.stderr == f"lesa {command}: error: model.num_attentions: must be at least 1\n"
     assert proc.stdout == "2 []\n"
+
+
+def saved_model(cfg, data: Path, path: Path) -> Path:
+    """A model.pt as `lesa train` writes it (the model's state dict) for `cfg` over `data`."""
+    import torch
+
+    from datasets.contract import read_dataset
+    from trainer.models.registry import build_model
+
+    info = read_dataset(str(data))
+    torch.save(build_model(cfg, info.embeddings, info.seen).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("model", ["lesa", "conse", "labelem", "fast0tag", "one_attention_per_label"])
+def test_evaluate_checks_the_checkpoint_against_the_configured_model(data, tmp_path, model):
+    cfg, out, info, _ = preflight(config(data, f"model.name={model}"), tmp_path / "out", ["test"])
+    saved = saved_model(cfg, data, tmp_path / "model.pt")
+    assert evaluation_checkpoint(str(tmp_path), cfg, info) == str(saved)  # the folder, or the file
+    other = "model.name=fast0tag" if model != "fast0tag" else "model.name=labelem"
+    with pytest.raises(ConfigError, match=rf"--checkpoint: {saved}: does not fit the configured model .*: missing"):
+        evaluation_checkpoint(str(saved), config(data, other), info)
+
+
+def test_evaluate_names_the_shapes_that_differ(data, tmp_path):
+    cfg, out, info, _ = preflight(config(data, "model.num_attentions=10"), tmp_path / "out", ["test"])
+    saved = saved_model(cfg, data, tmp_path / "model.pt")
+    with pytest.raises(ConfigError) as caught:
+        evaluation_checkpoint(str(saved), config(data, "model.num_attentions=5"), info)
+    message = str(caught.value)
+    assert "\n" not in message and "of another shape (file vs config) " in message
+    assert "[10, " in message and "[5, " in message  # the attention weights as saved and as configured
+
+
+def test_the_cli_refuses_a_checkpoint_that_does_not_fit_before_mlflow_and_ray(data, tmp_path):
+    import time
+
+    cfg = config(data, "model.num_attentions=10")
+    saved = saved_model(cfg, data, tmp_path / "model.pt")
+    (tmp_path / "corrupt.pt").write_bytes(saved.read_bytes()[:-100])
+    for checkpoint, message in ((saved, "does not fit the configured model"), (tmp_path / "corrupt.pt", "damaged")):
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch.cli", "evaluate", str(REPO / "launch" / "synthetic.yaml")]
+            + ["--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--set", f"data.url={data}"]
+            + ["--set", "data.image_size=32", "--set", "model.num_attentions=5"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"lesa evaluate: error: --checkpoint: {checkpoint}: ") and message in proc.stderr
+        assert proc.stderr.count("\n") == 1 and time.monotonic() - started < 60
+        assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()

@@ -35,19 +35,44 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_state(model: torch.nn.Module, url: str) -> None:
-    """Weights from a model.pt into `model`. The label vectors come from the dataset being
-    evaluated, not from the file; a frozen backbone's weights come from model.backbone_weights (or
-    were cached as the features), so a model trained on images evaluates on features and back."""
-    state = read_state_dict(url)
-    state.pop("label_vectors", None)
+def fitting_state(model: torch.nn.Module, state: dict[str, torch.Tensor], url: str) -> dict[str, torch.Tensor]:
+    """The tensors of `state` that `model` takes. Left out: the label vectors (they come from the
+    dataset being evaluated) and a frozen backbone's weights (from model.backbone_weights, or cached
+    as the features), so a model trained on images evaluates on features and back. Any other key
+    missing, unexpected or of another shape is one WeightsError naming them. `model` may live on
+    the meta device: only its keys and shapes are read."""
     frozen = not getattr(model.backbone, "trainable", True)
-    if frozen:
-        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "label_vectors" and not (frozen and k.startswith("backbone."))]
-    if missing or unexpected:
+
+    def taken(key: str) -> bool:
+        return key != "label_vectors" and not (frozen and key.startswith("backbone."))
+
+    expected = {k: v.shape for k, v in model.state_dict().items() if taken(k)}
+    state = {k: v for k, v in state.items() if taken(k)}
+    problems = [
+        ("missing", [k for k in expected if k not in state]),
+        ("unexpected", [k for k in state if k not in expected]),
+        (
+            "of another shape (file vs config)",
+            [
+                f"{k} {list(state[k].shape)} vs {list(shape)}"
+                for k, shape in expected.items()
+                if k in state and state[k].shape != shape
+            ],
+        ),
+    ]
+    said = [
+        f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for what, keys in problems
+        if keys
+    ]
+    if said:
         raise WeightsError(
-            f"{url}: does not match model.name/model.backbone of the config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{url}: does not fit the configured model (model.name, model.backbone, model.num_attentions "
+            f"and the dataset's label-vector size must be those it was trained with): {'; '.join(said)}"
         )
+    return state
+
+
+def load_model_state(model: torch.nn.Module, url: str) -> None:
+    """Weights from a model.pt into `model`, checked first (`fitting_state`)."""
+    model.load_state_dict(fitting_state(model, read_state_dict(url), url), strict=False)
