@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext
 
 from datasets.batch import Batch, Skip
 from datasets.contract import FeatureSpec, Shard
-from datasets.images import BadSample, check_pixels, open_image
+from datasets.images import IMAGE_FORMATS, BadSample, decode_rgb
 from datasets.loader_process import fork_server, start_loader_process
 from datasets.position import DataPosition
 from datasets.tar import TruncatedMember, iter_tar
@@ -180,15 +180,11 @@ def shuffle(samples, buffer_size: int, rng: random.Random):
 # --- stage: decode (explicit per extension; nothing is unpickled) ---------------------------------
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: the short side resized to `size`, then a centre crop. Only the
-    formats of datasets/images.py are decoded, and only up to its pixel limit."""
-    image = open_image(data)
-    check_pixels(image)
-    try:
-        image = image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise BadSample("corrupt image", f"{type(exc).__name__}: {exc}") from None
+def decode_image(data: bytes, size: int, formats: tuple[str, ...] = IMAGE_FORMATS) -> np.ndarray:
+    """RGB uint8 [size, size, 3]: the picture upright and in 8 bits (`decode_rgb`), its short side
+    resized to `size`, then a centre crop. Only `formats` are decoded (a shard's are those of
+    datasets/images.py), and only up to its pixel limit."""
+    image = decode_rgb(data, formats)
     w, h = image.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

@@ -2,8 +2,9 @@
 
 One process, plain torch, no Ray. DIR/config.json rebuilds the model, DIR/model.pt (a tensor
 state dict, read with weights_only=True: nothing is unpickled) fills it, and every image is decoded
-exactly as the training stream decodes it (`decode_image`: short side resized, centre crop), so
-the model sees what it was trained on.
+exactly as the training stream decodes it (`decode_image`: upright by its EXIF orientation, 16-bit
+and float pixels scaled to 8 bits, short side resized, centre crop), so the model sees what it was
+trained on.
 
 Which labels are scored:
 - by default every label of the dataset in the config (seen and unseen), with the dataset's vectors;
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from datasets.contract import DatasetError, DatasetInfo, read_dataset
-from datasets.images import as_shard_image
+from datasets.images import CONVERT_FORMATS
 from datasets.stream import BadSample, decode_image
 from launch.preflight import preflight_predict
 from trainer.config import Config, ConfigError, replaced
@@ -183,9 +184,7 @@ def read_image(path: str, size: int) -> np.ndarray | None:
         warn(f"{path}: cannot read ({type(exc).__name__}: {exc}); skipped")
         return None
     try:
-        # A user's photos may be TIFF, which shards never hold: such a file reaches the shard
-        # decoder as a lossless PNG of its pixels.
-        return decode_image(as_shard_image(data), size)
+        return decode_image(data, size, CONVERT_FORMATS)  # a user's photos may be TIFF, which shards never hold
     except BadSample as exc:
         warn(f"{path}: not a readable image ({exc.detail}); skipped")
         return None

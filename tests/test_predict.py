@@ -124,6 +124,32 @@ def test_a_tiff_photo_is_predicted_as_its_pixels_while_shards_refuse_tiff(run, t
     np.testing.assert_allclose([s for s, _ in rows], scores[best], atol=1e-3)
 
 
+def test_a_16_bit_png_and_a_turned_phone_photo_score_as_their_8_bit_upright_equivalents(run, tmp_path, capsys):
+    """A 16-bit PNG is scored as its 8-bit levels (not as white), a JPEG with EXIF orientation 6 as
+    the upright picture; the unreadable file's message names it and no PIL buffer."""
+    from PIL import ImageOps
+
+    out_dir, _, _, images = run
+    levels = np.random.default_rng(7).integers(0, 256, (50, 70), dtype=np.uint8)
+    Image.frombytes("I;16", (70, 50), (levels.astype("<u2") * 257).tobytes()).save(tmp_path / "deep.png")
+    Image.fromarray(levels, "L").save(tmp_path / "levels.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(
+        tmp_path / "phone.jpg", exif=exif.tobytes()
+    )
+    ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg")).save(tmp_path / "upright.png")
+    files = ["deep.png", "levels.png", "phone.jpg", "upright.png"]
+    code = main(["predict", *(str(tmp_path / f) for f in files), str(images / "broken.jpg")]
+                + ["--checkpoint", str(out_dir), "--top-k", "8"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert f"{images / 'broken.jpg'}: not a readable image" in captured.err and "BytesIO" not in captured.err
+    rows = printed(captured.out)
+    assert rows[str(tmp_path / "deep.png")] == rows[str(tmp_path / "levels.png")]
+    assert rows[str(tmp_path / "phone.jpg")] == rows[str(tmp_path / "upright.png")]
+
+
 def test_model_pt_path_works_as_well_as_its_folder(run, capsys):
     out_dir, _, _, images = run
     assert main(["predict", str(images / "wide.jpg"), "--checkpoint", str(out_dir / "model.pt"), "--top-k", "3"]) == 0

@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import fsspec
-from PIL import Image, ImageOps
+from PIL import Image
 
 from datasets.contract import join
-from datasets.images import CONVERT_FORMATS, check_pixels, open_image
+from datasets.images import CONVERT_FORMATS, decode_rgb
 from datasets.progress import format_duration
 from datasets.ray_start import connect_or_start_ray
 
@@ -75,18 +75,11 @@ class SplitReport:
 
 
 def reencode_image(data: bytes, options: ImageOptions) -> bytes:
-    """Decode, apply EXIF orientation, shrink the short side to `options.short_side`, JPEG-encode.
-    Only CONVERT_FORMATS are decoded, and only up to the pixel limit of datasets/images.py once a
-    JPEG's draft has cut what it decodes (a 100-megapixel photo decodes at 1/8 of its side)."""
-    with open_image(data, CONVERT_FORMATS) as im:
-        w, h = im.size
-        scale = options.short_side / min(w, h)
-        if scale < 1:
-            # Let the JPEG decoder skip resolution it would throw away (DCT scaling); draft keeps at
-            # least the requested size. Measured 22 vs 32-66 ms per 1024x768 Open Images-sized photo.
-            im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-        check_pixels(im)
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    """Decode (`decode_rgb`: upright, 8-bit RGB), shrink the short side to `options.short_side`,
+    JPEG-encode. Only CONVERT_FORMATS are decoded, and only up to the pixel limit of
+    datasets/images.py once a JPEG's draft has cut what it decodes (a 100-megapixel photo decodes at
+    1/8 of its side; measured 22 vs 32-66 ms per 1024x768 Open Images-sized photo)."""
+    im = decode_rgb(data, CONVERT_FORMATS, short_side=options.short_side)
     w, h = im.size
     scale = options.short_side / min(w, h)
     if scale < 1:
