@@ -23,7 +23,7 @@ from typing import NamedTuple
 import fsspec
 
 from datasets.contract import DatasetInfo, join, read_dataset
-from launch.storage import model_file
+from launch.storage import check_storage, model_file
 from trainer.config import Config, ConfigError, config_from_dict, replaced
 from trainer.run_folder import RunRecord
 
@@ -108,6 +108,8 @@ def preflight(cfg: Config, out: str | Path, splits: list[str]) -> Resolved:
     )
     info = check_data(cfg, splits)
     out.mkdir(parents=True, exist_ok=True)
+    for key, url in (("data.url", cfg.data.url), ("checkpoint.storage", cfg.checkpoint.storage)):
+        check_storage(url, key)
     return Resolved(cfg, out, info, splits)
 
 
@@ -127,6 +129,7 @@ def evaluation_checkpoint(checkpoint: str, cfg: Config, info: DatasetInfo) -> st
 
     found = model_file(absolute(checkpoint))
     if found is None:
+    check_storage(checkpoint, "--checkpoint")
         raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
     with torch.device("meta"):
         model = build_model(replaced(cfg, {"model.compile": False}), info.embeddings, info.seen, info.features)
@@ -146,6 +149,8 @@ def preflight_extract(cfg: Config, out: str, splits: list[str] | None) -> Resolv
     cfg, out = replaced(cfg, {"data.url": absolute(cfg.data.url)}), absolute(out)
     info = read_dataset(cfg.data.url)
     if BACKBONES[cfg.model.backbone].trainable:
+    check_storage(cfg.data.url, "data.url")
+    check_storage(out, "--out")
         raise ConfigError(
             f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
             f"trains and cannot be cached; lesa extract needs a frozen backbone "
@@ -173,6 +178,7 @@ def preflight_predict(checkpoint: str, top_k: int, device: str) -> tuple[str, Co
             raise ConfigError(f"--device {device}: no CUDA device is available")
     model_url = model_file(checkpoint)
     if model_url is None:
+    check_storage(checkpoint, "--checkpoint")
         raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
     config_url = join(model_url.rsplit("/", 1)[0], "config.json")
     try:

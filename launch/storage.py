@@ -17,13 +17,57 @@ import os
 
 import fsspec
 
+from trainer.config import ConfigError
+
 # Variables passed from the driver's environment to the Ray Train workers, when set.
 STORAGE_ENV_PREFIXES = ("AWS_", "MLFLOW_S3_")
 STORAGE_ENV_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS",)
+HDFS_ENV = ("JAVA_HOME", "HADOOP_HOME", "CLASSPATH")  # what pyarrow's HadoopFileSystem needs
+# What a store's client raises when it cannot be used at all, by class name (its package may not
+# be installed), and the fix.
+STORE_PROBLEMS = {
+    "NoCredentialsError": "no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    "(or AWS_PROFILE), plus AWS_ENDPOINT_URL for a store other than AWS (docs/storage.md)",
+    "EndpointConnectionError": "the S3 endpoint does not answer; check AWS_ENDPOINT_URL and the network",
+    "DefaultCredentialsError": "no Google Cloud credentials found; set GOOGLE_APPLICATION_CREDENTIALS "
+    "or run `gcloud auth application-default login` (docs/storage.md)",
+}
 
 
 def is_url(path: str) -> bool:
     return "://" in path
+
+
+def check_storage(url: str, key: str) -> None:
+    """That `url` (the value of config key or flag `key`) can be used from here, before any cluster
+    work: its filesystem package installed, hdfs's Java runtime and Hadoop there, the store's
+    credentials found. Otherwise one ConfigError naming the key, the URL and the fix, instead of a
+    driver traceback (botocore's NoCredentialsError) or a JVM's dlopen lines. Local paths pass."""
+    if not is_url(url):
+        return
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:  # "Install gcsfs to access ...", "Protocol not known: foo"
+        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
+        fix = f"pip install 'lesa[{extra}]'" if extra else "install the fsspec package for it, or use a local path"
+        raise ConfigError(f"{key}: {url}: {protocol}:// is not available here ({exc}); {fix}") from None
+    if protocol in ("hdfs", "viewfs"):
+        missing = [name for name in HDFS_ENV if not os.environ.get(name)]
+        if missing:  # pyarrow's libhdfs would print a line per JVM it looked for, then fail
+            raise ConfigError(
+                f"{key}: {url}: hdfs:// reads through pyarrow's libhdfs, which needs a Java runtime and "
+                f"Hadoop: set {', '.join(missing)} (CLASSPATH=$(hadoop classpath --glob)), or copy the data to S3/GCS"
+            )
+        return  # an hdfs connection starts a JVM: leave it to the first read
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.exists(path)
+    except Exception as exc:  # noqa: BLE001 - each store's client has its own exception types
+        problem = STORE_PROBLEMS.get(type(exc).__name__)
+        if problem is None:
+            raise
+        raise ConfigError(f"{key}: {url}: {problem}") from None
 
 
 def storage_env() -> dict[str, str]:

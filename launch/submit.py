@@ -70,6 +70,7 @@ def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, d
             "submit.out: where should the job write its results on the head node? "
             "Set submit.out in the YAML or pass --out"
         )
+    check_cluster_paths(cfg, out)
     found, key_files = secrets_in(working_dir)
     if found:
         print(f"warning: not shipping what looks like credentials: {', '.join(found)}", file=sys.stderr)
@@ -87,6 +88,25 @@ def job_spec(config: str, overrides: list[str], out: str | None) -> tuple[str, d
         print(f"note: no mlflow.tracking_uri configured; the run is recorded in {out}/mlflow.db on the head node")
     address = sub.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     return shlex.join(args), runtime_env, address
+
+
+def check_cluster_paths(cfg, out: str) -> None:
+    """The job runs `lesa train` in a temporary copy of submit.working_dir on the head node, and its
+    workers on other nodes: a relative path there names a folder in Ray's temp directory, found
+    (if at all) only after the upload. Refused here, before anything is packaged."""
+    paths = [
+        ("data.url", cfg.data.url),
+        ("checkpoint.storage", cfg.checkpoint.storage),
+        ("model.backbone_weights", cfg.model.backbone_weights),
+        ("mlflow.artifact_location", cfg.mlflow.artifact_location),
+        ("submit.out (--out)", out),
+    ]
+    for key, path in paths:
+        if path and "://" not in path and not Path(path).is_absolute():
+            raise ConfigError(
+                f"{key}: {path} is a relative path, which the job would resolve in its temporary copy of "
+                f"submit.working_dir on the cluster: use an absolute path or a URL every node can read"
+            )
 
 
 def secrets_in(working_dir: Path) -> tuple[list[str], list[str]]:
@@ -140,7 +160,13 @@ def submit(
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    try:  # the client asks the dashboard for its version first: nothing is uploaded yet
+        client = JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"--address {address}: no Ray dashboard answers there ({str(exc).splitlines()[0][:160]}); start the "
+            f"cluster (ray start --head, or cluster/README.md), or pass its dashboard URL, e.g. http://HEAD:8265"
+        ) from None
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if not wait:
