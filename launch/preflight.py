@@ -106,10 +106,10 @@ def preflight(cfg: Config, out: str | Path, splits: list[str]) -> Resolved:
             "checkpoint.storage": absolute(cfg.checkpoint.storage or str(out / "checkpoints")),
         },
     )
-    info = check_data(cfg, splits)
-    out.mkdir(parents=True, exist_ok=True)
     for key, url in (("data.url", cfg.data.url), ("checkpoint.storage", cfg.checkpoint.storage)):
         check_storage(url, key)
+    info = check_data(cfg, splits)
+    out.mkdir(parents=True, exist_ok=True)
     return Resolved(cfg, out, info, splits)
 
 
@@ -127,9 +127,9 @@ def evaluation_checkpoint(checkpoint: str, cfg: Config, info: DatasetInfo) -> st
     from trainer.models.registry import build_model
     from trainer.weights import WeightsError, fitting_state, read_state_dict
 
+    check_storage(checkpoint, "--checkpoint")
     found = model_file(absolute(checkpoint))
     if found is None:
-    check_storage(checkpoint, "--checkpoint")
         raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
     with torch.device("meta"):
         model = build_model(replaced(cfg, {"model.compile": False}), info.embeddings, info.seen, info.features)
@@ -147,10 +147,10 @@ def preflight_extract(cfg: Config, out: str, splits: list[str] | None) -> Resolv
 
     check_registries(cfg)
     cfg, out = replaced(cfg, {"data.url": absolute(cfg.data.url)}), absolute(out)
-    info = read_dataset(cfg.data.url)
-    if BACKBONES[cfg.model.backbone].trainable:
     check_storage(cfg.data.url, "data.url")
     check_storage(out, "--out")
+    info = read_dataset(cfg.data.url)
+    if BACKBONES[cfg.model.backbone].trainable:
         raise ConfigError(
             f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
             f"trains and cannot be cached; lesa extract needs a frozen backbone "
@@ -176,9 +176,9 @@ def preflight_predict(checkpoint: str, top_k: int, device: str) -> tuple[str, Co
 
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available")
+    check_storage(checkpoint, "--checkpoint")
     model_url = model_file(checkpoint)
     if model_url is None:
-    check_storage(checkpoint, "--checkpoint")
         raise ConfigError(f"--checkpoint: {checkpoint} is not a model.pt nor a folder holding one")
     config_url = join(model_url.rsplit("/", 1)[0], "config.json")
     try:
