@@ -12,6 +12,7 @@ from datasets.contract import read_dataset
 from datasets.makers.synthetic import write_synthetic
 from trainer.config import load_config, replaced
 from trainer.evaluation.attention_maps import (
+    TRUE_LABELS,
     ImageAttention,
     attention_items,
     eval_overlay_files,
@@ -21,6 +22,7 @@ from trainer.evaluation.attention_maps import (
     sheet_captions,
     sheet_size,
     top_labels,
+    truth_lines,
 )
 from trainer.models.output import HeadOutput
 from trainer.models.registry import build_model
@@ -66,6 +68,25 @@ def test_captions_put_each_top_label_under_the_attention_it_selected():
     assert captions[1] == [("attention a0", ""), ("dog", "2.00")]
     assert captions[2] == [("attention a1", ""), ("cat", "0.90")]
     assert captions[3] == [("attention a2", ""), ("tree", "0.80")]
+
+
+def test_the_image_tile_names_every_true_label_with_its_score_and_rank():
+    out, images = constructed_head_output()
+    item = attention_items(out, images)[0]  # scores: cat 0.9, dog 2.0, tree 0.8, car -0.5
+    captions = sheet_captions(item, ["cat", "dog", "tree", "car"], "photo", top_k=2, truth=np.array([0, 3]))
+    assert captions[0] == [
+        ("photo", ""),
+        ("dog", "2.00 a0"),
+        ("cat", "0.90 a1"),
+        ("true labels: 2", "rank"),
+        ("cat", "0.90 #2"),
+        ("car", "-0.50 #4"),  # true, and outside the top 2: named all the same
+    ]
+    scores = np.arange(20, dtype=np.float64)  # label 19 ranks #1
+    many = ImageAttention(np.zeros((8, 8, 3), np.uint8), np.ones((1, 4)) / 4, scores, scores[None])
+    lines = truth_lines(many, [f"l{k}" for k in range(20)], np.arange(0, 20, 2))  # 10 true labels
+    assert len(lines) == 1 + TRUE_LABELS  # so a sheet's size does not depend on its image
+    assert lines[1] == ("l18", "18.00 #2") and lines[-1] == (f"and {10 - TRUE_LABELS + 1} more", "")
 
 
 def test_top_labels_break_ties_by_label_order():
@@ -133,7 +154,7 @@ def test_eval_overlays_are_png_files_named_by_image_key(tiny_eval, tmp_path):
         write(tmp_path / name)  # as checkpointing.save does: the folder is created by the writer
         data = (tmp_path / name).read_bytes()
         with Image.open(io.BytesIO(data)) as sheet:
-            assert sheet.size == sheet_size(3, min(cfg.eval.k))
+            assert sheet.size == sheet_size(3, min(cfg.eval.k), with_truth=True)
 
 
 def test_eval_overlays_off_or_without_attention_give_nothing(tiny_eval):

@@ -8,6 +8,8 @@ LESA scores label k with the best of its M attentions, s_k = max_m s_{m,k} (docs
     | top-K   | labels  | labels  |         |    upsampled onto the image as a heat overlay
     | labels  | that    | that    |         |
     |         | chose 0 | chose 1 |         |    under each map: the top-K labels that chose it
+    | true    |         |         |         |    in a run's sheets, under the image: its true
+    | labels  |         |         |         |    labels with their score and rank
     +---------+---------+---------+-- ... --+
 
 PIL and numpy only. Models whose head has no attention (the holistic baselines) return no
@@ -32,6 +34,7 @@ COLUMNS = 6  # tiles per row: the image + 5 maps, then the next row
 LINE = 15  # caption line height in pixels (fixed, so the sheet size never depends on the font)
 PAD = 4
 FONT_SIZE = 12
+TRUE_LABELS = 5  # true labels listed under an image (more are counted), so all sheets have one size
 # A perceptually ordered dark-blue -> red -> yellow ramp (black-body-like); positions in [0, 1].
 HEAT_STOPS = np.array([0.0, 0.35, 0.7, 1.0])
 HEAT_COLOURS = np.array([[20, 20, 120], [200, 30, 60], [250, 140, 20], [255, 255, 120]], dtype=np.float32)
@@ -115,13 +118,18 @@ def overlay(image: np.ndarray, attention: np.ndarray, tile: int = TILE) -> Image
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
-def sheet_size(num_maps: int, top_k: int, tile: int = TILE) -> tuple[int, int]:
-    """(width, height) of the PNG for M maps and K caption labels."""
+def cell_height(top_k: int, with_truth: bool, tile: int = TILE) -> int:
+    """A tile and its caption lines: a title, K labels, and with the truth its title and labels."""
+    lines = 1 + top_k + (1 + TRUE_LABELS if with_truth else 0)
+    return tile + PAD + lines * LINE + PAD
+
+
+def sheet_size(num_maps: int, top_k: int, with_truth: bool = False, tile: int = TILE) -> tuple[int, int]:
+    """(width, height) of the PNG for M maps, K caption labels, and the true labels if listed."""
     tiles = num_maps + 1
     columns = min(tiles, COLUMNS)
     rows = math.ceil(tiles / columns)
-    cell_h = tile + PAD + (1 + top_k) * LINE + PAD
-    return columns * (tile + PAD) + PAD, rows * cell_h + PAD
+    return columns * (tile + PAD) + PAD, rows * cell_height(top_k, with_truth, tile) + PAD
 
 
 def font() -> ImageFont.ImageFont:
@@ -140,11 +148,32 @@ def fit(draw: ImageDraw.ImageDraw, text: str, width: int, face) -> str:
     return text + "..."
 
 
+def truth_lines(item: ImageAttention, names: list[str], truth: np.ndarray) -> list[tuple[str, str]]:
+    """The image's true labels, best ranked first, each with its score and rank among all labels
+    scored (#1 is the top prediction); past TRUE_LABELS the rest are counted."""
+    order = top_labels(item.scores, item.scores.size)
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(1, order.size + 1)
+    ranked = sorted(truth.tolist(), key=lambda k: rank[k])
+    shown = ranked if len(ranked) <= TRUE_LABELS else ranked[: TRUE_LABELS - 1]
+    lines = [(f"true labels: {len(ranked)}", "rank")]
+    lines += [(names[k], f"{item.scores[k]:.2f} #{rank[k]}") for k in shown]
+    if len(shown) < len(ranked):
+        lines.append((f"and {len(ranked) - len(shown)} more", ""))
+    return lines
+
+
 def sheet_captions(
-    item: ImageAttention, names: list[str], title: str, top_k: int, marks: list[str] | None = None
+    item: ImageAttention,
+    names: list[str],
+    title: str,
+    top_k: int,
+    marks: list[str] | None = None,
+    truth: np.ndarray | None = None,
 ) -> list[list[tuple[str, str]]]:
     """Caption lines of the M + 1 tiles, each line (text, right-aligned text). The image's tile lists
-    the top-K labels with their score and chosen attention; tile m + 1 lists those that chose map m."""
+    the top-K labels with their score and chosen attention, then the true labels (`truth`: their
+    indices) when known; tile m + 1 lists the top labels that chose map m."""
     top = top_labels(item.scores, min(top_k, item.scores.size))
     chosen = selected_attention(item.attention_scores)
 
@@ -154,6 +183,8 @@ def sheet_captions(
         return f"{mark}{names[k]}", f"{item.scores[k]:.2f}{where}"
 
     captions = [[(title, "")] + [label_line(k, True) for k in top]]
+    if truth is not None:
+        captions[0] += [("", "")] * (top_k - len(top)) + truth_lines(item, names, truth)
     captions += [
         [(f"attention a{m}", "")] + [label_line(k, False) for k in top if chosen[k] == m]
         for m in range(item.attention.shape[0])
@@ -162,19 +193,26 @@ def sheet_captions(
 
 
 def render_sheet(
-    item: ImageAttention, names: list[str], title: str, top_k: int = 5, marks: list[str] | None = None, tile: int = TILE
+    item: ImageAttention,
+    names: list[str],
+    title: str,
+    top_k: int = 5,
+    marks: list[str] | None = None,
+    truth: np.ndarray | None = None,
+    tile: int = TILE,
 ) -> Image.Image:
     """The overlay sheet of one image. `names[k]` is label k's display name; `marks[k]`, if given,
-    a short prefix such as '+' for a true label."""
+    a short prefix such as '+' for a true label; `truth`, if given, the true labels' indices."""
     num_maps = item.attention.shape[0]
-    width, height = sheet_size(num_maps, top_k, tile)
+    width, height = sheet_size(num_maps, top_k, truth is not None, tile)
     sheet = Image.new("RGB", (width, height), "white")
     draw, face = ImageDraw.Draw(sheet), font()
     columns = min(num_maps + 1, COLUMNS)
-    cell_h = tile + PAD + (1 + top_k) * LINE + PAD
+    cell_h = cell_height(top_k, truth is not None, tile)
     pictures = [Image.fromarray(item.image).resize((tile, tile), Image.BILINEAR)]
     pictures += [overlay(item.image, item.attention[m], tile) for m in range(num_maps)]
-    for i, (picture, lines) in enumerate(zip(pictures, sheet_captions(item, names, title, top_k, marks))):
+    captions = sheet_captions(item, names, title, top_k, marks, truth)
+    for i, (picture, lines) in enumerate(zip(pictures, captions)):
         x = PAD + (i % columns) * (tile + PAD)
         y = PAD + (i // columns) * cell_h
         sheet.paste(picture, (x, y))
@@ -249,6 +287,6 @@ def render_eval_overlays(model, info, cfg: Config, device) -> dict:
     files, taken = {}, set()
     for item, key, truth in zip(items, batch.keys, batch.labels.numpy()):
         marks = ["+" if t > 0 else "-" if t < 0 else "?" for t in truth]
-        sheet = render_sheet(item, names, key, top_k, marks)  # legend in README
+        sheet = render_sheet(item, names, key, top_k, marks, np.flatnonzero(truth > 0))  # legend in docs/training.md
         files[f"attention/{file_name(key, taken)}"] = lambda path, sheet=sheet: write_sheet(sheet, path)
     return files
