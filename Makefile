@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+BASE   := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export RAY_USAGE_STATS_ENABLED = 0
@@ -12,13 +13,19 @@ export DS_ACCELERATOR ?= cpu
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# The base install runs the demo and the UI; the other targets add the test extras (pytest,
+# sklearn, moto, s3fs, wordllama, transformers, ruff) on top of it.
+$(BASE): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/lesa synth $(DEMO)/data --seed 0 --train 3000 --val 300 --test 600
 	rm -rf $(DEMO)/run
 	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data
@@ -50,7 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics_cli.py --images 20000 --labels 7586 --json bench_results/metrics_cli.json
 	$(BIN)/python benchmarks/summary.py bench_results
 
-ui: $(STAMP)
+ui: $(BASE)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
