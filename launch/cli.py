@@ -135,13 +135,17 @@ def add_set(
 
 
 def add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write the synthetic benchmark in the dataset contract")
+    p = sub.add_parser(
+        "synth",
+        help="write the synthetic benchmark in the dataset contract",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # --help shows every default
+    )
     p.add_argument("out", help="output dataset root (path or fsspec URL)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images, labels and label vectors")
     p.add_argument("--train", type=int, default=3000, help="training images")
     p.add_argument("--val", type=int, default=300, help="validation images (seen compositions only)")
     p.add_argument("--test", type=int, default=600, help="test images (seen and unseen compositions)")
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     p.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes")
     p.add_argument(
@@ -149,7 +153,7 @@ def add_synth(sub) -> None:
         type=float,
         default=0.15,
         help="norm of each label vector's noise relative to its colour+shape part; "
-        "images do not change with it (default 0.15)",
+        "images do not change with it",
     )
     p.set_defaults(func=cmd_synth)
 
