@@ -152,8 +152,7 @@ def add_synth(sub) -> None:
         "--embed-noise",
         type=float,
         default=0.15,
-        help="norm of each label vector's noise relative to its colour+shape part; "
-        "images do not change with it",
+        help="norm of each label vector's noise relative to its colour+shape part; images do not change with it",
     )
     p.set_defaults(func=cmd_synth)
 
