@@ -67,12 +67,14 @@ def training_splits(cfg: Config) -> list[str]:
 def check_data(cfg: Config, splits: list[str]) -> DatasetInfo:
     """The dataset at data.url, with `splits`, as the config will read it."""
     from trainer.models.backbones import check_features, check_weights
+    from trainer.models.registry import check_zero_shot
 
     info = read_dataset(cfg.data.url)
     if info.features is not None:  # a feature cache stands in only for the backbone that made it
         check_features(cfg.model, cfg.data.image_size, info.features, cfg.data.url)
     else:
-        check_weights(cfg.model, cfg.data.url)
+        check_weights(cfg.model, cfg.data.url, cfg.data.image_size)
+    check_zero_shot(cfg, info)
     if cfg.eval.val_split in splits and cfg.eval.val_split not in info.splits:
         raise ConfigError(
             f"eval.val_split: {cfg.data.url} has no '{cfg.eval.val_split}' split to validate on "
@@ -143,14 +145,14 @@ def evaluation_checkpoint(checkpoint: str, cfg: Config, info: DatasetInfo) -> st
 def preflight_extract(cfg: Config, out: str, splits: list[str] | None) -> Resolved:
     """`lesa extract`: a frozen backbone (with its weights) over an image dataset, into another
     root; `splits` default to all of the dataset's."""
-    from trainer.models.backbones import BACKBONES, check_weights
+    from trainer.models.backbones import BACKBONES, check_weights, trains_backbone
 
     check_registries(cfg)
     cfg, out = replaced(cfg, {"data.url": absolute(cfg.data.url)}), absolute(out)
     check_storage(cfg.data.url, "data.url")
     check_storage(out, "--out")
     info = read_dataset(cfg.data.url)
-    if BACKBONES[cfg.model.backbone].trainable:
+    if trains_backbone(cfg.model):
         raise ConfigError(
             f"model.backbone: {cfg.model.backbone} is trainable, so its features change as it "
             f"trains and cannot be cached; lesa extract needs a frozen backbone "
@@ -158,7 +160,7 @@ def preflight_extract(cfg: Config, out: str, splits: list[str] | None) -> Resolv
         )
     if info.kind != "image":
         raise ConfigError(f"data.url: {cfg.data.url} is a {info.kind} dataset; extract from the image dataset")
-    check_weights(cfg.model, cfg.data.url)
+    check_weights(cfg.model, cfg.data.url, cfg.data.image_size)
     if out.rstrip("/") == cfg.data.url.rstrip("/"):
         raise ConfigError(f"--out {out}: is data.url itself; write the features to another root")
     splits = splits or list(info.splits)

@@ -46,7 +46,13 @@ class DataConfig:
 class ModelConfig:
     name: str = "lesa"  # registry in trainer/models/registry.py
     backbone: str = "small_cnn"  # registry in trainer/models/backbones.py
-    backbone_weights: str | None = None  # path or fsspec URL of a state dict (frozen backbones)
+    # path or fsspec URL of a state dict (frozen backbones); for `clip`, of a CLIP checkpoint folder
+    # as CLIPModel.save_pretrained writes it (docs/backbones.md)
+    backbone_weights: str | None = None
+    # null: the backbone's own way (vgg19, small_cnn_frozen, clip frozen; small_cnn trained);
+    # false fine-tunes `clip` from its weights, the one backbone that can be either
+    freeze_backbone: bool | None = None
+    activation_checkpointing: bool = False  # a trained `clip` recomputes its layers' activations in backward
     num_attentions: int = 10  # M of docs/protocol.md, The head
     adapter: bool = True  # the 2x2 conv + BN + ReLU adapter of the official code
     conse_top: int = 10  # conse only: T, the most probable seen labels an image embedding mixes

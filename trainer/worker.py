@@ -39,12 +39,14 @@ def train_worker(config: dict) -> None:
 
 
 def evaluate_worker(config: dict) -> None:
-    """Score a trained model.pt on any number of workers: no optimizer, no engine."""
+    """Score a trained model.pt on any number of workers: no optimizer, no engine. A model that
+    trains nothing (clip_zeroshot) has no checkpoint and is scored as built."""
     args: WorkerArgs = config["args"]
     cfg, rank, world, device = setup_worker(args)
     info = read_dataset(cfg.data.url)
     model = build_model(cfg, info.embeddings, info.seen, info.features)
-    load_model_state(model, args.checkpoint)
+    if args.checkpoint is not None:
+        load_model_state(model, args.checkpoint)
     model.to(device)
     results = evaluate(model, info, cfg, rank, world, device, average_bn=False)
     metrics = final_metrics(results, step=0, bad_samples={"eval": results.bad_samples}, checkpoint=args.checkpoint)

@@ -4,7 +4,9 @@ Sources of label vectors, all behind `load_label_encoder(spec, names=None)`:
 - a GloVe / word2vec **text** file (`token v1 ... vd` per line; a word2vec `count dim` header line
   is skipped), any fsspec path or URL, compressed (.gz/.bz2/.xz) or not;
 - a `.npy` matrix plus a names file (one name per line, rows aligned), e.g. the NUS-WIDE GloVe rows;
-- `wordllama`: an optional sentence encoder whose weights ship inside its wheel (extra `wordllama`).
+- `wordllama`: an optional sentence encoder whose weights ship inside its wheel (extra `wordllama`);
+- `clip-text:PATH`: CLIP's text tower from a checkpoint folder, each name through a prompt ensemble
+  (datasets/makers/clip_text.py, optional extra `clip`).
 Several sources can be chained (`load_label_encoders`): a word takes the first source's vector.
 
 For word vectors a label name is lowercased. If the whole name (or its `_`-joined form, word2vec's
@@ -240,11 +242,20 @@ def load_label_encoders(specs: list[str], names: list[str] | None = None) -> Wor
     return encoders[0] if len(encoders) == 1 else ChainedWordVectors(encoders)
 
 
-def load_label_encoder(spec: str, names: str | None = None) -> WordVectors:
-    """`spec` is a word-vector text file, a `.npy` matrix whose row names are in `names`, or
-    `wordllama` (the optional bundled sentence encoder)."""
+def load_label_encoder(spec: str, names: str | None = None, templates: str | None = None) -> WordVectors:
+    """`spec` is a word-vector text file, a `.npy` matrix whose row names are in `names`,
+    `wordllama` (the optional bundled sentence encoder) or `clip-text:PATH` (`templates`: a file of
+    prompt templates in place of its default set)."""
     if spec == "wordllama":
         return WordLlamaVectors()
+    if spec.startswith("clip-text:"):
+        from datasets.makers.clip_text import DEFAULT_TEMPLATES, ClipTextVectors, read_templates
+
+        return ClipTextVectors(
+            spec.removeprefix("clip-text:"), read_templates(templates) if templates else DEFAULT_TEMPLATES
+        )
+    if templates is not None:
+        raise DatasetError(f"{templates}: prompt templates go with a clip-text:PATH encoder, not with {spec}")
     if spec.endswith(".npy"):
         if names is None:
             raise DatasetError(f"{spec}: a .npy vector matrix needs a names file (one name per row)")

@@ -3,7 +3,9 @@
 Each backbone normalises its own input (it knows the statistics it was trained with) and says
 whether it is trainable. `vgg19` is LESA's frozen conv5_4 (14x14x512 at 224); `small_cnn` is a
 trainable four-layer CNN sized so the synthetic demo trains in minutes on two CPU cores, and
-`small_cnn_frozen` the same network frozen with the weights of an earlier run.
+`small_cnn_frozen` the same network frozen with the weights of an earlier run; `clip` is CLIP's
+image tower from a Hugging Face checkpoint folder, its projected patch tokens as the regions
+(docs/backbones.md), frozen unless model.freeze_backbone is false.
 
 A frozen backbone's output can be cached once (`lesa extract`, a dataset of kind "feature");
 training and evaluation on such a dataset put `FeatureInput` in the backbone's place, chosen by
@@ -12,11 +14,14 @@ training and evaluation on such a dataset put `FeatureInput` in the backbone's p
 
 from __future__ import annotations
 
+import math
+
 import fsspec
 import torch
 from torch import nn
 
-from datasets.contract import FeatureSpec
+from datasets.contract import DatasetError, FeatureSpec
+from datasets.makers.clip_folder import CLIP_MEAN, CLIP_STD, check_clip_folder, image_statistics, load_clip_model
 from trainer.config import ConfigError, ModelConfig
 from trainer.weights import read_state_dict
 
@@ -25,6 +30,7 @@ class Backbone(nn.Module):
     name: str
     out_channels: int
     trainable: bool
+    either: bool = False  # whether model.freeze_backbone may choose (only `clip`); else it is `trainable`'s way
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -178,6 +184,75 @@ class VGG19Conv54(Backbone):
         self.freeze(weights)
 
 
+class ClipVision(Backbone):
+    """CLIP's image tower (datasets/makers/clip_folder.py: a CLIPModel folder, offline). Regions: the
+    patch tokens after the final layer norm, projected into the joint image-text space (ViT-B/16 at
+    224: 14x14 regions of 512, r = row * w + col as the patches lie); `class_token=True` gives the
+    class token's projection instead as a 1x1 map, CLIP's own image embedding (clip_zeroshot).
+    Input statistics: the folder's preprocessor_config.json, else CLIP's. Frozen unless
+    model.freeze_backbone is false; trained, model.activation_checkpointing recomputes each
+    encoder layer in backward instead of keeping its activations."""
+
+    name = "clip"
+    trainable = False  # the default; an instance built with train=True is trained
+    either = True
+    mean = tuple(255 * m for m in CLIP_MEAN)  # normalise works on 0-255 pixels
+    std = tuple(255 * s for s in CLIP_STD)
+
+    def __init__(self, weights: str, train: bool = False, checkpointing: bool = False, class_token: bool = False):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # as VGG19Conv54: the head's init does not depend on it
+            clip, folder = load_clip_model(weights)
+        mean, std = image_statistics(folder)
+        self._mean.copy_(255 * torch.tensor(mean).view(1, 3, 1, 1))
+        self._std.copy_(255 * torch.tensor(std).view(1, 3, 1, 1))
+        if train and checkpointing:
+            clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.tower, self.projection = clip.vision_model, clip.visual_projection  # the text tower is dropped
+        self.image_size, self.out_channels = clip.config.vision_config.image_size, clip.config.projection_dim
+        self.class_token, self.trainable = class_token, train
+        if not train:
+            self.freeze(None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"clip: images of {list(x.shape[-2:])}, the tower takes {self.image_size}")
+        tokens = self.projection(self.tower.post_layernorm(self.tower(pixel_values=x).last_hidden_state))
+        if self.class_token:
+            return tokens[:, 0, :, None, None]
+        b, r, c = tokens.shape
+        side = math.isqrt(r - 1)
+        return tokens[:, 1:].transpose(1, 2).reshape(b, c, side, side)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, class_token: bool = False) -> ClipVision:
+        if model_cfg.backbone_weights is None:
+            raise ConfigError(needs_weights(model_cfg, "the input"))
+        train = model_cfg.freeze_backbone is False
+        return cls(model_cfg.backbone_weights, train, model_cfg.activation_checkpointing, class_token)
+
+    @staticmethod
+    def joint_dim(weights: str) -> int:
+        """The joint image-text space's size, from the folder's config.json (preflight checked it)."""
+        return int(check_clip_folder(weights).get("projection_dim", 512))
+
+    @staticmethod
+    def check_folder(model_cfg: ModelConfig, image_size: int) -> None:
+        """The weights are a CLIP folder whose tower takes data.image_size (its position embeddings
+        are for one size): config.json is read, the weights are not."""
+        try:
+            vision = check_clip_folder(model_cfg.backbone_weights).get("vision_config") or {}
+        except DatasetError as exc:
+            raise ConfigError(f"model.backbone_weights: {exc}") from None
+        size = int(vision.get("image_size", 224))
+        if size != image_size:
+            raise ConfigError(
+                f"data.image_size: {image_size}, but the CLIP tower at {model_cfg.backbone_weights} takes "
+                f"{size} px images; set data.image_size={size}"
+            )
+
+
 class FeatureInput(nn.Module):
     """Stands in for a frozen backbone when the dataset holds its cached output: float16 rows
     [B, R, C] in, the map [B, C, h, w] the backbone would have produced out (r = row * w + col)."""
@@ -199,28 +274,40 @@ class FeatureInput(nn.Module):
         return rows.to(self._like.dtype).transpose(1, 2).reshape(b, c, h, w)
 
 
-BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmallCNN, VGG19Conv54)}
+BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmallCNN, VGG19Conv54, ClipVision)}
+
+
+def trains_backbone(model_cfg: ModelConfig) -> bool:
+    """Whether the config's backbone is trained: model.freeze_backbone, else the backbone's own way."""
+    default = BACKBONES[model_cfg.backbone].trainable
+    return default if model_cfg.freeze_backbone is None else not model_cfg.freeze_backbone
 
 
 def needs_weights(model_cfg: ModelConfig, where: str) -> str:
     return (
         f"model.backbone_weights: {where} holds images and {model_cfg.backbone} is frozen, so it "
-        f"needs pretrained weights: a state dict path or URL (or train on the feature "
-        f"dataset `lesa extract` makes, which needs none)"
+        f"needs pretrained weights: a state dict path or URL, for clip a CLIP checkpoint folder "
+        f"(or train on the feature dataset `lesa extract` makes, which needs none)"
     )
 
 
-def check_weights(model_cfg: ModelConfig, where: str) -> None:
+def check_weights(model_cfg: ModelConfig, where: str, image_size: int) -> None:
     """A frozen backbone that runs on images needs pretrained weights; untrained it would give
-    noise. (On a feature dataset it does not run at all, so nothing is needed there.)"""
-    weights = model_cfg.backbone_weights
-    if BACKBONES[model_cfg.backbone].trainable:
+    noise. (On a feature dataset it does not run at all, so nothing is needed there.) `clip` always
+    starts from its weights, trained or not."""
+    weights, backbone = model_cfg.backbone_weights, BACKBONES[model_cfg.backbone]
+    if not backbone.either and model_cfg.freeze_backbone not in (None, not backbone.trainable):
+        way = "trained (small_cnn_frozen is the frozen one)" if backbone.trainable else "frozen"
+        raise ConfigError(f"model.freeze_backbone: {backbone.name} is always {way}; leave the key unset")
+    if backbone.trainable:
         return
     if weights is None:
         raise ConfigError(needs_weights(model_cfg, where))
     fs, path = fsspec.core.url_to_fs(weights)
     if not fs.exists(path):  # said here, before every worker fails on it
         raise ConfigError(f"model.backbone_weights: {weights} does not exist")
+    if backbone is ClipVision:
+        ClipVision.check_folder(model_cfg, image_size)
 
 
 def check_features(model_cfg: ModelConfig, image_size: int, spec: FeatureSpec, where: str) -> None:
@@ -237,9 +324,12 @@ def check_features(model_cfg: ModelConfig, image_size: int, spec: FeatureSpec, w
         )
 
 
-def build_backbone(model_cfg: ModelConfig, features: FeatureSpec | None = None) -> nn.Module:
+def build_backbone(model_cfg: ModelConfig, features: FeatureSpec | None = None, class_token: bool = False) -> nn.Module:
     """The config's backbone, or FeatureInput in its place when `features` (the FeatureSpec of a
-    feature dataset, already checked with `check_features`) says the inputs are its output."""
+    feature dataset, already checked with `check_features`) says the inputs are its output.
+    `class_token`: CLIP's image embedding instead of its regions (clip_zeroshot; preflight checked)."""
+    if class_token:
+        return ClipVision.from_config(model_cfg, class_token=True)
     if features is not None:
         return FeatureInput(features)
     return BACKBONES[model_cfg.backbone].from_config(model_cfg)

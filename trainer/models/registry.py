@@ -6,6 +6,8 @@ the chosen labels: seen ones in training, unseen (ZSL) or all (GZSL) at evaluati
 
 Each entry of MODELS says how to build its head and which terms of trainer/models/losses.py train it,
 with their weights; the train loop asks for those and knows nothing else about the model.
+`clip_zeroshot` trains nothing: CLIP's image embedding against the label vectors, the floor every
+trained head must beat (`lesa evaluate CONFIG` without --checkpoint).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.contract import FeatureSpec
-from trainer.config import Config
-from trainer.models.backbones import build_backbone
+from datasets.contract import DatasetInfo, FeatureSpec
+from trainer.config import Config, ConfigError
+from trainer.models.backbones import ClipVision, build_backbone
 from trainer.models.baselines import CONSEHead, Fast0TagHead, LabelEMHead, OneAttentionPerLabelHead
 from trainer.models.lesa import LESAHead
 from trainer.models.output import HeadOutput
@@ -52,10 +54,20 @@ def conse_head(cfg: Config, channels: int, vectors: np.ndarray, seen_ids) -> nn.
     return CONSEHead(channels, unit_rows(vectors[np.asarray(seen_ids)]), cfg.model.conse_top)
 
 
+class CosineHead(nn.Module):
+    """clip_zeroshot: score(image, label) = cosine of the image's one feature (a 1x1 map: CLIP's
+    projected class token) and the label's unit vector. No parameters."""
+
+    def forward(self, fmap: torch.Tensor, label_vectors: torch.Tensor) -> HeadOutput:
+        return HeadOutput(scores=F.normalize(fmap.flatten(1), dim=1) @ label_vectors.to(fmap.dtype).t())
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     head: Callable  # (cfg, backbone channels, label vectors, seen ids) -> head module
     loss_weights: Callable  # cfg -> {term of trainer.models.losses.LOSSES: weight}
+    trains: bool = True  # False: evaluated as built, with no checkpoint (clip_zeroshot)
+    class_token: bool = False  # the backbone gives CLIP's image embedding instead of regions
 
 
 def lesa_losses(cfg: Config) -> dict[str, float]:
@@ -74,7 +86,28 @@ MODELS = {
     "one_attention_per_label": ModelEntry(
         lambda cfg, c, v, seen: OneAttentionPerLabelHead(c, v.shape[1]), ranking_only
     ),
+    "clip_zeroshot": ModelEntry(lambda cfg, c, v, seen: CosineHead(), lambda cfg: {}, trains=False, class_token=True),
 }
+
+
+def check_zero_shot(cfg: Config, info: DatasetInfo) -> None:
+    """clip_zeroshot runs the `clip` tower on images (its class token is not in a feature cache)
+    and scores label vectors of the tower's joint-space size (`clip-text:PATH` vectors)."""
+    if not MODELS[cfg.model.name].class_token:
+        return
+    if cfg.model.backbone != ClipVision.name:
+        raise ConfigError(f"model.backbone: {cfg.model.name} needs the clip backbone, not {cfg.model.backbone}")
+    if info.features is not None:
+        raise ConfigError(
+            f"data.url: {cfg.data.url} is a feature dataset; {cfg.model.name} needs the images (CLIP's class "
+            f"token is not cached)"
+        )
+    dim = ClipVision.joint_dim(cfg.model.backbone_weights)
+    if info.embeddings.shape[1] != dim:
+        raise ConfigError(
+            f"data.url: {cfg.data.url} has {info.embeddings.shape[1]}-d label vectors, but the CLIP "
+            f"joint space is {dim}-d; convert with --vectors clip-text:{cfg.model.backbone_weights}"
+        )
 
 
 def build_model(
@@ -83,8 +116,9 @@ def build_model(
     """`seen_ids`: the labels training sees (the dataset's seen role); CONSE's embedding needs them.
     `features`: the FeatureSpec of a feature dataset (`DatasetInfo.features`); its cached rows then
     stand in for the frozen backbone (trainer/models/backbones.py, FeatureInput)."""
-    backbone = build_backbone(cfg.model, features)
-    head = MODELS[cfg.model.name].head(cfg, backbone.out_channels, label_vectors, seen_ids)
+    entry = MODELS[cfg.model.name]
+    backbone = build_backbone(cfg.model, features, class_token=entry.class_token)
+    head = entry.head(cfg, backbone.out_channels, label_vectors, seen_ids)
     if cfg.model.compile:
         backbone.compile()
         head.compile()
