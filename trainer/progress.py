@@ -24,7 +24,8 @@ class Progress:
         eta = elapsed / max(step - self.first, 1) * (self.total - step)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
         print(
-            f"step {step}/{self.total} loss {row['loss']:.4f} ({losses}) "
+            # the total is the weighted sum of the terms; each term shows (and MLflow's loss/* hold it) unweighted
+            f"step {step}/{self.total} loss {row['loss']:.4f} (unweighted terms: {losses}) "
             f"{row['samples_per_s']:.0f} samples/s data-wait {100 * row['data_wait_fraction']:.0f}% "
             f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}",
             flush=True,
