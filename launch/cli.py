@@ -100,6 +100,13 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_embed_labels(args) -> int:
+    from datasets.makers.embeddings import write_label_vectors
+
+    write_label_vectors(args.names, args.encoder, args.out, templates=args.prompt_templates, missing=args.missing)
+    return 0
+
+
 def cmd_metrics(args) -> int:
     """The evaluation's own exact path (the K-th score kernel, one grouped sort for AP), fed row
     blocks of memory-mapped matrices: memory follows the annotations, not images x labels x 8 bytes."""
@@ -185,7 +192,10 @@ def add_submit(sub) -> None:
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained model.pt on the cluster, any number of workers")
     p.add_argument("config", help="experiment YAML (data.url, model, eval.*, scaling.num_workers)")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by lesa train, or its folder")
+    p.add_argument(
+        "--checkpoint",
+        help="a model.pt written by lesa train, or its folder (none for a model that trains nothing: clip_zeroshot)",
+    )
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_label_*.tsv")
     add_set(p)
     p.set_defaults(func=cmd_evaluate)
@@ -264,7 +274,7 @@ def add_predict(sub) -> None:
     p.add_argument(
         "--label-vectors",
         metavar="SPEC",
-        help="word vectors for new names: a GloVe/word2vec text file, or a .npy matrix",
+        help="vectors for new names: a GloVe/word2vec text file, a .npy matrix, wordllama, or clip-text:PATH",
     )
     p.add_argument("--label-vector-names", metavar="FILE", help="the row names of a .npy --label-vectors, one per line")
     p.add_argument("--top-k", type=int, default=10, help="labels printed per image (default 10)")
@@ -284,6 +294,29 @@ def add_metrics(sub) -> None:
     p.set_defaults(func=cmd_metrics)
 
 
+def add_embed_labels(sub) -> None:
+    p = sub.add_parser(
+        "embed-labels", help="label vectors for a list of names: a .npy and its names file, as lesa convert reads them"
+    )
+    p.add_argument("names", help="label names, one per line (path or fsspec URL)")
+    p.add_argument(
+        "--encoder",
+        required=True,
+        metavar="SPEC",
+        help="clip-text:PATH (a CLIP checkpoint folder), wordllama, or a GloVe/word2vec text file",
+    )
+    p.add_argument("--out", required=True, metavar="X.npy", help="the vectors; the names go beside it in X.txt")
+    p.add_argument(
+        "--prompt-templates",
+        metavar="FILE",
+        help="clip-text only: one template per line, {} for the name (default: docs/backbones.md's set)",
+    )
+    p.add_argument(
+        "--missing", choices=["error", "random"], default="error", help="a name with no vector (word vectors)"
+    )
+    p.set_defaults(func=cmd_embed_labels)
+
+
 def add_convert(sub) -> None:
     from launch.convert_cli import add_convert_parser
 
@@ -291,7 +324,7 @@ def add_convert(sub) -> None:
 
 
 COMMANDS = (add_synth, add_train, add_submit, add_evaluate, add_extract, add_compare, add_predict, add_convert,
-            add_metrics)  # fmt: skip
+            add_embed_labels, add_metrics)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

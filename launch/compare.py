@@ -4,7 +4,8 @@ Each model is one ordinary `lesa train` run (launch/driver.run_training) into DI
 MLflow run nested under one parent run of the comparison. The results become one table in the
 paper's format (docs/protocol.md, The paper's numbers): rows are methods, columns P/R/F1 at each K and mAP, for ZSL and
 GZSL; DIR/table.md for people, DIR/table.json for scripts. A model that fails is a row saying
-why, and the others still run.
+why, and the others still run. A model that trains nothing (clip_zeroshot, the CLIP floor) is one
+`lesa evaluate` run instead (launch/driver.run_evaluation), its row the same shape.
 
 With several seeds (`run_seeds`) each seed is such a comparison in DIR/seed<S>, and DIR/table.md
 is the mean of every cell over the seeds, followed by the per-seed values of the numbers the
@@ -28,6 +29,7 @@ TITLES = {
     "labelem": "LabelEM",
     "conse": "CONSE",
     "one_attention_per_label": "One Attention per Label",
+    "clip_zeroshot": "CLIP zero-shot (no training)",
 }
 PAPER_ORDER = ["conse", "labelem", "fast0tag", "one_attention_per_label", "lesa"]
 
@@ -114,13 +116,17 @@ def open_parent_run(config: str, base: Config, names: list[str]):
 
 def train_variant(v: Variant, cfg: Config, out: Path, parent) -> dict:
     """One row of the table: the variant trained in OUT/<name>, or why it failed (the next one still runs)."""
-    from launch.driver import run_training
+    from launch.driver import run_evaluation, run_training
+    from trainer.models.registry import MODELS
     from trainer.results import flat_eval_metrics
 
     print(f"\n##### lesa compare: {v.title} ({v.name}) #####", flush=True)
     row = {"name": v.name, "title": v.title, "overrides": v.overrides, "out": str(out / v.name)}
     try:
-        metrics = run_training(cfg, out / v.name, parent_run_id=parent.run_id)
+        if MODELS[cfg.model.name].trains:
+            metrics = run_training(cfg, out / v.name, parent_run_id=parent.run_id)
+        else:
+            metrics = run_evaluation(cfg, None, out / v.name, parent_run_id=parent.run_id)
     except Exception as exc:  # reported in the table; the next model still runs
         traceback.print_exc()
         row.update(status="failed", reason=failure_reason(exc))

@@ -80,7 +80,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         action="append",
         help="word vectors: a GloVe/word2vec text file (.gz ok), or a .npy matrix with "
-        "--vector-names; repeat to add sources (the first that has a word wins)",
+        "--vector-names; repeat to add sources (the first that has a word wins); or wordllama, "
+        "or clip-text:PATH (CLIP's text tower, docs/backbones.md)",
     )
     g.add_argument(
         "--vector-names",

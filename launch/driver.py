@@ -109,9 +109,11 @@ def resume_target(out: Path, resume: str | None) -> tuple[RunRecord | None, str 
 
 def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent_run_id: str | None = None) -> dict:
     """`lesa train`; `parent_run_id` nests its MLflow run under another (`lesa compare`)."""
+    from launch.preflight import check_trains
     from trainer.worker import train_worker
 
     cfg, out, info, _ = preflight(cfg, out, training_splits(cfg))
+    check_trains(cfg)
     with hold(out):  # launch/run_lock.py: one run per --out, before run.json is read or any MLflow/Ray work
         run, resume_from = resume_target(out, resume)
         print(
@@ -137,16 +139,19 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
         return metrics
 
 
-def run_evaluation(cfg: Config, checkpoint: str, out: str | Path) -> dict:
-    """`lesa evaluate`: a trained model.pt (or a folder holding one) on any number of workers."""
+def run_evaluation(cfg: Config, checkpoint: str | None, out: str | Path, parent_run_id: str | None = None) -> dict:
+    """`lesa evaluate`: a trained model.pt (or a folder holding one), or a model that trains nothing
+    (clip_zeroshot, `checkpoint` None), on any number of workers; `parent_run_id` as in run_training."""
     from trainer.worker import evaluate_worker
 
     cfg, out, info, _ = preflight(cfg, out, [cfg.eval.split])
     checkpoint = evaluation_checkpoint(checkpoint, cfg, info)  # before the MLflow run and Ray
     with hold(out):  # launch/run_lock.py: one run per --out
-        tracking_uri, run_name, logger = open_tracking(cfg, out, f"evaluate-{cfg.model.name}")
+        tracking_uri, run_name, logger = open_tracking(
+            cfg, out, f"evaluate-{cfg.model.name}", parent_run_id=parent_run_id
+        )
         metrics = run_workers(cfg, out, evaluate_worker, {"checkpoint": checkpoint}, run_name, logger, log_metrics=True)
-        print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint}")
+        print_summary(metrics, cfg, out, f"{cfg.model.name} from {checkpoint or 'no checkpoint (it trains nothing)'}")
         return metrics
 
 

@@ -120,14 +120,35 @@ def resumed(cfg: Config, run: RunRecord | None) -> Config:
     return replaced(cfg, {"checkpoint.storage": run.storage}) if run and run.storage else cfg
 
 
-def evaluation_checkpoint(checkpoint: str, cfg: Config, info: DatasetInfo) -> str:
+def check_trains(cfg: Config) -> None:
+    """`lesa train`: a model that trains nothing (clip_zeroshot) is evaluated, not trained."""
+    from trainer.models.registry import MODELS
+
+    if not MODELS[cfg.model.name].trains:
+        raise ConfigError(
+            f"model.name: {cfg.model.name} trains nothing; evaluate it with lesa evaluate CONFIG (no --checkpoint)"
+        )
+
+
+def evaluation_checkpoint(checkpoint: str | None, cfg: Config, info: DatasetInfo) -> str | None:
     """`lesa evaluate --checkpoint`: the model.pt it names, absolute, once it has been read (plain
     tensors only) and fits the model `cfg` builds over `info`, which every worker would otherwise
-    fail on after Ray started. Built on the meta device, the model allocates nothing."""
+    fail on after Ray started. Built on the meta device, the model allocates nothing. None for a
+    model that trains nothing (clip_zeroshot), which takes no checkpoint."""
     import torch
 
-    from trainer.models.registry import build_model
+    from trainer.models.registry import MODELS, build_model
     from trainer.weights import WeightsError, fitting_state, read_state_dict
+
+    if not MODELS[cfg.model.name].trains:
+        if checkpoint is not None:
+            raise ConfigError(f"--checkpoint: {cfg.model.name} trains nothing and takes no checkpoint; leave it out")
+        return None
+    if checkpoint is None:
+        raise ConfigError(
+            f"--checkpoint: model.name {cfg.model.name} is trained; give the model.pt lesa train wrote "
+            f"(only a model that trains nothing, clip_zeroshot, needs none)"
+        )
 
     check_storage(checkpoint, "--checkpoint")
     found = model_file(absolute(checkpoint))

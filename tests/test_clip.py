@@ -215,3 +215,36 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm"
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_embed_labels_writes_the_npy_and_names_pair_that_convert_reads(clip_folder, tmp_path, capsys):
+    from launch import cli
+
+    names = tmp_path / "names.txt"
+    names.write_text("red circle\n\nhot air balloon\n")
+    out = tmp_path / "vectors.npy"
+    assert cli.main(["embed-labels", str(names), "--encoder", f"clip-text:{clip_folder}", "--out", str(out)]) == 0
+    assert (tmp_path / "vectors.txt").read_text() == "red circle\nhot air balloon\n"
+    direct = load_label_encoder(f"clip-text:{clip_folder}").encode(["red circle", "hot air balloon"])[0]
+    np.testing.assert_array_equal(np.load(out, allow_pickle=False), direct)
+    reread, missing = load_label_encoder(str(out), str(tmp_path / "vectors.txt")).encode(["Hot air balloon"])
+    assert missing == [] and np.array_equal(reread[0], direct[1])
+    assert cli.main(["embed-labels", str(names), "--encoder", f"clip-text:{tmp_path}/none", "--out", str(out)]) == 2
+    assert f"{tmp_path}/none: not a folder" in capsys.readouterr().err
+
+
+def test_only_a_model_that_trains_nothing_is_evaluated_without_a_checkpoint(clip_folder, synthetic):
+    from datasets.contract import read_dataset
+    from launch.preflight import check_trains, evaluation_checkpoint
+
+    info = read_dataset(str(synthetic(seed=0, image_size=IMAGE_SIZE, shard_size=8, train=8, test=8)))
+    clip = ["data.url=x", "model.backbone=clip", f"model.backbone_weights={clip_folder}"]
+    zero_shot, lesa = load_config(None, [*clip, "model.name=clip_zeroshot"]), load_config(None, clip)
+    assert evaluation_checkpoint(None, zero_shot, info) is None
+    with pytest.raises(ConfigError, match="--checkpoint: clip_zeroshot trains nothing and takes no checkpoint"):
+        evaluation_checkpoint("model.pt", zero_shot, info)
+    with pytest.raises(ConfigError, match="--checkpoint: model.name lesa is trained; give the model.pt"):
+        evaluation_checkpoint(None, lesa, info)
+    with pytest.raises(ConfigError, match="model.name: clip_zeroshot trains nothing; evaluate it with lesa evaluate"):
+        check_trains(zero_shot)
+    check_trains(lesa)

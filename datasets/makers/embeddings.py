@@ -23,6 +23,7 @@ when two entries lowercase to the same key the first wins (word2vec files list f
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 
 import fsspec
@@ -325,3 +326,31 @@ def label_vectors(
     out = embed_labels(encoder, names, missing=missing, log=log)
     check_label_vectors(out, names, encoder.source, "check these words' vectors")
     return out
+
+
+def write_label_vectors(
+    names_url: str, spec: str, out: str, templates: str | None = None, missing: str = "error", log=print
+) -> tuple[str, str]:
+    """`lesa embed-labels`: the names in `names_url` (one per line) embedded by the encoder `spec`,
+    written as `out` (.npy, float32 [names, dim]) and its names file beside it (.txt, one name per
+    line): the pair `--vectors X.npy --vector-names X.txt` and `--label-vectors` read."""
+    if not out.endswith(".npy"):
+        raise DatasetError(f"--out {out}: must end in .npy (the names go beside it, in .txt)")
+    try:
+        with fsspec.open(names_url, "rt", encoding="utf-8") as f:
+            names = [" ".join(line.split()) for line in f.read().splitlines()]
+    except FileNotFoundError:
+        raise DatasetError(f"{names_url}: names file not found") from None
+    names = [n for n in names if n]
+    if not names:
+        raise DatasetError(f"{names_url}: no names (one label name per line)")
+    vectors = embed_labels(load_label_encoder(spec, templates=templates), names, missing=missing, log=log)
+    names_out = out[: -len(".npy")] + ".txt"
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    with fsspec.open(out, "wb") as f:
+        f.write(buffer.getvalue())
+    with fsspec.open(names_out, "w", encoding="utf-8") as f:
+        f.write("".join(f"{n}\n" for n in names))
+    log(f"embed-labels: {len(names)} names, {vectors.shape[1]}-d, -> {out} + {names_out}")
+    return out, names_out

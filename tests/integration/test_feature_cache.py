@@ -219,7 +219,7 @@ def test_extract_refuses_a_trainable_backbone_before_any_cluster_work(work, caps
     args = overrides(work, "images", **{"model.backbone": "small_cnn"})
     assert lesa("extract", "--out", str(work / "never"), *args) == 2
     err = capsys.readouterr().err
-    assert "small_cnn is trainable" in err and "(small_cnn_frozen, vgg19)" in err
+    assert "small_cnn is trainable" in err and "(small_cnn_frozen, vgg19, clip)" in err
     assert not (work / "never").exists()
 
 
