@@ -14,6 +14,7 @@ environment; nothing here prints or logs a value.
 from __future__ import annotations
 
 import os
+import shutil
 
 import fsspec
 
@@ -22,7 +23,6 @@ from trainer.config import ConfigError
 # Variables passed from the driver's environment to the Ray Train workers, when set.
 STORAGE_ENV_PREFIXES = ("AWS_", "MLFLOW_S3_")
 STORAGE_ENV_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS",)
-HDFS_ENV = ("JAVA_HOME", "HADOOP_HOME", "CLASSPATH")  # what pyarrow's HadoopFileSystem needs
 # What a store's client raises when it cannot be used at all, by class name (its package may not
 # be installed), and the fix.
 STORE_PROBLEMS = {
@@ -53,11 +53,12 @@ def check_storage(url: str, key: str) -> None:
         fix = f"pip install 'lesa[{extra}]'" if extra else "install the fsspec package for it, or use a local path"
         raise ConfigError(f"{key}: {url}: {protocol}:// is not available here ({exc}); {fix}") from None
     if protocol in ("hdfs", "viewfs"):
-        missing = [name for name in HDFS_ENV if not os.environ.get(name)]
+        missing = hdfs_missing()
         if missing:  # pyarrow's libhdfs would print a line per JVM it looked for, then fail
             raise ConfigError(
                 f"{key}: {url}: hdfs:// reads through pyarrow's libhdfs, which needs a Java runtime and "
-                f"Hadoop: set {', '.join(missing)} (CLASSPATH=$(hadoop classpath --glob)), or copy the data to S3/GCS"
+                f"Hadoop: set {' and '.join(missing)} (or ARROW_LIBHDFS_DIR and CLASSPATH=$(hadoop classpath "
+                f"--glob) for HADOOP_HOME), or copy the data to S3/GCS"
             )
         return  # an hdfs connection starts a JVM: leave it to the first read
     try:
@@ -68,6 +69,17 @@ def check_storage(url: str, key: str) -> None:
         if problem is None:
             raise
         raise ConfigError(f"{key}: {url}: {problem}") from None
+
+
+def hdfs_missing() -> list[str]:
+    """What pyarrow's HadoopFileSystem lacks here: JAVA_HOME, and HADOOP_HOME unless libhdfs
+    (ARROW_LIBHDFS_DIR) and the Hadoop jars (CLASSPATH, or the `hadoop` command that lists them) are
+    found without it."""
+    env = os.environ.get
+    missing = [] if env("JAVA_HOME") else ["JAVA_HOME"]
+    if not env("HADOOP_HOME") and not (env("ARROW_LIBHDFS_DIR") and (env("CLASSPATH") or shutil.which("hadoop"))):
+        missing.append("HADOOP_HOME")
+    return missing
 
 
 def storage_env() -> dict[str, str]:
