@@ -248,3 +248,16 @@ def test_only_a_model_that_trains_nothing_is_evaluated_without_a_checkpoint(clip
     with pytest.raises(ConfigError, match="model.name: clip_zeroshot trains nothing; evaluate it with lesa evaluate"):
         check_trains(zero_shot)
     check_trains(lesa)
+
+
+def test_a_model_pt_of_a_clip_run_is_checked_on_the_meta_device(clip_folder, synthetic, tmp_path):
+    """lesa evaluate's pre-flight builds the model on the meta device: the tower from config.json
+    alone, its weights unread."""
+    from datasets.contract import read_dataset
+    from launch.preflight import evaluation_checkpoint
+    from trainer.models.registry import build_model
+
+    info = read_dataset(str(synthetic(seed=0, image_size=IMAGE_SIZE, shard_size=8, train=8, test=8)))
+    cfg = load_config(None, ["data.url=x", "model.backbone=clip", f"model.backbone_weights={clip_folder}"])
+    torch.save(build_model(cfg, info.embeddings, info.seen).state_dict(), tmp_path / "model.pt")
+    assert evaluation_checkpoint(str(tmp_path), cfg, info) == str(tmp_path / "model.pt")

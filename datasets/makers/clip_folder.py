@@ -102,12 +102,17 @@ def transformers_offline():
 
 
 def load_clip_model(url: str):
-    """CLIPModel in float32 from the folder at `url` (checked, local or copied), local files only."""
+    """CLIPModel in float32 from the folder at `url` (checked, local or copied), local files only.
+    Under a meta-device context (a pre-flight that needs only the shapes) it is built from
+    config.json alone, and the weights are not read."""
     import torch
 
     check_clip_folder(url)
     folder = local_folder(url)
     transformers = transformers_offline()
+    if torch.empty(0).device.type == "meta":
+        config = transformers.CLIPConfig.from_pretrained(folder, local_files_only=True)
+        return transformers.CLIPModel(config), folder
     model = transformers.CLIPModel.from_pretrained(
         folder, local_files_only=True, use_safetensors=True, dtype=torch.float32
     )
