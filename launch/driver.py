@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 from datasets.contract import join
-from launch.preflight import absolute, evaluation_checkpoint, preflight, resumed, training_splits
+from launch.preflight import (
+    absolute,
+    check_resume_engine,
+    evaluation_checkpoint,
+    preflight,
+    resumed,
+    training_splits,
+)
 from launch.run_lock import hold
 from launch.storage import has_checkpoint, read_text
 from launch.workers import run_workers
@@ -116,6 +123,7 @@ def run_training(cfg: Config, out: str | Path, resume: str | None = None, parent
     check_trains(cfg)
     with hold(out):  # launch/run_lock.py: one run per --out, before run.json is read or any MLflow/Ray work
         run, resume_from = resume_target(out, resume)
+        check_resume_engine(cfg, run, resume_from)  # a ZeRO stage or optimizer switch, refused before Ray
         print(
             f"dataset {info.name}: {len(info.seen)} seen + {len(info.unseen)} unseen labels, "
             f"{sum(s.samples for s in info.shards(cfg.data.train_split))} training images"

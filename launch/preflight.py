@@ -23,7 +23,7 @@ from typing import NamedTuple
 import fsspec
 
 from datasets.contract import DatasetInfo, join, read_dataset
-from launch.storage import check_storage, model_file
+from launch.storage import check_storage, model_file, newest_checkpoint_text, read_text
 from trainer.config import Config, ConfigError, config_from_dict, replaced
 from trainer.run_folder import RunRecord
 
@@ -227,7 +227,7 @@ def check_resume_engine(cfg: Config, run: RunRecord | None, resume_from: str | N
     refused here, naming both, before any cluster work. Reads --resume PATH's lesa_state.json, or
     the newest checkpoint's of the run being continued."""
     from trainer.state import STATE_FILE
-    from trainer.zero import stage_switch_error
+    from trainer.zero import engine_switch_error
 
     if resume_from:
         text = read_text(join(resume_from, STATE_FILE))
@@ -241,11 +241,6 @@ def check_resume_engine(cfg: Config, run: RunRecord | None, resume_from: str | N
         return  # a damaged state is named by the check that reads it whole (the workers')
     if not isinstance(saved, dict) or "zero_stage" not in saved:
         return  # an older schema: refused by its version where it is read
-    problem = stage_switch_error(saved["zero_stage"], cfg.deepspeed.zero_stage)
-    if problem is None and saved.get("optimizer") not in (None, cfg.optim.name):
-        problem = (
-            f"optim.name: the checkpoint's optimizer state is {saved['optimizer']}'s, this run uses "
-            f"{cfg.optim.name}: resume with --set optim.name={saved['optimizer']}, or start a new run"
-        )
+    problem = engine_switch_error(saved["zero_stage"], saved.get("optimizer", ""), cfg)
     if problem:
         raise ConfigError(problem)

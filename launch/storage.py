@@ -138,3 +138,11 @@ def has_checkpoint(storage: str, run_name: str, state_file: str) -> bool:
     system wrote: a `checkpoint_*` folder with `state_file` in it."""
     fs, path = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/{run_name}")
     return bool(fs.glob(f"{path.rstrip('/')}/checkpoint_*/{state_file}"))
+
+
+def newest_checkpoint_text(storage: str, run_name: str, file: str) -> str | None:
+    """`file`'s text in the newest `checkpoint_*` folder of Ray Train's `storage/run_name` (their
+    names are timestamps), or None without one."""
+    fs, path = fsspec.core.url_to_fs(f"{storage.rstrip('/')}/{run_name}")
+    found = sorted(fs.glob(f"{path.rstrip('/')}/checkpoint_*/{file}"))
+    return fs.cat_file(found[-1]).decode("utf-8") if found else None

@@ -273,14 +273,14 @@ def test_rmsprop_tf_two_steps_by_hand():
     theta1 = (1.0 - mom1[0], -2.0 - mom1[1])  # (0.963962..., -1.929289...)
     assert p.tolist() == pytest.approx(theta1, rel=1e-6)
     state = opt.state[p]
-    assert state["square_avg"].tolist() == pytest.approx([0.925, 1.0], rel=1e-6)
-    assert state["momentum"].tolist() == pytest.approx(mom1, rel=1e-6)
+    assert state["exp_avg_sq"].tolist() == pytest.approx([0.925, 1.0], rel=1e-6)
+    assert state["exp_avg"].tolist() == pytest.approx(mom1, rel=1e-6)
 
     p.grad = g.clone()
     opt.step()
     mom2 = (0.9 * mom1[0] + 0.05 / math.sqrt(1.8575), 0.9 * mom1[1] - 0.1 / math.sqrt(2.0))
     theta2 = (theta1[0] - mom2[0], theta1[1] - mom2[1])
-    assert state["square_avg"].tolist() == pytest.approx([0.8575, 1.0], rel=1e-6)
+    assert state["exp_avg_sq"].tolist() == pytest.approx([0.8575, 1.0], rel=1e-6)
     assert p.tolist() == pytest.approx(theta2, rel=1e-6)
 
     # torch.optim.RMSprop (ms from 0, eps outside the sqrt, lr after momentum) moves differently.
@@ -312,8 +312,8 @@ def test_rmsprop_tf_updates_many_parameters_at_once_as_each_alone():
             o.step()
     for q, r, o in zip(together, alone, singles):
         assert torch.equal(q, r)
-        assert torch.equal(opt.state[q]["square_avg"], o.state[r]["square_avg"])
-        assert torch.equal(opt.state[q]["momentum"], o.state[r]["momentum"])
+        assert torch.equal(opt.state[q]["exp_avg_sq"], o.state[r]["exp_avg_sq"])
+        assert torch.equal(opt.state[q]["exp_avg"], o.state[r]["exp_avg"])
 
 
 def test_rmsprop_tf_skips_params_without_grad_and_registry():

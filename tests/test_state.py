@@ -30,6 +30,7 @@ from trainer.config import ConfigError, load_config
 from trainer.loop import LossMeter, NonFiniteLoss, StepOutput
 from trainer.state import STATE_VERSION, BadSampleTotals, StateError, Throughput, TrainState
 from trainer.training import resume_report
+from trainer.zero import resume_load
 
 
 def a_state() -> TrainState:
@@ -168,7 +169,8 @@ def test_a_resume_on_another_world_size_says_how_the_global_batch_changed():
 
     state = a_state()
     state.world_size = 2
-    report = resume_report(state, ValidationSchedule(Config()), world=4, batch_size=8)
+    report = resume_report(state, ValidationSchedule(Config()), world=4, batch_size=8, load=resume_load(0, 2, 4))
     assert "global batch is now 32 samples per step (was 16); --set data.batch_size=4 keeps it" in report
     state.world_size = 4
-    assert "note:" not in resume_report(state, ValidationSchedule(Config()), world=4, batch_size=8)
+    same = resume_report(state, ValidationSchedule(Config()), world=4, batch_size=8, load=resume_load(0, 4, 4))
+    assert "note:" not in same and "native load (4 workers, as saved)" in same

@@ -2,15 +2,21 @@
 
 A checkpoint is one Ray Train checkpoint directory:
 
-    ds/mp_rank_00_model_states.pt   DeepSpeed's checkpoint of the engine: model and optimizer
-                                    (ZeRO stage 0 keeps the optimizer state whole, so any world
-                                    size can load it)
+    ds/mp_rank_00_model_states.pt   DeepSpeed's checkpoint of the engine, written by rank 0: the
+                                    model, and at ZeRO stage 0 the whole optimizer state
+    ds/zero_pp_rank_<R>_mp_rank_00_optim_states.pt
+                                    stages 1-2 (bf16_ prefixed in bf16): rank R's partition of the
+                                    optimizer state, written by rank R (docs/zero.md)
     lesa_state.json                 the TrainState (trainer/state.py), written by rank 0
     model_best.pt, model.pt, ...    files rank 0 adds (the best weights; results at the end)
     lesa_files_rank<R>.json         sha256 of every file rank R wrote, checked before a load
 
-Ray Train registers a checkpoint only once every worker has reported it, so one that was being
-written when a worker died never becomes the latest; it keeps the last `checkpoint.keep`.
+Every rank writes its files into a folder of its own and reports it; Ray Train 2.60 merges the
+reported folders into the one checkpoint folder in the storage and registers it only once every
+worker has reported, so one that was being written when a worker died never becomes the latest;
+it keeps the last `checkpoint.keep`. A restore also refuses a checkpoint without the manifest of
+every rank of its `world_size`. On another world size at stages 1-2 it loads the checkpoint's
+universal conversion (trainer/zero.py).
 
 What a restore refuses, each with one line naming the file (docs/reliability.md):
 - a file whose bytes differ from the digest recorded when it was written (bit rot, truncation,
@@ -18,7 +24,8 @@ What a restore refuses, each with one line naming the file (docs/reliability.md)
 - a `.pt` file holding anything but tensors and plain containers: DeepSpeed reads its files with
   `torch.load(weights_only=False)`, which runs whatever a pickle names, so while a checkpoint is
   restored every `torch.load` is made `weights_only=True`;
-- a model whose weights after loading do not hash to the digest recorded at save.
+- a model whose weights, or an optimizer whose gathered state, after loading do not hash to the
+  digest recorded at save.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 import torch
 
 from trainer.state import STATE_FILE, TrainState
+from trainer.zero import ResumeLoad, optimizer_digest, remove_universal_copy, restore_buffers, universal_copy
 
 DS_TAG = "ds"
 MANIFEST_PREFIX = "lesa_files_rank"
@@ -82,6 +90,7 @@ def verify_files(folder: Path) -> None:
     manifests = sorted(Path(folder).glob(MANIFEST.format(rank="*")))
     if not manifests:
         raise CheckpointError(f"{folder}: no {MANIFEST.format(rank='*')} (written by an older lesa, or damaged)")
+    check_every_rank(folder, manifests)
     for manifest in manifests:
         try:
             files = json.loads(manifest.read_text())
@@ -97,15 +106,46 @@ def verify_files(folder: Path) -> None:
                 )
 
 
+def deepspeed_records() -> list[type]:
+    """The DeepSpeed types its ZeRO checkpoint files hold besides tensors: plain records (a loss
+    scaler's numbers, an enum, a dataclass of offsets), rebuilt from their fields, never called."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_every_rank(folder: Path, manifests: list[Path]) -> None:
+    """A checkpoint counts only with every rank's manifest (and so every rank's shard): Ray Train
+    commits one only after every worker reported, so one without is damaged, never resumed."""
+    state = Path(folder, STATE_FILE)
+    try:
+        world = json.loads(state.read_text()).get("world_size", 0) if state.is_file() else 0
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # the state's own digest check (rank 0's manifest) names the damage
+    ranks = {int(m.name[len(MANIFEST_PREFIX) : -len(".json")]) for m in manifests}
+    missing = sorted(set(range(world)) - ranks)
+    if missing:
+        raise CheckpointError(
+            f"{folder}: written by {world} workers but {MANIFEST.format(rank=missing[0])} is missing, so rank "
+            f"{missing[0]}'s shard cannot be checked; the checkpoint is incomplete: resume from an earlier one "
+            f"(--resume PATH) or start a new run"
+        )
+
+
 @contextlib.contextmanager
 def tensors_only_loads():
-    """Make every `torch.load` inside the block `weights_only=True`, and name the file it refuses."""
+    """Make every `torch.load` inside the block `weights_only=True` (tensors, containers and
+    `deepspeed_records` only), and name the file it refuses."""
     original = torch.load
+    records = deepspeed_records()
 
     def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
         try:
-            with warnings.catch_warnings():  # torch's note on a pickle protocol is noise here
+            with warnings.catch_warnings(), torch.serialization.safe_globals(records):
+                # torch's note on a pickle protocol is noise here
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
@@ -214,31 +254,58 @@ def save(engine, rank: int, state: TrainState, metrics: dict, extra_files=None, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(engine, fallback=None, read_files=None) -> TrainState | None:
-    """Load the run's latest checkpoint (else `fallback`, the one `--resume PATH` named) into the
-    engine; its TrainState, or None on a fresh start. `read_files(state, folder)` may read more
-    files of the checkpoint while its folder is open (the best model, trainer/schedule.py)."""
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    """A checkpoint to resume from: its folder (open while the context of `latest` lasts), its
+    files verified, and its TrainState."""
+
+    folder: Path
+    state: TrainState
+
+
+@contextlib.contextmanager
+def latest(fallback=None):
+    """The run's latest checkpoint (else `fallback`, the one `--resume PATH` named), verified and
+    open for the body, or None on a fresh start. The engine is built inside: how it loads depends
+    on the state (trainer/zero.py, resume_load)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint() or fallback
     if checkpoint is None:
-        return None
+        yield None
+        return
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         verify_files(folder)
         state = TrainState.from_json(Path(folder, STATE_FILE).read_text(), str(Path(folder, STATE_FILE)))
-        with tensors_only_loads():
-            path, _ = engine.load_checkpoint(
-                str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if path is None:
-                raise CheckpointError(f"{folder}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
-            if read_files is not None:
-                read_files(state, folder)
-        digest = state_digest(engine.module)
-        if digest != state.model_digest:
+        yield FoundCheckpoint(folder, state)
+
+
+def restore(engine, found: FoundCheckpoint, load: ResumeLoad, read_files=None) -> TrainState:
+    """Load `found` into the engine, natively or through its universal conversion (`load`); its
+    TrainState. `read_files(state, folder)` may read more files of the checkpoint (the best model,
+    trainer/schedule.py). Every rank must call it (the conversion and the digests are collectives)."""
+    folder, state = found.folder, found.state
+    source = universal_copy(folder, DS_TAG, state.step) if load.universal else folder
+    with tensors_only_loads():
+        path, _ = engine.load_checkpoint(
+            str(source), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
+        if load.universal:
+            restore_buffers(engine.module, folder, DS_TAG)
+        if read_files is not None:
+            read_files(state, folder)
+    if load.universal:
+        remove_universal_copy(source)
+    for what, digest, saved in (
+        ("model", state_digest(engine.module), state.model_digest),
+        ("optimizer state", optimizer_digest(engine), state.optimizer_digest),
+    ):
+        if digest != saved:
             raise CheckpointError(
-                f"{folder}: the model loaded from it hashes to {digest}, but to {state.model_digest} when it "
-                f"was saved; the checkpoint is damaged: resume from an earlier one or start a new run"
+                f"{folder}: the {what} loaded from it ({load.describe()}) hashes to {digest}, but to {saved} "
+                f"when it was saved; the checkpoint is damaged: resume from an earlier one or start a new run"
             )
-        return state
+    return state

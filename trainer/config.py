@@ -75,6 +75,9 @@ class LossConfig:
 class OptimConfig:
     name: str = "rmsprop_tf"  # registry in trainer/optim.py: rmsprop_tf | adamw
     lr: float = 1e-3
+    # a trained backbone's lr is optim.lr times this (a param group of its own, kept through the
+    # adaptive lr); a pretrained tower being fine-tuned usually wants 0.01-0.1
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 0.0
     # LESA's adaptive lr (docs/protocol.md, Optimisation; trainer/schedule.py) at every validation (eval.every):
     # ema = lr_ema * ema + (1 - lr_ema) * metric; when ema falls, lr >= lr_floor and no cooldown:
@@ -124,7 +127,10 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: int = 0  # only 0: optimizer state whole, so a run resumes on any world size
+    # 0: the optimizer state whole on every worker (the frozen-backbone head needs no more);
+    # 1: the optimizer state partitioned over the workers; 2: and the gradients (docs/zero.md).
+    # A resume on another number of workers converts a stage-1/2 checkpoint by itself.
+    zero_stage: int = 0
     bf16: bool = False
 
 
@@ -261,10 +267,9 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be 0 or more")
     need(
-        cfg.deepspeed.zero_stage == 0,
+        cfg.deepspeed.zero_stage in (0, 1, 2),
         "deepspeed.zero_stage",
-        "only 0 is supported: its checkpoints resume on any number of workers (stages 1-3 would "
-        "need an offline universal-checkpoint conversion), and LESA's head fits every GPU whole",
+        "must be 0, 1 or 2 (stage 3, parameters partitioned too, is not supported yet: docs/zero.md)",
     )
     need(
         len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k),
@@ -272,6 +277,7 @@ def _check(cfg: Config) -> None:
         "must be a non-empty list of positive integers",
     )
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    need(cfg.optim.backbone_lr_scale > 0, "optim.backbone_lr_scale", "must be positive")
     _check_schedule(cfg, need)
     for name in ("rank", "dist", "rel", "div"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be non-negative")

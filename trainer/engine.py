@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from trainer.config import Config, config_from_dict
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, param_groups
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,18 @@ def setup_worker(args: WorkerArgs) -> tuple[Config, int, int, torch.device]:
     return cfg, ctx.get_world_rank(), ctx.get_world_size(), device
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config, world: int, universal: bool = False) -> dict:
+    """DeepSpeed's config; `universal`: the checkpoint to load is a universal conversion
+    (a resume on another world size at ZeRO stages 1-2, trainer/zero.py)."""
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.data.batch_size * world,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # DeepSpeed vouches only for its own optimizers at stages 1-3; ours are plain torch
+        # optimizers, and their state is named as the universal conversion needs (trainer/optim.py)
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": universal},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; LESA's optimizer and the
         # baselines take the raw gradient (docs/protocol.md).
@@ -64,7 +70,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     }
 
 
-def init_engine(cfg: Config, model: torch.nn.Module, world: int):
+def init_engine(cfg: Config, model: torch.nn.Module, world: int, universal: bool = False):
     """(engine, optimizer): the model wrapped by DeepSpeed with the optimizer of `optim.name`."""
     import deepspeed
 
@@ -75,8 +81,8 @@ def init_engine(cfg: Config, model: torch.nn.Module, world: int):
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, universal)
     )
     return engine, optimizer

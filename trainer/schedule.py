@@ -142,12 +142,13 @@ class BestModel:
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Set lr in every param group of DeepSpeed's optimizer. DeepSpeed's wrappers (fp16/bf16,
-    ZeRO) expose the param groups of the torch optimizer they wrap, and that one steps: check it."""
+    """Set lr in every param group of DeepSpeed's optimizer, times the group's `lr_scale` (a
+    trained backbone's, trainer/optim.py). DeepSpeed's wrappers (fp16/bf16, ZeRO) expose the
+    param groups of the torch optimizer they wrap, and that one steps: check it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     stepping = getattr(optimizer, "optimizer", optimizer)  # a wrapper's inner torch optimizer
-    if any(group["lr"] != lr for group in stepping.param_groups):
+    if any(group["lr"] != lr * group.get("lr_scale", 1.0) for group in stepping.param_groups):
         raise RuntimeError(f"setting lr={lr} did not reach {type(stepping).__name__}, the optimizer that steps")
 
 

@@ -18,8 +18,13 @@ Fields, and why each one makes a resume exact on any number of workers:
 - `model_digest`: a hash of every model tensor at save; a restore recomputes and compares it.
 - `bad_samples`, `throughput`: running totals over every attempt of the run, so metrics.json
   counts all of the run, not only what came after the last restart.
-- `world_size`: the workers that wrote it; a resume on another number says how the global batch
-  (data.batch_size per worker) changed.
+- `world_size`: the workers that wrote it (one `lesa_files_rank<R>.json` each); a resume on
+  another number says how the global batch (data.batch_size per worker) changed, and at ZeRO
+  stages 1-2 loads the universal conversion of the checkpoint (trainer/zero.py).
+- `zero_stage`, `optimizer`: DeepSpeed's ZeRO stage and `optim.name` that wrote the optimizer
+  state; a resume continues with the same ones.
+- `optimizer_digest`: a hash of the gathered fp32 weights and optimizer state at save
+  (trainer/zero.py); a restore recomputes and compares it, on any world size.
 - `version`: the schema's version; a checkpoint of another version is refused, not misread.
 """
 
@@ -34,7 +39,7 @@ from datasets.position import DataPosition
 from trainer.bad_samples import EXAMPLES_KEPT
 
 STATE_FILE = "lesa_state.json"
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: zero_stage, optimizer, optimizer_digest; RMSpropTF state named like Adam's
 
 
 class StateError(ValueError):
@@ -103,6 +108,9 @@ class TrainState:
     bad_samples: BadSampleTotals = field(default_factory=BadSampleTotals)
     throughput: Throughput = field(default_factory=Throughput)
     world_size: int = 0
+    zero_stage: int = 0
+    optimizer: str = ""
+    optimizer_digest: str = ""
     version: int = STATE_VERSION
 
     def record_eval(self, step: int, values: dict) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from datasets.contract import DatasetInfo, read_dataset
 from datasets.position import DataPosition
-from trainer.checkpointing import FaultPoint, restore, save, state_digest
+from trainer.checkpointing import FaultPoint, latest, restore, save, state_digest
 from trainer.config import Config
 from trainer.engine import WorkerArgs, init_engine, setup_worker
 from trainer.evaluation.attention_maps import eval_overlay_files
@@ -26,6 +26,7 @@ from trainer.progress import Progress, format_table
 from trainer.results import final_metrics, flat_eval_metrics, result_files
 from trainer.schedule import ValidationSchedule, current_lr
 from trainer.state import BadSampleTotals, StateError, Throughput, TrainState, rng_state, set_rng_state
+from trainer.zero import ResumeLoad, engine_switch_error, optimizer_digest, resume_load
 
 
 @dataclass
@@ -54,11 +55,16 @@ class TrainingRun:
         the training stream where the checkpoint left the data."""
         cfg, rank, world, device = setup_worker(args)
         info = read_dataset(cfg.data.url)
-        engine, optimizer = init_engine(cfg, build_model(cfg, info.embeddings, info.seen, info.features), world)
         schedule = ValidationSchedule(cfg)
-        restored = restore(
-            engine, fallback=args.resume_from, read_files=lambda state, folder: schedule.load(state.schedule, folder)
-        )
+        with latest(fallback=args.resume_from) as found:
+            load = resume_load(cfg.deepspeed.zero_stage, found.state.world_size, world) if found else None
+            if found:
+                check_same_engine(found.state, cfg)
+            model = build_model(cfg, info.embeddings, info.seen, info.features)
+            engine, optimizer = init_engine(cfg, model, world, universal=bool(load and load.universal))
+            restored = found and restore(
+                engine, found, load, read_files=lambda state, folder: schedule.load(state.schedule, folder)
+            )
         schedule.apply_lr(optimizer)  # the checkpoint's lr, not optim.lr
         state = restored or TrainState(
             0, DataPosition([s.samples for s in info.shards(cfg.data.train_split)]), args.run_id, args.tracking_uri
@@ -67,7 +73,7 @@ class TrainingRun:
         if restored:
             set_rng_state(state.rng)
             if rank == 0:
-                print(resume_report(state, schedule, world, cfg.data.batch_size), flush=True)
+                print(resume_report(state, schedule, world, cfg.data.batch_size, load), flush=True)
         stream = TrainStream(cfg, info, rank, world, device, state.position, resumed=restored is not None)
         if cfg.data.ledger:
             stream.open_ledger(Path(args.out, "ledger"), state.step)
@@ -131,7 +137,9 @@ class TrainingRun:
         self.state.rng = rng_state()
         self.state.schedule = self.schedule.to_json()
         self.state.model_digest = state_digest(self.model) if self.rank == 0 else ""
+        self.state.optimizer_digest = optimizer_digest(self.engine)  # a collective at stages 1-2
         self.state.world_size = self.world
+        self.state.zero_stage, self.state.optimizer = self.cfg.deepspeed.zero_stage, self.cfg.optim.name
         files = {**self.schedule.files(), **(extra_files or {})}
         # MLflow gets the steps before the checkpoint that holds them is written: a run killed
         # before its commit resumes from the previous checkpoint, and the logger's floor (the last
@@ -139,7 +147,10 @@ class TrainingRun:
         # commit left a gap when the kill fell between the two.
         self.log.flush()
         save(self.engine, self.rank, self.state, metrics, files, self.fault)
-        self.log.print(f"checkpoint at step {self.state.step}: model digest {self.state.model_digest}")
+        self.log.print(
+            f"checkpoint at step {self.state.step}: model digest {self.state.model_digest}, "
+            f"optimizer digest {self.state.optimizer_digest}"
+        )
 
     def finish(self) -> None:
         """The final evaluation, metrics.json and the result files, in the last checkpoint."""
@@ -167,6 +178,14 @@ class TrainingRun:
         self.stream.close()
 
 
+def check_same_engine(state: TrainState, cfg: Config) -> None:
+    """The optimizer state of a checkpoint continues only under the ZeRO stage and optimizer that
+    wrote it (the driver checks the same before any cluster work: launch/preflight.py)."""
+    problem = engine_switch_error(state.zero_stage, state.optimizer, cfg)
+    if problem:
+        raise StateError(problem)
+
+
 def check_same_shards(position: DataPosition, info: DatasetInfo, cfg: Config) -> None:
     sizes = [s.samples for s in info.shards(cfg.data.train_split)]
     if position.sizes != sizes:
@@ -176,11 +195,15 @@ def check_same_shards(position: DataPosition, info: DatasetInfo, cfg: Config) ->
         )
 
 
-def resume_report(state: TrainState, schedule: ValidationSchedule, world: int, batch_size: int) -> str:
+def resume_report(
+    state: TrainState, schedule: ValidationSchedule, world: int, batch_size: int, load: ResumeLoad
+) -> str:
     """What a restore found, for the console; says so when the global batch changed with the world."""
     lines = [
-        f"resumed from step {state.step} on {world} workers: model digest {state.model_digest}, data at "
-        f"epoch {state.position.completed_epochs} (+{len(state.position.used)} in flight)",
+        f"resumed from step {state.step} on {world} workers: model digest {state.model_digest}, optimizer "
+        f"digest {state.optimizer_digest}, data at epoch {state.position.completed_epochs} "
+        f"(+{len(state.position.used)} in flight)",
+        f"ZeRO stage {state.zero_stage}: {load.describe()}",
         f"resumed schedule: {json.dumps(schedule.to_json())}",
     ]
     if state.world_size and state.world_size != world:
