@@ -43,6 +43,7 @@ from datasets.position import DataPosition
 from datasets.tar import TruncatedMember, iter_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # a backbone's resize filter
 FEATURE_EXTENSION = "feat.npy"  # feature shards (`lesa extract`): float16 [regions, channels]
 TRUNCATED_SHARD = "unreadable or truncated shard"
 
@@ -60,6 +61,7 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     position: DataPosition | None = None  # training resumed: samples already used are skipped
     features: FeatureSpec | None = None  # a feature dataset: decode feat.npy instead of the image
+    resample: str = "bilinear"  # a key of RESAMPLING: the backbone's own (clip: bicubic, as CLIP's preprocessing)
 
 
 @dataclass
@@ -180,15 +182,17 @@ def shuffle(samples, buffer_size: int, rng: random.Random):
 # --- stage: decode (explicit per extension; nothing is unpickled) ---------------------------------
 
 
-def decode_image(data: bytes, size: int, formats: tuple[str, ...] = IMAGE_FORMATS) -> np.ndarray:
+def decode_image(
+    data: bytes, size: int, formats: tuple[str, ...] = IMAGE_FORMATS, resample: str = "bilinear"
+) -> np.ndarray:
     """RGB uint8 [size, size, 3]: the picture upright and in 8 bits (`decode_rgb`), its short side
-    resized to `size`, then a centre crop. Only `formats` are decoded (a shard's are those of
-    datasets/images.py), and only up to its pixel limit."""
+    resized to `size` with the `resample` filter, then a centre crop. Only `formats` are decoded (a
+    shard's are those of datasets/images.py), and only up to its pixel limit."""
     image = decode_rgb(data, formats)
     w, h = image.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), RESAMPLING[resample])
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
@@ -221,7 +225,7 @@ def decode_input(sample: dict, spec: StreamSpec) -> np.ndarray:
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise BadSample("missing image", f"no field of {', '.join(IMAGE_EXTENSIONS)}")
-    return decode_image(sample[ext], spec.image_size)
+    return decode_image(sample[ext], spec.image_size, resample=spec.resample)
 
 
 def decode_labels(data: bytes, num_labels: int) -> np.ndarray:

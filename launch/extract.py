@@ -69,7 +69,7 @@ def plan(cfg: Config, info: DatasetInfo, out: str, splits: list[str]) -> tuple[l
 def extractor_args(cfg: Config, precision: str = "fp32") -> tuple:
     """What each ShardExtractor actor is made with: how to build the config's backbone, and the
     settings it reads (datasets/ takes plain values, not a Config)."""
-    from trainer.models.backbones import build_backbone
+    from trainer.models.backbones import build_backbone, input_resample
 
     settings = ExtractSettings(
         backbone=cfg.model.backbone,
@@ -81,6 +81,7 @@ def extractor_args(cfg: Config, precision: str = "fp32") -> tuple:
         cpus_per_worker=cfg.scaling.cpus_per_worker,
         compile=cfg.model.compile,
         precision=precision,
+        resample=input_resample(cfg.model),
     )
     return partial(build_backbone, cfg.model), settings
 

@@ -32,6 +32,7 @@ from datasets.stream import BadSample, decode_image
 from launch.preflight import preflight_predict
 from trainer.config import Config, ConfigError, replaced
 from trainer.evaluation.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
+from trainer.models.backbones import input_resample
 from trainer.models.registry import build_model
 from trainer.weights import WeightsError, read_state_dict
 
@@ -175,7 +176,7 @@ def open_dataset(url: str, needed: bool) -> DatasetInfo | None:
 # --- the images ---------------------------------------------------------------------------------
 
 
-def read_image(path: str, size: int) -> np.ndarray | None:
+def read_image(path: str, size: int, resample: str = "bilinear") -> np.ndarray | None:
     """uint8 [size, size, 3] as training decodes it, or None after reporting why not."""
     try:
         with fsspec.open(path, "rb") as f:
@@ -184,7 +185,8 @@ def read_image(path: str, size: int) -> np.ndarray | None:
         warn(f"{path}: cannot read ({type(exc).__name__}: {exc}); skipped")
         return None
     try:
-        return decode_image(data, size, CONVERT_FORMATS)  # a user's photos may be TIFF, which shards never hold
+        # a user's photos may be TIFF, which shards never hold
+        return decode_image(data, size, CONVERT_FORMATS, resample)
     except BadSample as exc:
         warn(f"{path}: not a readable image ({exc.detail}); skipped")
         return None
@@ -231,7 +233,11 @@ def predict(
 
     predicted, taken, no_attention = 0, set(), False
     for start in range(0, len(images), BATCH):
-        good = [(p, a) for p in images[start : start + BATCH] if (a := read_image(p, cfg.data.image_size)) is not None]
+        good = [
+            (p, a)
+            for p in images[start : start + BATCH]
+            if (a := read_image(p, cfg.data.image_size, input_resample(cfg.model))) is not None
+        ]
         if not good:
             continue
         batch = torch.from_numpy(np.stack([a for _, a in good])).to(device)

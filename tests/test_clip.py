@@ -261,3 +261,29 @@ def test_a_model_pt_of_a_clip_run_is_checked_on_the_meta_device(clip_folder, syn
     cfg = load_config(None, ["data.url=x", "model.backbone=clip", f"model.backbone_weights={clip_folder}"])
     torch.save(build_model(cfg, info.embeddings, info.seen).state_dict(), tmp_path / "model.pt")
     assert evaluation_checkpoint(str(tmp_path), cfg, info) == str(tmp_path / "model.pt")
+
+
+def test_the_stream_gives_clip_the_pixels_of_clips_own_image_processor(clip_folder):
+    """Bicubic short-side resize, centre crop, CLIP's statistics: the stream's decode and the
+    backbone's normalisation equal transformers' CLIPImageProcessorPil (bilinear would not)."""
+    import io
+
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from datasets.stream import decode_image
+    from trainer.models.backbones import input_resample
+
+    assert input_resample(ModelConfig(backbone="clip")) == "bicubic"
+    assert input_resample(ModelConfig(backbone="vgg19")) == "bilinear"
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 150, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    picture.save(png, "PNG")
+    size = {"shortest_edge": IMAGE_SIZE}
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    expected = CLIPImageProcessorPil(size=size, crop_size=crop)(images=picture, return_tensors="pt")["pixel_values"]
+    backbone = ClipVision(str(clip_folder))
+    for resample, tolerance in (("bicubic", 1e-5), ("bilinear", None)):
+        pixels = backbone.normalise(torch.from_numpy(decode_image(png.getvalue(), IMAGE_SIZE, resample=resample))[None])
+        error = (pixels - expected).abs().max().item()
+        assert error < tolerance if tolerance else error > 0.1, (resample, error)

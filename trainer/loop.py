@@ -24,6 +24,7 @@ from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed
 from trainer.ledger import Ledger
+from trainer.models.backbones import input_resample
 from trainer.models.losses import total_loss
 from trainer.tracking import RunLogger
 
@@ -72,6 +73,7 @@ class TrainStream:
             shuffle_buffer=cfg.data.shuffle_buffer,
             position=position if resumed else None,
             features=info.features,
+            resample=input_resample(cfg.model),
         )
         loader_workers = min(cfg.data.loader_workers, len(shards) // world)
         self.batches = iter(make_loader(spec, loader_workers, pin_memory=device.type == "cuda"))

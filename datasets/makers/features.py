@@ -85,6 +85,7 @@ class ExtractSettings:
     cpus_per_worker: int  # scaling.cpus_per_worker: torch threads on a CPU actor
     compile: bool = False  # model.compile
     precision: str = "fp32"  # a key of PRECISIONS: the backbone's autocast
+    resample: str = "bilinear"  # the backbone's resize filter (datasets/stream.py, RESAMPLING)
 
 
 class ShardExtractor:
@@ -134,6 +135,7 @@ class ShardExtractor:
             image_size=settings.image_size,
             batch_size=settings.batch_size,
             train=False,
+            resample=settings.resample,
         )
         loader = make_loader(stream, min(settings.loader_workers, 1), pin_memory=self.device.type == "cuda")
         skipped, read = [], 0

@@ -107,7 +107,7 @@ def test_extract_caches_the_towers_regions(work):
     name = sorted(images)[0]
     rows = np.load(io.BytesIO(cached[name.replace(".jpg", ".feat.npy")]), allow_pickle=False)
     with torch.no_grad():
-        image = torch.from_numpy(decode_image(images[name], IMAGE_SIZE).copy())[None]
+        image = torch.from_numpy(decode_image(images[name], IMAGE_SIZE, resample="bicubic").copy())[None]
         expected = ClipVision(str(work / "clip"))(image).flatten(2).transpose(1, 2)[0].numpy()
     assert rows.dtype == np.float16 and rows.shape == (GRID * GRID, JOINT_DIM)
     np.testing.assert_allclose(rows.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())

@@ -265,6 +265,7 @@ def eval_overlay_files(model, info, cfg: Config, device) -> dict:
 
 def render_eval_overlays(model, info, cfg: Config, device) -> dict:
     from datasets.stream import StreamSpec, make_loader
+    from trainer.models.backbones import input_resample
 
     count = cfg.eval.overlays
     spec = StreamSpec(
@@ -273,6 +274,7 @@ def render_eval_overlays(model, info, cfg: Config, device) -> dict:
         image_size=cfg.data.image_size,
         batch_size=count,
         train=False,
+        resample=input_resample(cfg.model),
     )
     batch = next((b for b in make_loader(spec, 0) if b.has_samples), None)
     if batch is None:

@@ -16,6 +16,7 @@ from trainer.bad_samples import BadSampleLog
 from trainer.config import Config
 from trainer.distributed import distributed
 from trainer.evaluation.metrics import Annotations, LabelStats, StreamingMetrics
+from trainer.models.backbones import input_resample
 from trainer.progress import ScoringProgress
 
 
@@ -59,6 +60,7 @@ def score_split(
         world=world,
         train=False,
         features=info.features,
+        resample=input_resample(cfg.model),
     )
     mine = split_by_rank(shards, rank, world)  # the reader's own split
     loader = make_loader(spec, min(cfg.data.loader_workers, len(mine)), pin_memory=device.type == "cuda")

@@ -31,6 +31,7 @@ class Backbone(nn.Module):
     out_channels: int
     trainable: bool
     either: bool = False  # whether model.freeze_backbone may choose (only `clip`); else it is `trainable`'s way
+    resample: str = "bilinear"  # the filter the stream resizes its images with (datasets/stream.py, RESAMPLING)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -196,6 +197,7 @@ class ClipVision(Backbone):
     name = "clip"
     trainable = False  # the default; an instance built with train=True is trained
     either = True
+    resample = "bicubic"  # CLIP's image processor: bicubic short-side resize, then a centre crop
     mean = tuple(255 * m for m in CLIP_MEAN)  # normalise works on 0-255 pixels
     std = tuple(255 * s for s in CLIP_STD)
 
@@ -275,6 +277,11 @@ class FeatureInput(nn.Module):
 
 
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (SmallCNN, FrozenSmallCNN, VGG19Conv54, ClipVision)}
+
+
+def input_resample(model_cfg: ModelConfig) -> str:
+    """The resize filter of the config's backbone, for every StreamSpec and `lesa predict` that feed it."""
+    return BACKBONES[model_cfg.backbone].resample
 
 
 def trains_backbone(model_cfg: ModelConfig) -> bool:
