@@ -287,3 +287,12 @@ def test_the_stream_gives_clip_the_pixels_of_clips_own_image_processor(clip_fold
         pixels = backbone.normalise(torch.from_numpy(decode_image(png.getvalue(), IMAGE_SIZE, resample=resample))[None])
         error = (pixels - expected).abs().max().item()
         assert error < tolerance if tolerance else error > 0.1, (resample, error)
+
+
+def test_a_conversion_takes_clip_text_vectors(clip_folder):
+    """`lesa convert ... --vectors clip-text:PATH`: the converters' label_vectors, checked rows."""
+    from datasets.makers.embeddings import label_vectors
+
+    names = ["red circle", "blue ring"]
+    vectors = label_vectors(names, f"clip-text:{clip_folder}", None, None, "error", log=lambda *a: None)
+    np.testing.assert_array_equal(vectors, load_label_encoder(f"clip-text:{clip_folder}").encode(names)[0])
