@@ -32,8 +32,13 @@ demo: $(BASE)
 
 # Everything (CI); `make test-unit` is the fast lane: tests/ without tests/integration (no Ray
 # cluster, no CLI subprocess) and without the few integration-marked tests left beside unit ones.
+# Files run on TEST_WORKERS pytest processes (pytest-xdist, a file's tests stay on one process so
+# its module fixtures run once): run one after another the files kept under one core busy (14
+# CPU-minutes in 31 minutes: Ray runs wait on start-ups and polls), so three processes share two
+# cores (docs/development.md). TEST_WORKERS=0 runs them serially.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/integration -m "not integration"
