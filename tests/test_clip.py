@@ -173,6 +173,14 @@ def test_preflight_checks_the_towers_image_size_and_freezing(clip_folder):
     cfg = ModelConfig(backbone="clip", backbone_weights=str(clip_folder))
     with pytest.raises(ConfigError, match=f"data.image_size: 224, but the CLIP tower .* takes {IMAGE_SIZE} px"):
         check_weights(cfg, "data.url", 224)
+    from datasets.contract import FeatureSpec
+    from trainer.models.backbones import check_features
+
+    spec = FeatureSpec(backbone="clip", weights=None, image_size=IMAGE_SIZE, grid=(GRID, GRID), channels=JOINT_DIM)
+    check_features(cfg, IMAGE_SIZE, spec, "features/")
+    trained = ModelConfig(backbone="clip", freeze_backbone=False)
+    with pytest.raises(ConfigError, match="model.freeze_backbone: features/ holds cached features of a frozen clip"):
+        check_features(trained, IMAGE_SIZE, spec, "features/")
     with pytest.raises(ConfigError, match="model.freeze_backbone: vgg19 is always frozen"):
         check_weights(ModelConfig(backbone="vgg19", freeze_backbone=False), "data.url", 224)
     with pytest.raises(ConfigError, match=r"model.freeze_backbone: small_cnn is always trained \(small_cnn_frozen"):

@@ -318,7 +318,8 @@ def check_weights(model_cfg: ModelConfig, where: str, image_size: int) -> None:
 
 
 def check_features(model_cfg: ModelConfig, image_size: int, spec: FeatureSpec, where: str) -> None:
-    """A feature dataset can stand in only for the backbone, at the image size, it was made with."""
+    """A feature dataset can stand in only for the backbone, at the image size, it was made with,
+    and only frozen: cached regions cannot be fine-tuned."""
     if spec.backbone != model_cfg.backbone:
         raise ConfigError(
             f"model.backbone: {where} holds features of {spec.backbone!r}, but the config asks "
@@ -328,6 +329,11 @@ def check_features(model_cfg: ModelConfig, image_size: int, spec: FeatureSpec, w
         raise ConfigError(
             f"data.image_size: {where} holds features of images at {spec.image_size}, "
             f"but the config says {image_size}; set data.image_size={spec.image_size}"
+        )
+    if trains_backbone(model_cfg):
+        raise ConfigError(
+            f"model.freeze_backbone: {where} holds cached features of a frozen {spec.backbone}, which a "
+            f"trained backbone cannot use; train on the image dataset, or leave model.freeze_backbone unset"
         )
 
 
