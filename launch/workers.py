@@ -11,13 +11,14 @@ import os
 import shutil
 from pathlib import Path
 
+from datasets.contract import join, read_dataset
 from datasets.ray_start import connect_or_start_ray
 from launch.errors import RunFailed
-from launch.storage import checkpoint_url, ray_storage, storage_env
+from launch.storage import checkpoint_url, ray_storage, read_text, storage_env
 from trainer.config import Config
 from trainer.results import flat_eval_metrics
-from trainer.run_folder import ATTENTION_DIR, PER_LABEL_FILES, RESULT_FILES, RunFolder
-from trainer.tracking import RunLogger
+from trainer.run_folder import ATTENTION_DIR, MODEL_FILE, PER_LABEL_FILES, RESULT_FILES, RunFolder
+from trainer.tracking import RunLogger, log_dataset
 
 
 def start_ray(cfg: Config) -> None:
@@ -48,9 +49,17 @@ def worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
+def quiet_train_controller() -> None:
+    """Ray Train's preemption watcher off, unless the environment says otherwise: it only feeds
+    ray.train.get_preemption_info(), which our loop never reads (a preempted node is still told
+    apart from a failure by how its workers died), and creating its actor logs an error-level
+    line on every run. Ray Train hands this variable on from the driver to its controller."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def build_trainer(cfg: Config, out: Path, worker_fn, payload: dict, run_name: str, run_id: str, resume_from):
     """A TorchTrainer running `worker_fn` on `scaling.num_workers` workers, with WorkerArgs."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainer.engine import WorkerArgs
@@ -83,8 +92,25 @@ def build_trainer(cfg: Config, out: Path, worker_fn, payload: dict, run_name: st
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             callbacks=[FailFast()],  # trainer/failures.py: no retries of an error that would recur
             worker_runtime_env={"env_vars": worker_env(cfg)},
+            # Ray Train's INFO lines (resources requested, worker group started, every report as a
+            # 1 KB TrainingReport(...)) go to its log files in Ray's session folder only; its
+            # warnings and errors still reach the console beside our progress lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def log_dataset_input(cfg: Config, logger: RunLogger, context: str) -> None:
+    """data.url as the MLflow run's input: name, digest of dataset.json, label and image counts."""
+    info = read_dataset(cfg.data.url)
+    profile = {
+        "kind": info.kind,
+        "seen_labels": len(info.seen),
+        "unseen_labels": len(info.unseen),
+        **{f"{split}_images": sum(s.samples for s in info.shards(split)) for split in info.splits},
+    }
+    metadata = read_text(join(cfg.data.url, "dataset.json")) or ""
+    log_dataset(logger.tracking_uri, logger.run_id, cfg.data.url, info.name, metadata, profile, context)
 
 
 def copy_results(checkpoint_dir: Path, folder: RunFolder) -> None:
@@ -115,6 +141,8 @@ def run_workers(
     from trainer.failures import NotRetryable
 
     folder = RunFolder(out)
+    log_dataset_input(cfg, logger, "evaluation" if log_metrics else "training")  # log_metrics: lesa evaluate
+    quiet_train_controller()
     start_ray(cfg)
     trainer = build_trainer(cfg, out, worker_fn, payload, run_name, logger.run_id, resume_from)
     try:
@@ -139,5 +167,10 @@ def run_workers(
         logger.artifact(path)
     for picture in sorted(folder.attention.glob("*.png")):
         logger.artifact(picture, ATTENTION_DIR)
+    if (folder.root / MODEL_FILE).exists():  # a training run: its model as a file and as an MLflow model
+        from launch.mlflow_model import log_trained_model
+
+        logger.artifact(folder.root / MODEL_FILE)
+        log_trained_model(logger.tracking_uri, logger.run_id, cfg, folder.root / MODEL_FILE)
     logger.finish(ok=True)
     return metrics

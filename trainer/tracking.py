@@ -8,17 +8,35 @@ worker directory). `MLFLOW_TRACKING_URI` or `mlflow.tracking_uri` overrides it.
 Artifacts may go to an object store (`mlflow.artifact_location: s3://bucket/prefix`); MLflow's S3
 client takes its credentials from the AWS environment and its endpoint from MLFLOW_S3_ENDPOINT_URL,
 which `s3_endpoint_for_mlflow` defaults from the endpoint the other S3 clients use.
+
+What the UI shows besides metrics: the experiment is marked a model-training one (MLflow 3 files
+an unmarked one under GenAI evaluations), the run names the git commit and the command line, the
+dataset is the run's input, and every node logs its system metrics (CPU, memory, disk, network;
+GPU with pynvml) under system/node_N/.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+
+# MLflow's INFO lines (creating the sqlite tables, starting the system-metrics monitor) are noise
+# on a run's console; its warnings are not. MLFLOW_LOGGING_LEVEL still chooses.
+logging.getLogger("mlflow").setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING").upper())
+# The UI's experiment kind; without it MLflow 3 may show a training run among GenAI evaluations.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def s3_endpoint_for_mlflow() -> None:
@@ -61,13 +79,77 @@ def open_run(
     what MLflow's tag mlflow.parentRunId means to its UI and search."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    if exp is None:
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    else:  # an experiment made before the kind was set, or by someone else: marked unless it has a kind
+        exp_id = exp.experiment_id
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:
+                client.set_experiment_tag(exp_id, key, value)
+    tags = source_tags() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
+
+
+def source_tags() -> dict[str, str]:
+    """Where the run came from, in the tags MLflow's UI shows: the command line and, in a git
+    checkout, the commit of this code (with `lesa.git_dirty` when it has uncommitted changes)."""
+    tags = {
+        "mlflow.source.name": "lesa",
+        "mlflow.source.type": "LOCAL",
+        "lesa.command": shlex.join(["lesa", *sys.argv[1:]]),
+    }
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:  # not a checkout (an installed package, a Ray job's working directory): no commit
+        tags["mlflow.source.git.commit"] = commit
+        tags["lesa.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    return tags
+
+
+def log_dataset(
+    tracking_uri: str, run_id: str, url: str, name: str, metadata_text: str, profile: dict, context: str
+) -> None:
+    """The dataset as the run's input: its URL, name, a digest of dataset.json (the same digest for
+    the same shards and labels) and `profile` (label and image counts), in `context` (training)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "local"
+    dataset = Dataset(
+        name=name,
+        digest=hashlib.sha256(metadata_text.encode()).hexdigest()[:16],
+        source_type=scheme,
+        source=json.dumps({"uri": url}),
+        profile=json.dumps(profile),
+    )
+    tags = [InputTag("mlflow.data.context", context)]
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
+def system_metrics(tracking_uri: str, run_id: str, node_rank: int):
+    """MLflow's system-metrics monitor of this node, started: metrics system/node_N/... every
+    SYSTEM_METRICS_INTERVAL_S until `.finish()` or the run ends (GPU ones when pynvml is
+    installed and sees a GPU). A restarted or resumed run continues the steps it logged."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+        resume_logging=True,
+        node_id=f"node_{node_rank}",
+        tracking_uri=tracking_uri,
+    )
+    monitor.start()
+    return monitor
 
 
 class RunLogger:
@@ -79,7 +161,7 @@ class RunLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, after_step: int = 0, skip_logged: bool = False):
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
         self.pending: list[Metric] = []
         self.floor = after_step
         if skip_logged:

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 from datasets.contract import read_dataset
 from trainer.engine import WorkerArgs, setup_worker
 from trainer.evaluation.attention_maps import eval_overlay_files
@@ -11,6 +14,7 @@ from trainer.evaluation.evaluate import evaluate
 from trainer.loop import train_step
 from trainer.models.registry import build_model
 from trainer.results import final_metrics, publish
+from trainer.tracking import system_metrics
 from trainer.training import TrainingRun
 from trainer.weights import load_model_state
 
@@ -19,8 +23,37 @@ def every(interval: int, step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
+def quiet_ray_reports() -> None:
+    """Ray Train's report logger is named by its file's path, outside ray.train.* where its
+    LoggingConfig (launch/workers.py) applies: each ray.train.report logged a 1 KB
+    TrainingReport(...) line to the console at INFO. Its warnings still show."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+@contextmanager
+def node_system_metrics(args: WorkerArgs):
+    """The system metrics of this worker's node in the MLflow run, from the node's first worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    monitor = system_metrics(args.tracking_uri, args.run_id, ctx.get_node_rank()) if ctx.get_local_rank() == 0 else None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
 def train_worker(config: dict) -> None:
-    run = TrainingRun.start(config["args"])
+    quiet_ray_reports()
+    with node_system_metrics(config["args"]):
+        train(config["args"])
+
+
+def train(args: WorkerArgs) -> None:
+    run = TrainingRun.start(args)
     cfg, state = run.cfg, run.state
     seen_ids, weights = run.seen_ids, run.loss_weights
     while state.step < cfg.train.max_steps and not run.schedule.should_stop:
