@@ -124,7 +124,8 @@ def check_every_rank(folder: Path, manifests: list[Path]) -> None:
         world = json.loads(state.read_text()).get("world_size", 0) if state.is_file() else 0
     except (OSError, json.JSONDecodeError, AttributeError):
         return  # the state's own digest check (rank 0's manifest) names the damage
-    ranks = {int(m.name[len(MANIFEST_PREFIX) : -len(".json")]) for m in manifests}
+    ranks = {m.name[len(MANIFEST_PREFIX) : -len(".json")] for m in manifests}
+    ranks = {int(rank) for rank in ranks if rank.isdigit()}
     missing = sorted(set(range(world)) - ranks)
     if missing:
         raise CheckpointError(

@@ -147,11 +147,14 @@ def full_optimizer_tensors(engine, param: torch.nn.Parameter):
 
 def optimizer_digest(engine) -> str:
     """A short hash of the full optimizer state of every trainable parameter (a collective)."""
-    # DeepSpeed links each parameter to its piece of the optimizer state lazily, at the first step
-    # after a load; the digest right after a restore needs the link now.
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None and any(engine.optimizer.optimizer.state.values()):
-        link()
+    # DeepSpeed links each parameter to its piece of the optimizer state lazily: at the first step
+    # after a load (the digest right after a restore needs it now), and at the first step of a run
+    # right after stepping the first param group, before a second one (a trained backbone's) has
+    # any state. Link again, now that every group has its state.
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state") and any(optimizer.optimizer.state.values()):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
     h = hashlib.sha256()
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
