@@ -32,7 +32,7 @@ from datasets.stream import BadSample, decode_image
 from launch.preflight import preflight_predict
 from trainer.config import Config, ConfigError, replaced
 from trainer.evaluation.attention_maps import attention_items, file_name, render_sheet, top_labels, write_sheet
-from trainer.models.backbones import input_resample
+from trainer.models.backbones import BACKBONES, input_resample
 from trainer.models.registry import build_model
 from trainer.weights import WeightsError, read_state_dict
 
@@ -70,8 +70,11 @@ def backbone_source(cfg: Config, state: dict, info: DatasetInfo | None, url: str
     """The config to build the model from, and whether model.pt holds the backbone's weights. A
     model trained on cached features (a dataset of kind "feature") has none: predict then runs the
     frozen backbone the features came from, with model.backbone_weights (or the weights the
-    feature dataset names), on the images."""
+    feature dataset names), on the images. A backbone whose architecture is read from its weights
+    (clip: the folder's config.json) keeps model.backbone_weights either way."""
     if any(k.startswith("backbone.") for k in state):
+        if BACKBONES[cfg.model.backbone].shape_from_weights:
+            return cfg, True  # built from the folder, then model.pt's tensors replace its weights
         return replaced(cfg, {"model.backbone_weights": None}), True  # model.pt has them: nothing to fetch
     weights = cfg.model.backbone_weights
     if weights is None and info is not None and info.features is not None:

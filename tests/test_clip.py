@@ -304,3 +304,35 @@ def test_a_conversion_takes_clip_text_vectors(clip_folder):
     names = ["red circle", "blue ring"]
     vectors = label_vectors(names, f"clip-text:{clip_folder}", None, None, "error", log=lambda *a: None)
     np.testing.assert_array_equal(vectors, load_label_encoder(f"clip-text:{clip_folder}").encode(names)[0])
+
+
+def test_predict_tags_with_a_clip_model_and_clip_text_vectors_for_new_names(clip_folder, synthetic, tmp_path, capsys):
+    """`lesa predict` on a clip run's folder (config.json + model.pt): the tower is built from the
+    CLIP folder and model.pt's tensors fill it; new names get clip-text vectors."""
+    from PIL import Image
+
+    from datasets.contract import read_dataset
+    from launch import cli
+    from trainer.models.registry import build_model
+
+    data = synthetic(seed=0, image_size=IMAGE_SIZE, shard_size=8, train=8, test=8)
+    cfg = load_config(
+        None,
+        [
+            f"data.url={data}",
+            f"data.image_size={IMAGE_SIZE}",
+            "model.backbone=clip",
+            f"model.backbone_weights={clip_folder}",
+        ],
+    )
+    info = read_dataset(str(data))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save(build_model(cfg, info.embeddings, info.seen).state_dict(), run / "model.pt")
+    Image.fromarray(np.full((120, 100, 3), 200, np.uint8)).save(tmp_path / "photo.png")
+    argv = ["predict", str(tmp_path / "photo.png"), "--checkpoint", str(run), "--top-k", "2"]
+    new = ["--labels", "hot air balloon", "red circle", "--label-vectors", f"clip-text:{clip_folder}"]
+    assert cli.main([*argv, *new]) == 0
+    out = capsys.readouterr().out
+    assert "photo.png" in out and "hot air balloon" in out and "new" in out

@@ -32,6 +32,7 @@ class Backbone(nn.Module):
     trainable: bool
     either: bool = False  # whether model.freeze_backbone may choose (only `clip`); else it is `trainable`'s way
     resample: str = "bilinear"  # the filter the stream resizes its images with (datasets/stream.py, RESAMPLING)
+    shape_from_weights: bool = False  # the architecture is read from the weights (clip: config.json)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -198,6 +199,7 @@ class ClipVision(Backbone):
     trainable = False  # the default; an instance built with train=True is trained
     either = True
     resample = "bicubic"  # CLIP's image processor: bicubic short-side resize, then a centre crop
+    shape_from_weights = True  # ViT-B/32, B/16 or L/14: the folder's config.json says which
     mean = tuple(255 * m for m in CLIP_MEAN)  # normalise works on 0-255 pixels
     std = tuple(255 * s for s in CLIP_STD)
 
