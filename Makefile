@@ -28,7 +28,7 @@ $(STAMP): $(BASE)
 demo: $(BASE)
 	$(BIN)/lesa synth $(DEMO)/data --seed 0 --train 3000 --val 300 --test 600
 	rm -rf $(DEMO)/run
-	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data
+	$(BIN)/lesa train launch/synthetic.yaml --out $(DEMO)/run --set data.url=$(DEMO)/data --set eval.every=50
 
 # Everything (CI); `make test-unit` is the fast lane: tests/ without tests/integration (no Ray
 # cluster, no CLI subprocess) and without the few integration-marked tests left beside unit ones.
