@@ -1,0 +1,52 @@
+"""What a run's MLflow records say besides metrics, on a real sqlite store: the experiment's kind,
+where the run came from, and its dataset (trainer/tracking.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from trainer.tracking import EXPERIMENT_KIND, log_dataset, open_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, artifact location) of one sqlite store: creating one takes seconds."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}", root.as_uri()
+
+
+def test_a_run_is_a_training_run_traced_to_its_code_and_command(store):
+    uri, artifacts = store
+    client = MlflowClient(uri)
+    older = client.create_experiment("older")  # made before lesa tagged experiments
+    run_id = open_run(uri, artifacts, "older", "r1", {"a": 1})
+    assert client.get_experiment(older).tags | EXPERIMENT_KIND == client.get_experiment(older).tags
+    fresh = client.get_run(open_run(uri, artifacts, "fresh", "r2", {})).info.experiment_id
+    assert client.get_experiment(fresh).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = client.get_run(run_id).data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["lesa.git_dirty"] in ("true", "false")
+    assert tags["lesa.command"].startswith("lesa ")
+    assert client.get_run(run_id).data.params == {"a": "1"}
+
+
+def test_the_dataset_is_the_run_input_with_a_digest_of_its_metadata(store):
+    uri, artifacts = store
+    run_id = open_run(uri, artifacts, "e", "r", {})
+    profile = {"seen_labels": 3, "unseen_labels": 1, "train_images": 10}
+    log_dataset(uri, run_id, "s3://bucket/data", "toy", '{"name": "toy"}', profile, "training")
+    log_dataset(uri, run_id, "s3://bucket/data", "toy", '{"name": "toy"}', profile, "training")  # a resume
+    (entry,) = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert entry.dataset.name == "toy" and entry.dataset.source_type == "s3"
+    assert json.loads(entry.dataset.source) == {"uri": "s3://bucket/data"}
+    assert json.loads(entry.dataset.profile) == profile
+    assert len(entry.dataset.digest) == 16
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
