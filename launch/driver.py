@@ -27,7 +27,7 @@ from trainer.evaluation.report import summarise_per_label
 from trainer.progress import format_table
 from trainer.run_folder import ATTENTION_DIR, MODEL_FILE, PER_LABEL_FILES, SETTINGS, RunFolder, RunRecord
 from trainer.state import STATE_FILE, StateError, TrainState
-from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking
+from trainer.tracking import RunLogger, find_run, open_run, resolve_tracking, run_page
 
 
 def open_tracking(
@@ -50,6 +50,7 @@ def open_tracking(
         logger = RunLogger(tracking_uri, resume.mlflow_run_id)
         logger.reopen()
         print(f"resuming MLflow run {logger.run_id} ({run_name}) in {tracking_uri}")
+        print_run_page(logger)
         return tracking_uri, run_name, logger
     run_name = cfg.mlflow.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = open_run(tracking_uri, artifact_location, cfg.mlflow.experiment, run_name, cfg.flat(), parent_run_id)
@@ -58,7 +59,15 @@ def open_tracking(
     folder.config.write_text(json.dumps(cfg.to_dict(), indent=1))
     logger.artifact(folder.config)
     print(f"MLflow run {run_id} ({run_name}) in {tracking_uri}")
+    print_run_page(logger)
     return tracking_uri, run_name, logger
+
+
+def print_run_page(logger: RunLogger) -> None:
+    experiment = logger.client.get_run(logger.run_id).info.experiment_id
+    page = run_page(logger.tracking_uri, experiment, logger.run_id)
+    if page:
+        print(f"  in the MLflow UI: {page}")
 
 
 def checked_checkpoint(folder: str) -> TrainState:

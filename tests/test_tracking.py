@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainer.tracking import EXPERIMENT_KIND, log_dataset, open_run
+from trainer.tracking import EXPERIMENT_KIND, log_dataset, open_run, run_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +50,11 @@ def test_the_dataset_is_the_run_input_with_a_digest_of_its_metadata(store):
     assert json.loads(entry.dataset.profile) == profile
     assert len(entry.dataset.digest) == 16
     assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+
+
+def test_the_run_page_opens_the_classic_ml_view(tmp_path, monkeypatch):
+    view = "/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert run_page("http://mlflow:5000/", "3", "abc") == "http://mlflow:5000" + view
+    monkeypatch.chdir(tmp_path)
+    assert run_page(f"sqlite:///{tmp_path / 'mlflow.db'}", "3", "abc") == "http://127.0.0.1:5000" + view  # make ui
+    assert run_page("sqlite:////elsewhere/mlflow.db", "3", "abc") is None

@@ -152,6 +152,19 @@ def system_metrics(tracking_uri: str, run_id: str, node_rank: int):
     return monitor
 
 
+def run_page(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, in its classic-ML view (MLflow 3.17 opens on its GenAI
+    view, which lists training runs under "Evaluation runs"): on a tracking server, or on `make ui`
+    for the default sqlite store of this folder; None otherwise."""
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+    elif tracking_uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}":
+        base = "http://127.0.0.1:5000"  # `make ui`
+    else:
+        return None
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 class RunLogger:
     """Buffers metrics and writes them in batches (one DB round trip per flush).
 

@@ -97,7 +97,9 @@ def test_console_holds_our_lines_and_warnings_only(trained):
     one traceback allowed is Ray's own warning that a resource request timed out on an
     overloaded machine (docs/troubleshooting.md), which a loaded CI machine can produce."""
     work, log = trained
-    assert (work / "stdout.txt").read_text().rstrip().splitlines()[-1].startswith(f"results in {work / 'run'}")
+    stdout = (work / "stdout.txt").read_text()
+    assert stdout.rstrip().splitlines()[-1].startswith(f"results in {work / 'run'}")
+    assert "  in the MLflow UI: http://127.0.0.1:5000/#/experiments/" in stdout  # the store `make ui` serves
     for noise in ("PreemptionWatcher", "TrainingReport(", "Reporting training result", "multiple active Ray",
                   "Started training worker group", "Requesting resources", "INFO mlflow"):  # fmt: skip
         assert noise not in log, noise
