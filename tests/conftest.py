@@ -38,6 +38,7 @@ def synthetic(tmp_path_factory):
 # measured) at the head, and the many short unit files fill the gaps at the end. Order only:
 # every test still runs, and a file missing from the list just starts after the listed ones.
 LONGEST_FIRST = (
+    "integration/test_clip.py",
     "integration/test_resume.py",
     "integration/test_resume_faults.py",
     "integration/test_remote_storage.py",
