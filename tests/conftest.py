@@ -40,6 +40,7 @@ def synthetic(tmp_path_factory):
 LONGEST_FIRST = (
     "integration/test_clip.py",
     "integration/test_resume.py",
+    "integration/test_zero.py",
     "integration/test_resume_faults.py",
     "integration/test_remote_storage.py",
     "integration/test_audit_checkpoint.py",
