@@ -62,6 +62,10 @@ def deepspeed_config(cfg: Config, world: int, universal: bool = False) -> dict:
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": universal},
         "bf16": {"enabled": cfg.deepspeed.bf16},
+        # DeepSpeed 0.19 casts only the parameters to bf16 and leaves buffers fp32, which BatchNorm
+        # (small_cnn, the adapter) refuses on bf16 inputs ("expected scalar type BFloat16 but found
+        # Float"); cast the buffers with them, as its module.bfloat16() did before.
+        "data_types": {"buffer_dtype": "bf16" if cfg.deepspeed.bf16 else None},
         # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; LESA's optimizer and the
         # baselines take the raw gradient (docs/protocol.md).
         "gradient_clipping": 0.0,
