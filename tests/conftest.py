@@ -38,9 +38,9 @@ def synthetic(tmp_path_factory):
 # measured) at the head, and the many short unit files fill the gaps at the end. Order only:
 # every test still runs, and a file missing from the list just starts after the listed ones.
 LONGEST_FIRST = (
-    "integration/test_clip.py",
+    "integration/test_clip_e2e.py",
     "integration/test_resume.py",
-    "integration/test_zero.py",
+    "integration/test_zero_e2e.py",
     "integration/test_resume_faults.py",
     "integration/test_remote_storage.py",
     "integration/test_audit_checkpoint.py",
@@ -64,3 +64,28 @@ def pytest_collection_modifyitems(config, items):
         return (1 if path.startswith("integration/") else 2), 0
 
     items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` that hands out files in the order above, one at a time. xdist's own
+    reorders files by their number of tests and gives a process its next file while more than two
+    of its tests are pending; our Ray files hold 1-6 tests of minutes each, so one process would
+    queue several long files while another idles."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneFileAhead(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            # A process holds back its last test until it has a next one (pytest's teardown needs
+            # it), so a file is handed out when one test is left, not before.
+            if self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return OneFileAhead(config, log)

@@ -1,6 +1,6 @@
 """The `clip` backbone, the `clip-text:PATH` label encoder and clip_zeroshot against transformers'
 own CLIPModel, on a tiny random CLIP folder (tests/tiny_clip.py), with every socket connection
-refused while loading: nothing may be fetched. Unit level: no Ray (tests/integration/test_clip.py
+refused while loading: nothing may be fetched. Unit level: no Ray (tests/integration/test_clip_e2e.py
 runs them through the CLI)."""
 
 from __future__ import annotations

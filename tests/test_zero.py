@@ -1,7 +1,7 @@
 """The pure parts of ZeRO stages 1-2 (trainer/zero.py, trainer/checkpointing.py): which load a
 resume needs, the refusals of a stage or optimizer switch (in the workers and before Ray), a
 checkpoint without one rank's manifest, DeepSpeed's records in a tensors-only load. The real
-runs are tests/integration/test_zero.py."""
+runs are tests/integration/test_zero_e2e.py."""
 
 from __future__ import annotations
 

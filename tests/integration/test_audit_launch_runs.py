@@ -98,7 +98,7 @@ def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_re
     assert str(tmp_path / "run" / "checkpoints") in fourth.stderr
 
 
-def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp_path):
+def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp_path, data):
     import ray
 
     from launch.workers import run_workers
@@ -119,7 +119,7 @@ def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp
         cfg = load_config(
             CONFIG,
             [
-                "data.url=/unused",
+                f"data.url={data}",  # the driver side reads its dataset.json (the MLflow input)
                 "scaling.num_workers=1",
                 "checkpoint.max_failures=2",
                 f"checkpoint.storage={tmp_path}/checkpoints",

@@ -1,10 +1,10 @@
 """The `clip` backbone through the CLI on a real local Ray cluster (2 workers, real DeepSpeed, real
 shards, an MLflow sqlite store), with the tiny random CLIP of tests/tiny_clip.py on the synthetic
 benchmark: `lesa extract` caches its regions, `lesa train` on the images and on the cache follow
-each other (frozen tower), and `lesa compare` has clip_zeroshot (no training) as a row. The trained
-tower (model.freeze_backbone false, activation checkpointing) is checked at unit level
-(tests/test_clip.py): one more Ray run of it cost about a minute here. One module fixture runs every command in
-this process, so one Ray cluster serves them all (as tests/integration/test_feature_cache.py,
+each other (frozen tower), the tower trains too (model.freeze_backbone false, activation checkpointing; its
+gradients against a plain backward: tests/test_clip.py), and `lesa compare` has clip_zeroshot (no
+training) as a row. One module fixture runs every command in this process, so one Ray cluster
+serves them all (as tests/integration/test_feature_cache.py,
 whose reasoning about why the two runs are comparable holds here too: building the frozen tower
 draws from a forked RNG, so the head starts from the same weights either way).
 
@@ -89,6 +89,8 @@ def work(tmp_path_factory):
     assert lesa("train", "--out", str(work / "on_images"), *overrides(work, "images")) == 0
     # the cached regions stand in for the tower, whose weights the feature run therefore does not name
     assert lesa("train", "--out", str(work / "on_features"), *overrides(work, "features", **{"model.backbone_weights": "null"})) == 0  # fmt: skip
+    trained = {"model.freeze_backbone": "false", "model.activation_checkpointing": "true", "train.max_steps": 2}
+    assert lesa("train", "--out", str(work / "trained"), *overrides(work, "images", **trained)) == 0
     compare = ["--models", "clip_zeroshot", "--out", str(work / "compare")]
     assert cli.main(["compare", str(REPO / "launch" / "synthetic.yaml"), *compare, *overrides(work, "images")]) == 0
     yield work
@@ -126,6 +128,15 @@ def test_training_on_the_cache_follows_training_on_images(work):
     start = ClipVision(str(work / "clip")).state_dict()
     for key in ("tower.embeddings.patch_embedding.weight", "projection.weight"):
         torch.testing.assert_close(model[f"backbone.{key}"].float(), start[key])  # frozen: as the folder has it
+
+
+def test_a_trained_tower_moves_on_two_workers(work):
+    metrics, history = losses(work, work / "trained")
+    assert metrics["step"] == 2 and len(history) == 2 and all(np.isfinite(history))
+    model = torch.load(work / "trained" / "model.pt", weights_only=True)
+    start = ClipVision(str(work / "clip")).state_dict()
+    for key in ("tower.embeddings.patch_embedding.weight", "projection.weight"):
+        assert not torch.equal(model[f"backbone.{key}"].float(), start[key]), f"{key} did not train"
 
 
 def test_compare_has_clip_zeroshot_as_a_row_without_training(work):
