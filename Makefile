@@ -32,11 +32,10 @@ demo: $(BASE)
 
 # Everything (CI); `make test-unit` is the fast lane: tests/ without tests/integration (no Ray
 # cluster, no CLI subprocess) and without the few integration-marked tests left beside unit ones.
-# Files run on TEST_WORKERS pytest processes (pytest-xdist, a file's tests stay on one process so
-# its module fixtures run once): run one after another the files kept under one core busy (14
-# CPU-minutes in 31 minutes: Ray runs wait on start-ups and polls), so three processes share two
-# cores (docs/development.md). TEST_WORKERS=0 runs them serially.
-TEST_WORKERS ?= 3
+# TEST_WORKERS=3 runs the files on three pytest processes (pytest-xdist, a file per process, the
+# longest first: tests/conftest.py). Serial is the default: on two cores the parallel suite took
+# as long (25 min) and a two-node Ray cluster of test_submit.py then timed out starting.
+TEST_WORKERS ?= 0
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
