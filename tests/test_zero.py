@@ -23,10 +23,10 @@ def config(*overrides: str):
     return load_config(None, ["data.url=/x", *overrides])
 
 
-def test_only_stages_1_and_2_on_another_world_size_load_the_universal_conversion():
+def test_only_stages_1_to_3_on_another_world_size_load_the_universal_conversion():
     assert not resume_load(0, 2, 3).universal  # stage 0: the optimizer state is whole
-    assert not resume_load(2, 2, 2).universal
-    assert resume_load(1, 2, 1).universal and resume_load(2, 1, 3).universal
+    assert not resume_load(2, 2, 2).universal and not resume_load(3, 2, 2).universal
+    assert resume_load(1, 2, 1).universal and resume_load(2, 1, 3).universal and resume_load(3, 2, 1).universal
     assert resume_load(2, 2, 1).describe() == "universal load: saved on 2 workers, repartitioned for 1"
     assert resume_load(2, 2, 2).describe() == "native load (2 workers, as saved)"
 
@@ -42,9 +42,34 @@ def test_a_stage_or_optimizer_switch_is_refused_naming_both():
         check_same_engine(state, config("deepspeed.zero_stage=2"))  # the workers' check: not retried
 
 
-def test_stage_3_is_refused_by_the_config_check():
-    with pytest.raises(ConfigError, match="deepspeed.zero_stage: must be 0, 1 or 2"):
-        config("deepspeed.zero_stage=3")
+def test_stages_0_to_3_are_accepted_and_stage_3_passes_its_persistence_threshold_to_deepspeed():
+    from trainer.engine import deepspeed_config
+
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage: must be 0, 1, 2 or 3"):
+        config("deepspeed.zero_stage=4")
+    with pytest.raises(ConfigError, match="deepspeed.stage3_param_persistence_threshold: must be 0 or more"):
+        config("deepspeed.stage3_param_persistence_threshold=-1")
+    zero = deepspeed_config(config("deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0"), 2)
+    assert zero["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert deepspeed_config(config("deepspeed.zero_stage=2"), 2)["zero_optimization"] == {"stage": 2}
+
+
+def test_rmsprop_tf_counts_steps_for_the_stage_3_universal_load_and_continues_a_state_without():
+    from trainer.optim import RMSpropTF
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = RMSpropTF([param], lr=0.1)
+    for _ in range(2):
+        param.grad = torch.full((3,), 0.5)
+        optimizer.step()
+    assert optimizer.state[param]["step"] == 2 and set(optimizer.state[param]) == {"exp_avg", "exp_avg_sq", "step"}
+    older = optimizer.state_dict()
+    del older["state"][0]["step"]  # a checkpoint written before the count
+    again = RMSpropTF([param], lr=0.1)
+    again.load_state_dict(older)
+    param.grad = torch.full((3,), 0.5)
+    again.step()
+    assert again.state[param]["step"] == 1
 
 
 def checkpoint(folder, world: int, ranks, stage: int = 2):

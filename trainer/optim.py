@@ -16,9 +16,10 @@ from trainer.config import OptimConfig
 class RMSpropTF(torch.optim.Optimizer):
     """ms <- a ms + (1 - a) g^2;  mom <- mu mom + lr g / sqrt(ms + eps);  theta <- theta - mom.
 
-    The state keeps Adam's names, ms as `exp_avg_sq` and mom as `exp_avg`: DeepSpeed's conversion
-    to a universal checkpoint (a resume on another number of workers at ZeRO stages 1-2,
-    trainer/zero.py) knows those names only, and fails with KeyError 'exp_avg' on any other."""
+    The state keeps Adam's names, ms as `exp_avg_sq` and mom as `exp_avg`, and a `step` count the
+    update never reads: DeepSpeed's conversion to a universal checkpoint (a resume on another
+    number of workers at ZeRO stages 1-3, trainer/zero.py) knows those names only, and fails with
+    KeyError 'exp_avg' on any other; its stage-3 load fails with KeyError 'step' without one."""
 
     def __init__(self, params, lr=1e-3, alpha=0.9, momentum=0.9, eps=1.0):
         super().__init__(params, dict(lr=lr, alpha=alpha, momentum=momentum, eps=eps))
@@ -29,9 +30,12 @@ class RMSpropTF(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if not self.state[p]:
-                    self.state[p]["exp_avg_sq"] = torch.ones_like(p)
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                state = self.state[p]
+                if not state:
+                    state["exp_avg_sq"] = torch.ones_like(p)
+                    state["exp_avg"] = torch.zeros_like(p)
+                # a Python number: no kernel per parameter (a checkpoint before it had none)
+                state["step"] = state.get("step", 0) + 1
             if not params:
                 continue
             # One multi-tensor kernel per operation over all parameters, not one per parameter:
