@@ -56,6 +56,7 @@ bench: $(STAMP)
 	mkdir -p bench_results
 	$(BIN)/python benchmarks/loader.py --json bench_results/loader.json
 	$(BIN)/python benchmarks/training.py --json bench_results/training.json
+	$(BIN)/python benchmarks/zero_checkpoint.py --json bench_results/zero_checkpoint.json
 	$(BIN)/python benchmarks/feature_cache.py --json bench_results/feature_cache.json
 	$(BIN)/python benchmarks/eval_metrics.py --images 40000 --labels 400 7586 --json bench_results/eval_metrics.json
 	$(BIN)/python benchmarks/metrics_cli.py --images 20000 --labels 7586 --json bench_results/metrics_cli.json

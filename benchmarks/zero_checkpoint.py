@@ -8,8 +8,9 @@ are, at ZeRO stages 0, 1, 2 and 3. For each stage: the mean step time; the check
 (every rank saving into a folder of its own, as trainer/checkpointing.py does before Ray merges
 them) and the bytes each rank wrote; the native load on 2 processes (tensors-only loads, as a
 restore does); and for stages 1-3 the conversion to DeepSpeed's universal format and its load on 1
-process (a resume on another world size, trainer/zero.py). Times are the slowest rank's. Stage 3
-is measured with DeepSpeed alone: lesa does not accept it yet (docs/zero.md).
+process (a resume on another world size, trainer/zero.py). Times are the slowest rank's. The
+engines get lesa's DeepSpeed config (trainer/engine.py), stage 3 with its default persistence
+threshold.
 """
 
 from __future__ import annotations
@@ -43,20 +44,14 @@ def engine(stage: int, world: int, width: int, layers: int, universal: bool = Fa
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
+    from trainer.config import load_config
+    from trainer.engine import deepspeed_config
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    config = {
-        "train_micro_batch_size_per_gpu": 8,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": 8 * world,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,
-        "steps_per_print": 10**9,
-        "checkpoint": {"load_universal": universal},
-    }
+    cfg = load_config(None, ["data.url=unused", "data.batch_size=8", f"deepspeed.zero_stage={stage}"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, universal))[0]
 
 
 def slowest(seconds: float) -> float:

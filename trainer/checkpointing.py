@@ -5,8 +5,10 @@ A checkpoint is one Ray Train checkpoint directory:
     ds/mp_rank_00_model_states.pt   DeepSpeed's checkpoint of the engine, written by rank 0: the
                                     model, and at ZeRO stage 0 the whole optimizer state
     ds/zero_pp_rank_<R>_mp_rank_00_optim_states.pt
-                                    stages 1-2 (bf16_ prefixed in bf16): rank R's partition of the
-                                    optimizer state, written by rank R (docs/zero.md)
+                                    stages 1-3 (bf16_ prefixed in bf16): rank R's partition of the
+                                    optimizer state, written by rank R (docs/zero.md); at stage 3
+                                    zero_pp_rank_<R>_mp_rank_00_model_states.pt replaces the
+                                    model states: rank R's partition of the weights
     lesa_state.json                 the TrainState (trainer/state.py), written by rank 0
     model_best.pt, model.pt, ...    files rank 0 adds (the best weights; results at the end)
     lesa_files_rank<R>.json         sha256 of every file rank R wrote, checked before a load
@@ -15,7 +17,7 @@ Every rank writes its files into a folder of its own and reports it; Ray Train 2
 reported folders into the one checkpoint folder in the storage and registers it only once every
 worker has reported, so one that was being written when a worker died never becomes the latest;
 it keeps the last `checkpoint.keep`. A restore also refuses a checkpoint without the manifest of
-every rank of its `world_size`. On another world size at stages 1-2 it loads the checkpoint's
+every rank of its `world_size`. On another world size at stages 1-3 it loads the checkpoint's
 universal conversion (trainer/zero.py).
 
 What a restore refuses, each with one line naming the file (docs/reliability.md):
@@ -46,7 +48,15 @@ from pathlib import Path
 import torch
 
 from trainer.state import STATE_FILE, TrainState
-from trainer.zero import ResumeLoad, optimizer_digest, remove_universal_copy, restore_buffers, universal_copy
+from trainer.zero import (
+    ResumeLoad,
+    full_state_dict,
+    keep_lr_scales,
+    optimizer_digest,
+    remove_universal_copy,
+    restore_buffers,
+    universal_copy,
+)
 
 DS_TAG = "ds"
 MANIFEST_PREFIX = "lesa_files_rank"
@@ -57,10 +67,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored safely: damaged, or holding more than plain tensors."""
 
 
-def state_digest(model: torch.nn.Module) -> str:
-    """A short hash of every tensor of the model, to show (and check) that a restore is bit-exact."""
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of every tensor of a state dict (a model's, whole: trainer/zero.py,
+    full_state_dict), to show (and check) that a restore is bit-exact."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         # as raw bytes, so that bf16 weights hash too (numpy has no bfloat16)
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -288,6 +299,7 @@ def restore(engine, found: FoundCheckpoint, load: ResumeLoad, read_files=None) -
     trainer/schedule.py). Every rank must call it (the conversion and the digests are collectives)."""
     folder, state = found.folder, found.state
     source = universal_copy(folder, DS_TAG, state.step) if load.universal else folder
+    lr_scales = [group.get("lr_scale", 1.0) for group in engine.optimizer.param_groups]
     with tensors_only_loads():
         path, _ = engine.load_checkpoint(
             str(source), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -295,13 +307,14 @@ def restore(engine, found: FoundCheckpoint, load: ResumeLoad, read_files=None) -
         if path is None:
             raise CheckpointError(f"{folder}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
         if load.universal:
-            restore_buffers(engine.module, folder, DS_TAG)
+            restore_buffers(engine.module, folder, DS_TAG, state.zero_stage)
+            keep_lr_scales(engine.optimizer, lr_scales)
         if read_files is not None:
             read_files(state, folder)
     if load.universal:
         remove_universal_copy(source)
     for what, digest, saved in (
-        ("model", state_digest(engine.module), state.model_digest),
+        ("model", state_digest(full_state_dict(engine.module)), state.model_digest),
         ("optimizer state", optimizer_digest(engine), state.optimizer_digest),
     ):
         if digest != saved:

@@ -128,10 +128,13 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     # 0: the optimizer state whole on every worker (the frozen-backbone head needs no more);
-    # 1: the optimizer state partitioned over the workers; 2: and the gradients (docs/zero.md).
-    # A resume on another number of workers converts a stage-1/2 checkpoint by itself.
+    # 1: the optimizer state partitioned over the workers; 2: and the gradients; 3: and the
+    # weights (docs/zero.md). A resume on another number of workers converts by itself.
     zero_stage: int = 0
     bf16: bool = False
+    # stage 3: a parameter of fewer elements stays whole on every worker (DeepSpeed's default;
+    # gathering many small ones costs more than they save); 0 partitions every one
+    stage3_param_persistence_threshold: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -266,10 +269,11 @@ def _check(cfg: Config) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be 0 (end only) or a number of steps")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be 0 or more")
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3 (docs/zero.md)")
     need(
-        cfg.deepspeed.zero_stage in (0, 1, 2),
-        "deepspeed.zero_stage",
-        "must be 0, 1 or 2 (stage 3, parameters partitioned too, is not supported yet: docs/zero.md)",
+        cfg.deepspeed.stage3_param_persistence_threshold >= 0,
+        "deepspeed.stage3_param_persistence_threshold",
+        "must be 0 or more",
     )
     need(
         len(cfg.eval.k) > 0 and all(k >= 1 for k in cfg.eval.k),

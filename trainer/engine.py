@@ -51,12 +51,15 @@ def setup_worker(args: WorkerArgs) -> tuple[Config, int, int, torch.device]:
 
 def deepspeed_config(cfg: Config, world: int, universal: bool = False) -> dict:
     """DeepSpeed's config; `universal`: the checkpoint to load is a universal conversion
-    (a resume on another world size at ZeRO stages 1-2, trainer/zero.py)."""
+    (a resume on another world size at ZeRO stages 1-3, trainer/zero.py)."""
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.stage3_param_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.data.batch_size * world,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero,
         # DeepSpeed vouches only for its own optimizers at stages 1-3; ours are plain torch
         # optimizers, and their state is named as the universal conversion needs (trainer/optim.py)
         "zero_allow_untested_optimizer": True,

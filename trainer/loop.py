@@ -210,9 +210,15 @@ class LossMeter:
 
 
 def check_weights_finite(model: torch.nn.Module, step: int) -> None:
-    """Before a checkpoint: a non-finite weight (a gradient that overflowed) is never saved."""
+    """Before a checkpoint: a non-finite weight (a gradient that overflowed) is never saved. At ZeRO
+    stage 3 each rank checks its partitions (`ds_tensor`) and all learn the verdict."""
     params = dict(model.named_parameters())
-    finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).cpu()  # one wait, not one a tensor
+    partitioned = any(hasattr(p, "ds_tensor") for p in params.values())
+    tensors = [getattr(p, "ds_tensor", p) for p in params.values()]
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).int()
+    if partitioned and distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    finite = finite.cpu().bool()  # one wait, not one a tensor
     if not bool(finite.all()):
         name = list(params)[int((~finite).nonzero()[0])]
         raise NonFiniteLoss(f"weight {name} is not finite at step {step}: training stopped before checkpointing it")

@@ -33,14 +33,15 @@ def final_metrics(results: EvalResult, step: int, **extra) -> dict:
     }
 
 
-def result_files(metrics: dict, results: EvalResult, info, model=None) -> dict:
+def result_files(metrics: dict, results: EvalResult, info, weights: dict | None = None) -> dict:
     """{file name: writer(path)}: metrics.json, one per-label TSV per setting and, after training,
-    model.pt (a plain state dict: tensors only, so loading it never runs code)."""
+    model.pt: `weights`, the model's whole state dict on the CPU (tensors only, so loading it never
+    runs code)."""
     files = {"metrics.json": lambda path: path.write_text(json.dumps(metrics, indent=1))}
     for name, cols in settings_of(info).items():
         files[f"per_label_{name}.tsv"] = lambda path, cols=cols: write_per_label(path, info, results.per_label, cols)
-    if model is not None:
-        files["model.pt"] = lambda path: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    if weights is not None:
+        files["model.pt"] = lambda path: torch.save(weights, path)
     return files
 
 

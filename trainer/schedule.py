@@ -5,7 +5,7 @@ Every `eval.every` steps the workers compute `eval.val_metric` on the seen label
 `ValidationSchedule.observe`, which
 - adapts the learning rate (AdaptiveLR, docs/protocol.md, Optimisation) in the optimizer's param groups,
 - counts evaluations without improvement (EarlyStopping) and says when to stop,
-- keeps a copy of the weights whenever the metric improves (BestModel).
+- keeps a copy of the weights whenever the metric improves (BestModel; at ZeRO stage 3 a file).
 Every rank sees the same metric (rank 0's, broadcast), so every rank takes the same decisions.
 
 The state goes into lesa_state.json ("schedule") and the best weights into each checkpoint as
@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trainer.config import VAL_METRIC, Config
+from trainer.distributed import distributed
+from trainer.zero import full_state_dict
 
 BEST_MODEL_FILE = "model_best.pt"
 
@@ -106,36 +111,67 @@ class EarlyStopping:
 
 @dataclass
 class BestModel:
-    """The step and metric of the best validation so far, and a CPU copy of the weights then.
-    Every rank keeps its own copy (data parallelism keeps them equal), so all can evaluate it."""
+    """The step and metric of the best validation so far, and the weights then.
+
+    Stages 0-2: every rank keeps a CPU copy (data parallelism keeps them equal), so all can score
+    it. ZeRO stage 3 (`partitioned`): not a second whole model per rank but one file, rank 0's
+    (`file`, in its temp folder; the other ranks hold nothing): the weights are gathered into it
+    when the metric improves, and broadcast to every rank to score it (`broadcast_into`)."""
 
     step: int | None = None
     metric: float | None = None
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    partitioned: bool = False
+    file: Path | None = None
 
     def update(self, step: int, metric: float, model: torch.nn.Module) -> bool:
-        """Keep `model`'s weights if `metric` beats the best (ties keep the earlier model)."""
+        """Keep `model`'s weights if `metric` beats the best (ties keep the earlier model). Every
+        rank calls it with the same metric: at stage 3 the gathering is a collective."""
         if self.metric is not None and not metric > self.metric:
             return False
         self.step, self.metric = step, metric
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if not self.partitioned:
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            return True
+        weights = full_state_dict(model, keep=self.file is not None)
+        if self.file is not None:
+            torch.save(weights, self.file)
         return True
 
     def save(self, path: Path) -> None:
-        torch.save(self.state, path)  # a plain state dict, like model.pt: `lesa evaluate` takes it
+        """A plain state dict, like model.pt: `lesa evaluate` takes it. Rank 0 writes it."""
+        if self.file is not None:
+            shutil.copyfile(self.file, path)
+        else:
+            torch.save(self.state, path)
 
     def load(self, path: Path) -> None:
-        self.state = torch.load(path, map_location="cpu", weights_only=True)
+        if not self.partitioned:
+            self.state = torch.load(path, map_location="cpu", weights_only=True)
+        elif self.file is not None:
+            shutil.copyfile(path, self.file)
 
     @contextlib.contextmanager
     def loaded_into(self, model: torch.nn.Module):
-        """Run the body with the best weights in `model`, then put the current ones back."""
+        """Stages 0-2: run the body with the best weights in `model`, then put the current ones back."""
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(self.state)
         try:
             yield model
         finally:
             model.load_state_dict(current)
+
+    def broadcast_into(self, model: torch.nn.Module) -> None:
+        """Stage 3: the best weights into `model`, a whole copy on every rank (a collective)."""
+        if self.file is not None:
+            model.load_state_dict(torch.load(self.file, map_location="cpu", weights_only=True))
+        if distributed():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def close(self) -> None:
+        if self.file is not None:
+            shutil.rmtree(self.file.parent, ignore_errors=True)
 
     def to_json(self) -> dict:
         return {"step": self.step, "metric": self.metric}
@@ -160,7 +196,7 @@ class ValidationSchedule:
     """Adaptive LR (`optim.adaptive_lr`), early stopping (`train.early_stopping`) and the best model,
     all driven by one validation metric every `eval.every` steps (when `eval.val_split` is set)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, best: BestModel | None = None):
         self.metric_name, self.split = cfg.eval.val_metric, cfg.eval.val_split
         self.every = cfg.eval.every if cfg.eval.val_split else 0
         o, t = cfg.optim, cfg.train
@@ -168,7 +204,7 @@ class ValidationSchedule:
         self.stopping = (
             EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta) if t.early_stopping else None
         )
-        self.best = BestModel()
+        self.best = best or BestModel()
         self.validations = 0
         self.report = ""
 
@@ -248,17 +284,12 @@ class ValidationSchedule:
                 self.stopping, best=saved["best"], bad_evaluations=saved["bad_evaluations"]
             )
 
-    def best_on_test(self, model: torch.nn.Module, step: int, last_results, evaluate) -> dict | None:
-        """metrics.json's "best": the best validated model on the test split (`evaluate()`, a
-        collective on every rank), or None without any validation. The model gets its current
-        weights back afterwards: the final checkpoint and model.pt hold the last model."""
+    def best_on_test(self, step: int, last_results, evaluate_best: Callable) -> dict | None:
+        """metrics.json's "best": the best validated model on the test split (`evaluate_best()`, a
+        collective on every rank), or None without any validation."""
         if self.best.step is None:
             return None
-        if self.best.step == step:  # the last model is the best one: no second evaluation
-            results = last_results
-        else:
-            with self.best.loaded_into(model):
-                results = evaluate()
+        results = last_results if self.best.step == step else evaluate_best()  # the last is the best: no second run
         return {"step": self.best.step, "val_metric": self.best.metric, **results.settings()}
 
     def summary(self, optimizer) -> dict:

@@ -7,7 +7,11 @@ config at every start, and the engine's tensors come from DeepSpeed's checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +19,18 @@ import torch
 
 from datasets.contract import DatasetInfo, read_dataset
 from datasets.position import DataPosition
-from trainer.checkpointing import FaultPoint, latest, restore, save, state_digest
+from trainer.checkpointing import TEMP_PREFIX, FaultPoint, latest, restore, save, state_digest
 from trainer.config import Config
 from trainer.engine import WorkerArgs, init_engine, setup_worker
 from trainer.evaluation.attention_maps import eval_overlay_files
-from trainer.evaluation.evaluate import EvalResult, evaluate, validation_metric
+from trainer.evaluation.evaluate import EvalResult, average_buffers, evaluate, validation_metric
 from trainer.loop import LossMeter, RankZeroLog, TrainStream, check_weights_finite
 from trainer.models.registry import build_model, loss_weights
 from trainer.progress import Progress, format_table
 from trainer.results import final_metrics, flat_eval_metrics, result_files
-from trainer.schedule import ValidationSchedule, current_lr
+from trainer.schedule import BEST_MODEL_FILE, BestModel, ValidationSchedule, current_lr
 from trainer.state import BadSampleTotals, StateError, Throughput, TrainState, rng_state, set_rng_state
-from trainer.zero import ResumeLoad, engine_switch_error, optimizer_digest, resume_load
+from trainer.zero import ResumeLoad, engine_switch_error, full_state_dict, optimizer_digest, resume_load
 
 
 @dataclass
@@ -55,7 +59,7 @@ class TrainingRun:
         the training stream where the checkpoint left the data."""
         cfg, rank, world, device = setup_worker(args)
         info = read_dataset(cfg.data.url)
-        schedule = ValidationSchedule(cfg)
+        schedule = ValidationSchedule(cfg, best_model_keeper(cfg, rank))
         with latest(fallback=args.resume_from) as found:
             load = resume_load(cfg.deepspeed.zero_stage, found.state.world_size, world) if found else None
             if found:
@@ -90,6 +94,33 @@ class TrainingRun:
         return self.engine.module
 
     @property
+    def partitioned(self) -> bool:
+        """ZeRO stage 3: each rank holds 1/N of every (large enough) parameter."""
+        return self.cfg.deepspeed.zero_stage == 3
+
+    @contextlib.contextmanager
+    def scoring_model(self, best: bool = False):
+        """The model to score with (the best validated one if `best`), its BatchNorm statistics
+        averaged over the workers first. Stages 0-2: the engine's module. Stage 3: a whole copy for
+        the body, from the gathered weights (a collective), so that a rank's forward passes need no
+        other rank: workers score different numbers of batches, and rank 0 draws the overlays
+        alone. It costs one whole model per rank (no optimizer state) while the body runs."""
+        average_buffers(self.model)
+        if not self.partitioned:
+            with self.schedule.best.loaded_into(self.model) if best else contextlib.nullcontext(self.model) as model:
+                yield model
+            return
+        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, compile=False))
+        model = build_model(cfg, self.info.embeddings, self.info.seen, self.info.features).to(self.device)
+        if cfg.deepspeed.bf16:
+            model.to(torch.bfloat16)  # as DeepSpeed casts the engine's weights and buffers
+        if best:
+            self.schedule.best.broadcast_into(model)
+        else:
+            model.load_state_dict(full_state_dict(self.model))
+        yield model
+
+    @property
     def seen_ids(self) -> torch.Tensor:
         return torch.as_tensor(self.info.seen, device=self.device)
 
@@ -105,14 +136,16 @@ class TrainingRun:
 
     def validate(self) -> None:
         """Seen labels of eval.val_split, never the test split; drives lr, early stopping, best."""
-        metric = validation_metric(self.model, self.info, self.cfg, self.rank, self.world, self.device)
+        with self.scoring_model() as model:
+            metric = validation_metric(model, self.info, self.cfg, self.rank, self.world, self.device, average_bn=False)
         logged = self.schedule.observe(self.state.step, metric, self.model, self.optimizer)
         self.state.eval_history.append({"step": self.state.step, **logged, "lr": current_lr(self.optimizer)})
         self.log.print(self.schedule.report)
         self.log.metrics(logged, self.state.step)
 
-    def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.info, self.cfg, self.rank, self.world, self.device)
+    def evaluate(self, best: bool = False) -> EvalResult:
+        with self.scoring_model(best) as model:
+            return evaluate(model, self.info, self.cfg, self.rank, self.world, self.device, average_bn=False)
 
     def test(self) -> None:
         """`eval.test_during_training`: the test split every eval.every steps (metrics.json history)."""
@@ -136,8 +169,9 @@ class TrainingRun:
         self.state.bad_samples, self.state.throughput = BadSampleTotals(**bad), Throughput(**throughput)
         self.state.rng = rng_state()
         self.state.schedule = self.schedule.to_json()
-        self.state.model_digest = state_digest(self.model) if self.rank == 0 else ""
-        self.state.optimizer_digest = optimizer_digest(self.engine)  # a collective at stages 1-2
+        weights = full_state_dict(self.model, keep=self.rank == 0)  # a collective at stage 3
+        self.state.model_digest = state_digest(weights) if self.rank == 0 else ""
+        self.state.optimizer_digest = optimizer_digest(self.engine)  # a collective at stages 1-3
         self.state.world_size = self.world
         self.state.zero_stage, self.state.optimizer = self.cfg.deepspeed.zero_stage, self.cfg.optim.name
         files = {**self.schedule.files(), **(extra_files or {})}
@@ -156,8 +190,12 @@ class TrainingRun:
         """The final evaluation, metrics.json and the result files, in the last checkpoint."""
         step = self.state.step
         totals = bad_train, throughput = self.totals()  # training only, before the final evaluation
-        results = self.evaluate()
-        best = self.schedule.best_on_test(self.model, step, results, self.evaluate)
+        with self.scoring_model() as model:
+            results = evaluate(model, self.info, self.cfg, self.rank, self.world, self.device, average_bn=False)
+            weights = full_state_dict(model) if self.rank == 0 else None  # model.pt (a whole copy at every stage)
+            # attention overlays next to the numbers; a model without attention gives none
+            overlays = eval_overlay_files(model, self.info, self.cfg, self.device) if self.rank == 0 else {}
+        best = self.schedule.best_on_test(step, results, lambda: self.evaluate(best=True))
         metrics = final_metrics(
             results,
             step,
@@ -171,11 +209,19 @@ class TrainingRun:
         best_flat = {f"best/{k}": v for k, v in flat_eval_metrics(best).items()} if best else {}
         counts = {"bad_samples/train": bad_train["count"], "bad_samples/eval": results.bad_samples["count"]}
         self.log.metrics({**flat_eval_metrics(results.settings()), **counts, **best_flat}, step)
-        files = result_files(metrics, results, self.info, self.model)
-        if self.rank == 0:  # attention overlays next to the numbers; a model without attention gives none
-            files.update(eval_overlay_files(self.model, self.info, self.cfg, self.device))
+        files = {**result_files(metrics, results, self.info, weights), **overlays}
         self.checkpoint(flat_eval_metrics(results.settings()), extra_files=files, totals=totals)
         self.stream.close()
+        self.schedule.best.close()
+
+
+def best_model_keeper(cfg: Config, rank: int) -> BestModel:
+    """At ZeRO stage 3 the best weights live in a file in rank 0's temp folder, named for the
+    worker's pid like a checkpoint's, so a killed worker's is removed by the next run's save."""
+    if cfg.deepspeed.zero_stage != 3:
+        return BestModel()
+    folder = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-best-") if rank == 0 else None
+    return BestModel(partitioned=True, file=Path(folder, BEST_MODEL_FILE) if folder else None)
 
 
 def check_same_engine(state: TrainState, cfg: Config) -> None:

@@ -1,8 +1,10 @@
-"""ZeRO stages 1-2: which load a resume needs, the universal conversion, the optimizer digest.
+"""ZeRO stages 1-3: which load a resume needs, the universal conversion, the optimizer digest, the
+gathered weights.
 
 At stage 0 one file holds the whole optimizer state and any number of workers loads it. At
-stages 1 and 2 each rank saves only its partition of the optimizer state
-(`zero_pp_rank_<R>_mp_rank_00_optim_states.pt`), and DeepSpeed loads such a checkpoint natively
+stages 1 to 3 each rank saves only its partition of the optimizer state
+(`zero_pp_rank_<R>_mp_rank_00_optim_states.pt`; at stage 3 also of the weights, in its own
+`zero_pp_rank_<R>_mp_rank_00_model_states.pt`), and DeepSpeed loads such a checkpoint natively
 only on the world size that wrote it. On another world size the run converts the checkpoint to
 DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: one file per parameter and
 state, unpartitioned) and loads that with `checkpoint.load_universal`, which repartitions it. No
@@ -17,6 +19,9 @@ double its size for every checkpoint kept.
 `optimizer_digest` hashes the full (gathered) fp32 weights and the optimizer's `exp_avg` and
 `exp_avg_sq` of every trainable parameter, so a restore, native or universal, on any world size,
 is checked to give back exactly the state that was saved.
+
+At stage 3 `module.state_dict()` holds empty placeholders for the partitioned parameters:
+`full_state_dict` gathers them, for the model digest, `model.pt` and the best model.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +45,12 @@ from trainer.distributed import distributed
 # state under these names (RMSpropTF included), so every one converts.
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 UNIVERSAL_PREFIX = "lesa-universal-"
-MODEL_STATES = "mp_rank_00_model_states.pt"  # rank 0's: the module (buffers too), DeepSpeed's counters
+
+
+def model_states_file(stage: int) -> str:
+    """Rank 0's model states: the module with its buffers, DeepSpeed's counters. At stage 3 every
+    rank writes its own, holding its partition of the weights."""
+    return "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
 
 
 def engine_switch_error(stage: int, optimizer: str, cfg: Config) -> str | None:
@@ -75,7 +86,7 @@ class ResumeLoad:
 
 
 def resume_load(stage: int, saved_world: int, world: int) -> ResumeLoad:
-    """Stage 0 keeps the optimizer whole, so it loads natively anywhere; stages 1-2 partition it by
+    """Stage 0 keeps the optimizer whole, so it loads natively anywhere; stages 1-3 partition it by
     rank, so another world size needs the universal format."""
     return ResumeLoad(stage > 0 and saved_world != world, saved_world, world)
 
@@ -107,7 +118,7 @@ def universal_copy(folder: Path, tag: str, step: int) -> Path:
             num_merge_workers=1,
             keep_temp_folder=False,
             strict=True,
-            inject_missing_state=True,  # stages 1-2 do not save the info the conversion needs
+            inject_missing_state=True,  # stages 1-2 do not save the info the conversion needs (3 does)
         )
         with tensors_only_loads():
             ds_to_universal.main(args)
@@ -125,17 +136,43 @@ def remove_universal_copy(scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def restore_buffers(module: torch.nn.Module, folder: Path, tag: str) -> None:
+def restore_buffers(module: torch.nn.Module, folder: Path, tag: str, stage: int) -> None:
     """A universal load restores the parameters only; the buffers (BatchNorm's running statistics)
-    come from the model states rank 0 saved, as a native load takes them. Call it inside
-    `tensors_only_loads`."""
-    saved = torch.load(folder / tag / MODEL_STATES, map_location="cpu")["module"]
+    come from the model states rank 0 saved, as a native load takes them (buffers are never
+    partitioned). Call it inside `tensors_only_loads`."""
+    saved = torch.load(folder / tag / model_states_file(stage), map_location="cpu")["module"]
     module.load_state_dict({name: saved[name] for name, _ in module.named_buffers() if name in saved}, strict=False)
+
+
+def keep_lr_scales(optimizer, scales: list[float]) -> None:
+    """DeepSpeed's stage-3 universal load gives every param group the hyperparameters of group 0;
+    a trained backbone's group gets its own lr multiplier back (`scales`, as built from the config:
+    trainer/optim.py), relative to the head's restored lr."""
+    head_lr = optimizer.param_groups[0]["lr"]
+    for group, scale in zip(optimizer.param_groups, scales):
+        group["lr_scale"], group["lr"] = scale, head_lr * scale
+
+
+def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of `module`, whole, as a CPU copy; {} where not `keep`. At stage 3 a parameter
+    is 1/N on each rank: each is gathered in turn (a collective every rank joins, keeping or not),
+    so besides the partitions at most one whole parameter is on the device. Stages 0-2: local."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
+
+    state = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        partitioned = getattr(tensor, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+        if not partitioned and not keep:
+            continue
+        with GatheredParameters([tensor], modifier_rank=None) if partitioned else nullcontext():
+            if keep:
+                state[name] = tensor.detach().to("cpu", copy=True)
+    return state
 
 
 def full_optimizer_tensors(engine, param: torch.nn.Parameter):
     """(fp32 weights, exp_avg, exp_avg_sq) of one parameter, gathered from every rank's partition
-    (a collective at stages 1-2 and with bf16); stage 0 in fp32 holds them whole."""
+    (a collective at stages 1-3 and with bf16); stage 0 in fp32 holds them whole."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     weights = safe_get_full_fp32_param(param)

@@ -1,11 +1,13 @@
-"""DeepSpeed ZeRO stages 1-2 through real runs (real Ray Train, real DeepSpeed, real shards, CPU):
-per-rank optimizer shards in one Ray Train checkpoint, a worker SIGKILLed mid-run, resumes on 1
-and then 3 workers through the universal conversion, each load giving back the saved model and
-optimizer state (their digests), every sample once per epoch, one MLflow run; a checkpoint
-without one rank's shard and a stage switch refused before any cluster work.
+"""DeepSpeed ZeRO stages 1-3 through real runs (real Ray Train, real DeepSpeed, real shards, CPU):
+per-rank shards in one Ray Train checkpoint, a worker SIGKILLed mid-run, resumes on 1 and then 3
+workers through the universal conversion, each load giving back the saved model and optimizer
+state (their digests), validation and the best model on every world size, every sample once per
+epoch, one MLflow run; a checkpoint without one rank's shard and a stage switch refused before
+any cluster work; at stage 3 the model.pt that `lesa predict` loads is the engine's gathered
+weights.
 
-Stage 2 in fp32 runs in the suite; stage 1 in bf16, the same runs, with LESA_ZERO_ALL_STAGES=1
-(each variant is about four runs)."""
+Stage 3 in fp32 (every parameter partitioned) runs in the suite; stage 2 in fp32 and stage 1 in
+bf16, the same runs, with LESA_ZERO_ALL_STAGES=1 (each variant is about four runs)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,19 @@ import signal
 import time
 
 import pytest
-from resume_run import CONFIG, TRAIN_IMAGES, assert_exactly_once, digest_at, mlflow_steps, resume_data, train
+from resume_run import CONFIG, TRAIN_IMAGES, assert_exactly_once, digest_at, mlflow_steps, train
 from run_cli import lesa
 
 ALL_STAGES = pytest.mark.skipif(
-    not os.environ.get("LESA_ZERO_ALL_STAGES"), reason="the stage-1/bf16 variant: LESA_ZERO_ALL_STAGES=1"
+    not os.environ.get("LESA_ZERO_ALL_STAGES"), reason="the stage-1 and stage-2 variants: LESA_ZERO_ALL_STAGES=1"
 )
 
 
 @pytest.fixture(scope="module")
 def data(synthetic):
-    return resume_data(synthetic)
+    # a validation split of 24 + 16 images: workers score different numbers of batches, and on 3
+    # workers one has no shard of it (and none of the 2 test shards)
+    return synthetic(2, 32, 24, train=TRAIN_IMAGES, val=40, test=48)
 
 
 def optimizer_digest_at(log: str, pattern: str) -> str:
@@ -67,13 +71,36 @@ def refused_before_ray(work, data, *args) -> str:
     return proc.stderr
 
 
+def assert_predict_loads_the_gathered_weights(work, data, log: str, step: int) -> None:
+    """model.pt is the whole model, the weights the engine gathered at the last checkpoint."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.checkpointing import state_digest
+
+    weights = torch.load(work / "run" / "model.pt", weights_only=True)
+    assert state_digest(weights) == digest_at(log, f"checkpoint at step {step}")
+    assert all(t.numel() > 0 for t in weights.values()), "no empty stage-3 placeholder"
+    image = work / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    proc = lesa("predict", image, "--checkpoint", work / "run", "--top-k", "3", cwd=work, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(re.findall(r"^\s+\d+\s+-?[\d.]+\s+.+\[\w+\]$", proc.stdout, re.M)) == 3, proc.stdout
+
+
 @pytest.mark.parametrize(
     "stage,bf16",
-    [pytest.param(2, "false", id="stage2-fp32"), pytest.param(1, "true", id="stage1-bf16", marks=ALL_STAGES)],
+    [
+        pytest.param(3, "false", id="stage3-fp32"),
+        pytest.param(2, "false", id="stage2-fp32", marks=ALL_STAGES),
+        pytest.param(1, "true", id="stage1-bf16", marks=ALL_STAGES),
+    ],
 )
 def test_zero_stage_survives_a_kill_and_resumes_on_one_then_three_workers(tmp_path, data, shared_ray, stage, bf16):
     zero = ("--set", f"deepspeed.zero_stage={stage}", "--set", f"deepspeed.bf16={bf16}", "--set", "checkpoint.every=4")
-    zero += ("--set", "eval.every=0")  # no validation split needed: these runs are about the engine
+    zero += ("--set", "deepspeed.stage3_param_persistence_threshold=0")  # the tiny model's every parameter
+    zero += ("--set", "eval.every=4", "--set", "eval.val_split=val")  # validation, best model
     first = train_killing_a_worker(tmp_path, data, *zero, "--set", "train.max_steps=10", ray=shared_ray)
     assert re.search(r"resumed from step (4|8) on 2 workers", first)
     step = int(re.search(r"resumed from step (4|8)", first).group(1))
@@ -87,6 +114,8 @@ def test_zero_stage_survives_a_kill_and_resumes_on_one_then_three_workers(tmp_pa
     for rank in (0, 1):
         assert (folder / "ds" / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
         assert (folder / f"lesa_files_rank{rank}.json").is_file()
+        assert (folder / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file() == (stage == 3)
+    assert (folder / "model_best.pt").is_file()
 
     # a checkpoint without rank 1's shard (and its manifest) is never resumed from
     damaged = tmp_path / "damaged"
@@ -122,4 +151,6 @@ def test_zero_stage_survives_a_kill_and_resumes_on_one_then_three_workers(tmp_pa
 
     assert mlflow_steps(tmp_path) == list(range(1, 11)) + list(range(12, 27, 2)), "one run, no step twice"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["step"] == 26 and (tmp_path / "run" / "model.pt").is_file()
+    assert metrics["step"] == 26 and metrics["best"]["step"] % 4 == 0
+    assert [row["step"] for row in metrics["history"]] == [4, 8, 12, 16, 20, 24], "validated on 2, 1, 3 workers"
+    assert_predict_loads_the_gathered_weights(tmp_path, data, third, 26)

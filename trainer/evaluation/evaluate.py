@@ -121,13 +121,16 @@ def evaluate(
     return EvalResult(results["zsl"], results["gzsl"], chance_map(stats, settings), stats, bad.summary())
 
 
-def validation_metric(model, info: DatasetInfo, cfg: Config, rank: int, world: int, device) -> float:
+def validation_metric(
+    model, info: DatasetInfo, cfg: Config, rank: int, world: int, device, average_bn: bool = True
+) -> float:
     """`eval.val_metric` over the seen labels of `eval.val_split` (docs/protocol.md, Optimisation: validation uses
     seen labels only), computed exactly over all workers; rank 0's value on every rank, so the
     schedule's decisions (trainer/schedule.py) cannot differ between ranks. A collective."""
     from trainer.schedule import metric_k
 
-    average_buffers(model)
+    if average_bn:
+        average_buffers(model)
     was_training = model.training
     model.eval()
     k = metric_k(cfg.eval.val_metric)
