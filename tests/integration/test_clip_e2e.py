@@ -2,7 +2,8 @@
 shards, an MLflow sqlite store), with the tiny random CLIP of tests/tiny_clip.py on the synthetic
 benchmark: `lesa extract` caches its regions, `lesa train` on the images and on the cache follow
 each other (frozen tower), the tower trains too (model.freeze_backbone false, activation checkpointing; its
-gradients against a plain backward: tests/test_clip.py), and `lesa compare` has clip_zeroshot (no
+gradients against a plain backward: tests/test_clip.py), fine-tuned as a big tower would be: at ZeRO
+stage 3 with every parameter partitioned and its own lr multiplier, and `lesa compare` has clip_zeroshot (no
 training) as a row. One module fixture runs every command in this process, so one Ray cluster
 serves them all (as tests/integration/test_feature_cache.py,
 whose reasoning about why the two runs are comparable holds here too: building the frozen tower
@@ -90,6 +91,8 @@ def work(tmp_path_factory):
     # the cached regions stand in for the tower, whose weights the feature run therefore does not name
     assert lesa("train", "--out", str(work / "on_features"), *overrides(work, "features", **{"model.backbone_weights": "null"})) == 0  # fmt: skip
     trained = {"model.freeze_backbone": "false", "model.activation_checkpointing": "true", "train.max_steps": 2}
+    trained |= {"deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0}
+    trained |= {"optim.backbone_lr_scale": 0.5}
     assert lesa("train", "--out", str(work / "trained"), *overrides(work, "images", **trained)) == 0
     compare = ["--models", "clip_zeroshot", "--out", str(work / "compare")]
     assert cli.main(["compare", str(REPO / "launch" / "synthetic.yaml"), *compare, *overrides(work, "images")]) == 0
@@ -130,7 +133,7 @@ def test_training_on_the_cache_follows_training_on_images(work):
         torch.testing.assert_close(model[f"backbone.{key}"].float(), start[key])  # frozen: as the folder has it
 
 
-def test_a_trained_tower_moves_on_two_workers(work):
+def test_a_tower_fine_tuned_at_zero_stage_3_moves_on_two_workers(work):
     metrics, history = losses(work, work / "trained")
     assert metrics["step"] == 2 and len(history) == 2 and all(np.isfinite(history))
     model = torch.load(work / "trained" / "model.pt", weights_only=True)
