@@ -48,7 +48,7 @@ def test_head_output_shapes(head_out):
         "attention": (B, M, R),
         "global_scores": (B, K),
     }
-    assert {k for k, v in vars(out).items() if v is not None} == set(expected)
+    assert {k for k, v in out._asdict().items() if v is not None} == set(expected)
     for key, shape in expected.items():
         assert tuple(getattr(out, key).shape) == shape, key
         assert torch.isfinite(getattr(out, key)).all(), key

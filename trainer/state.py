@@ -20,7 +20,7 @@ Fields, and why each one makes a resume exact on any number of workers:
   counts all of the run, not only what came after the last restart.
 - `world_size`: the workers that wrote it (one `lesa_files_rank<R>.json` each); a resume on
   another number says how the global batch (data.batch_size per worker) changed, and at ZeRO
-  stages 1-2 loads the universal conversion of the checkpoint (trainer/zero.py).
+  stages 1-3 loads the universal conversion of the checkpoint (trainer/zero.py).
 - `zero_stage`, `optimizer`: DeepSpeed's ZeRO stage and `optim.name` that wrote the optimizer
   state; a resume continues with the same ones.
 - `optimizer_digest`: a hash of the gathered fp32 weights and optimizer state at save
