@@ -102,6 +102,8 @@ def worker(rank: int, world: int, port: int, phase: str, stage: int, args, out: 
     if rank == 0:
         merged = {k: v for r in all_results for k, v in r.items()}
         Path(root, f"{phase}.json").write_text(json.dumps(merged))
+    # a process that exits with its gloo group open may abort ("terminate called without an active exception")
+    torch.distributed.destroy_process_group()
 
 
 def convert(root: Path) -> float:
