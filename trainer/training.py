@@ -195,6 +195,7 @@ class TrainingRun:
             weights = full_state_dict(model) if self.rank == 0 else None  # model.pt (a whole copy at every stage)
             # attention overlays next to the numbers; a model without attention gives none
             overlays = eval_overlay_files(model, self.info, self.cfg, self.device) if self.rank == 0 else {}
+        del model  # at stage 3 a whole copy: not two at once with the best model's
         best = self.schedule.best_on_test(step, results, lambda: self.evaluate(best=True))
         metrics = final_metrics(
             results,
