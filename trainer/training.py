@@ -111,7 +111,8 @@ class TrainingRun:
                 yield model
             return
         cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, compile=False))
-        model = build_model(cfg, self.info.embeddings, self.info.seen, self.info.features).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # its random init draws nothing from the training's RNG
+            model = build_model(cfg, self.info.embeddings, self.info.seen, self.info.features).to(self.device)
         if cfg.deepspeed.bf16:
             model.to(torch.bfloat16)  # as DeepSpeed casts the engine's weights and buffers
         if best:
