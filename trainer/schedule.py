@@ -130,11 +130,10 @@ class BestModel:
         if self.metric is not None and not metric > self.metric:
             return False
         self.step, self.metric = step, metric
+        weights = full_state_dict(model, keep=not self.partitioned or self.file is not None)
         if not self.partitioned:
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            return True
-        weights = full_state_dict(model, keep=self.file is not None)
-        if self.file is not None:
+            self.state = weights
+        elif self.file is not None:
             torch.save(weights, self.file)
         return True
 
