@@ -169,14 +169,21 @@ def run_workers(
     for picture in sorted(folder.attention.glob("*.png")):
         logger.artifact(picture, ATTENTION_DIR)
     if (folder.root / MODEL_FILE).exists():  # a training run: its model as a file and as an MLflow model
-        from launch.mlflow_model import log_trained_model
-
         logger.artifact(folder.root / MODEL_FILE)
-        try:
-            log_trained_model(logger.tracking_uri, logger.run_id, cfg, folder.root / MODEL_FILE)
-        except Exception as exc:  # a model torch.export cannot trace must not fail a finished run
-            reason = (str(exc).splitlines() or [""])[0][:200]
-            print(f"warning: the model is not logged as an MLflow model ({type(exc).__name__}: {reason}); "
-                  f"{MODEL_FILE} is in the run", file=sys.stderr)  # fmt: skip
+        if cfg.mlflow.log_model:
+            log_mlflow_model(cfg, logger, folder.root / MODEL_FILE)
     logger.finish(ok=True)
     return metrics
+
+
+def log_mlflow_model(cfg: Config, logger: RunLogger, model_file: Path) -> None:
+    """model.pt as an MLflow model in the run; a model torch.export cannot trace must not fail a
+    finished run, so that is one warning line."""
+    from launch.mlflow_model import log_trained_model
+
+    try:
+        log_trained_model(logger.tracking_uri, logger.run_id, cfg, model_file)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        print(f"warning: the model is not logged as an MLflow model ({type(exc).__name__}: {reason}); "
+              f"{MODEL_FILE} is in the run", file=sys.stderr)  # fmt: skip

@@ -151,6 +151,9 @@ class MlflowConfig:
     artifact_location: str | None = None  # default: ./mlartifacts next to the sqlite store
     experiment: str = "lesa"
     run_name: str | None = None
+    # model.pt also as an MLflow model (torch.export's pt2, for `mlflow models` and the registry);
+    # the export takes seconds for the small models and can take minutes for a large CLIP tower
+    log_model: bool = True
 
 
 @dataclass(frozen=True)
