@@ -21,7 +21,8 @@ import torch
 from run_cli import lesa, lesa_env
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "launch" / "synthetic.yaml")
-SETTINGS = ("data.image_size=32", "data.batch_size=8", "eval.every=0", "eval.overlays=0", "train.log_every=3")
+SETTINGS = ("data.image_size=32", "data.batch_size=8", "eval.every=0", "eval.overlays=0", "train.log_every=3",
+            "mlflow.log_model=false")  # fmt: skip
 
 
 def train_args(out: Path, data: Path, *extra: str) -> list[str]:
@@ -146,17 +147,18 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_reports_no_success(tmp_pat
     assert not (out / "metrics.json").exists()
 
 
-def test_a_driver_killed_right_after_a_commit_leaves_no_gap_in_mlflow(tmp_path, synthetic):
+def test_a_driver_killed_right_after_a_commit_leaves_no_gap_in_mlflow(tmp_path, synthetic, shared_ray):
     """The audit's driver kill during a checkpoint: the controller still committed it, and the
     steps since the last MLflow write were lost for good (they were flushed only after the commit).
-    The driver here has its own Ray: a killed driver of a shared cluster would leave its controller."""
+    The killed driver has its own Ray (a killed driver of a shared cluster would leave its
+    controller); the resume runs on the session's."""
     data = synthetic(3, 32, 16, train=64, test=32)
     out = tmp_path / "run"
     steps = ("train.max_steps=8", "checkpoint.every=4", "train.log_every=1")
     killed = lesa(*train_args(out, data, *steps, "train.debug_fault=driver@4"), cwd=tmp_path)
     assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert (out / ".fault-driver-4").exists()  # rank 0 killed it (its own line dies with the driver's log)
-    resumed = lesa(*train_args(out, data, *steps), "--resume", "latest", cwd=tmp_path)
+    resumed = lesa(*train_args(out, data, *steps), "--resume", "latest", cwd=tmp_path, env=lesa_env(**shared_ray))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout + resumed.stderr
 

@@ -43,6 +43,7 @@ def command(work: Path, data: Path, *extra: str) -> tuple[list[str], dict]:
         "checkpoint.every=0",
         "train.log_every=1",
         "mlflow.experiment=audit",
+        "mlflow.log_model=false",
     ):
         cmd += ["--set", item]
     cmd += ["--set", f"data.url={data}", "--set", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
@@ -56,7 +57,7 @@ def mlflow_runs(work: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("audit").experiment_id])
 
 
-def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_resume(tmp_path, data):
+def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_resume(tmp_path, data, shared_ray):
     cmd, env = command(tmp_path, data, "--set", "train.max_steps=100000")
     first = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -81,9 +82,10 @@ def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_re
     with hold(tmp_path / "run"):  # the kernel dropped the dead driver's lock
         pass
 
-    # It died before its first checkpoint with no step in MLflow: --resume latest restarts it.
+    # It died before its first checkpoint with no step in MLflow: --resume latest restarts it (on
+    # the session's cluster; the killed driver's own Ray died with it).
     cmd3, _ = command(tmp_path, data, "--resume", "latest", "--set", "train.max_steps=4")
-    third = run_cli(cmd3, timeout=600, cwd=tmp_path, env=env)
+    third = run_cli(cmd3, timeout=600, cwd=tmp_path, env={**env, **shared_ray})
     assert third.returncode == 0, (third.stdout + third.stderr)[-6000:]
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the same MLflow run, resumed"

@@ -40,6 +40,8 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, sh
         f"mlflow.tracking_uri={uri}",
         "--set",
         "mlflow.experiment=compare",
+        "--set",
+        "mlflow.log_model=false",  # test_e2e.py checks the logged model
         timeout=900,
         cwd=tmp_path,
         env=lesa_env(**shared_ray),

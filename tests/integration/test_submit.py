@@ -64,6 +64,8 @@ def train_args(data: Path, out: Path) -> list[str]:
         f"mlflow.tracking_uri=sqlite:///{out.parent}/mlflow.db",
         "--set",
         "mlflow.experiment=submit",
+        "--set",
+        "mlflow.log_model=false",
     ]
 
 
