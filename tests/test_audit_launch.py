@@ -212,3 +212,14 @@ def test_submit_never_ships_credentials(tmp_path, capsys):
     assert warning.count("\n") == 1 and warning.startswith("warning: not shipping")
     for name in ["conf/project-1234.json", ".env", ".aws/", "deploy/tls.key", ".netrc"]:
         assert name in warning
+
+
+def test_fail_fast_stops_the_retries_of_every_deterministic_error_and_no_other():
+    from trainer.failures import FailFast, NotRetryable, deterministic_errors
+
+    callback = FailFast()
+    for kind in deterministic_errors():
+        with pytest.raises(NotRetryable, match=f"rank 1 failed and a retry would fail again: {kind.__name__}: "):
+            callback.after_exception(None, {0: RuntimeError("a flaky failure"), 1: kind("it recurs")})
+    for flaky in (RuntimeError("a lost connection"), OSError("a node went away"), MemoryError()):
+        assert callback.after_exception(None, {0: flaky, 1: flaky}) is None  # Ray Train retries these
