@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,17 @@ def test_the_run_page_opens_the_classic_ml_view(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_page(f"sqlite:///{tmp_path / 'mlflow.db'}", "3", "abc") == "http://127.0.0.1:5000" + view  # make ui
     assert run_page("sqlite:////elsewhere/mlflow.db", "3", "abc") is None
+
+
+def test_a_worker_shorter_than_one_sampling_interval_still_logs_its_system_metrics(store):
+    from trainer.tracking import SYSTEM_METRICS_INTERVAL_S, system_metrics
+
+    uri, artifacts = store
+    run_id = open_run(uri, artifacts, "system", "short", {})
+    monitor = system_metrics(uri, run_id, node_rank=1)
+    time.sleep(0.5)  # well under SYSTEM_METRICS_INTERVAL_S: MLflow's own monitor logs nothing yet
+    assert SYSTEM_METRICS_INTERVAL_S > 5
+    monitor.finish()
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["system/node_1/cpu_utilization_percentage"] >= 0
+    assert metrics["system/node_1/system_memory_usage_megabytes"] > 0

@@ -141,7 +141,17 @@ def system_metrics(tracking_uri: str, run_id: str, node_rank: int):
     installed and sees a GPU). A restarted or resumed run continues the steps it logged."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(
+    class NodeMetricsMonitor(SystemMetricsMonitor):
+        def finish(self) -> None:
+            # MLflow's monitor drops the samples of its last, unfinished interval: a worker that
+            # ran for less than one interval (a short run, a retry that failed fast) logged none.
+            super().finish()
+            last_interval = self.aggregate_metrics()
+            if last_interval:
+                self.publish_metrics(last_interval)
+                self.mlflow_logger.flush()
+
+    monitor = NodeMetricsMonitor(
         run_id,
         sampling_interval=SYSTEM_METRICS_INTERVAL_S,
         resume_logging=True,
