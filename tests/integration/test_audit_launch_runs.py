@@ -101,11 +101,12 @@ def test_one_run_per_out_a_killed_driver_frees_it_and_lost_checkpoints_stop_a_re
 
 
 def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp_path, data):
+    # tests/test_audit_launch.py checks FailFast against every deterministic error; here one of
+    # them and one flaky error go through Ray Train's real failure handling.
     import ray
 
     from launch.workers import run_workers
     from trainer.config import ConfigError, load_config
-    from trainer.failures import NotRetryable
     from trainer.tracking import RunLogger, open_run
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -135,7 +136,6 @@ def test_a_deterministic_worker_error_fails_at_once_while_others_are_retried(tmp
 
     try:
         assert attempts_of(ConfigError("data.url: a deliberately bad key"), "config") == 1
-        assert attempts_of(NotRetryable("a corrupt checkpoint"), "declared") == 1
         assert attempts_of(RuntimeError("a flaky failure"), "flaky") == 3, "1 + checkpoint.max_failures"
     finally:
         ray.shutdown()

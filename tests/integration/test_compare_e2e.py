@@ -1,6 +1,9 @@
-"""`lesa compare` end to end: every model trains a few steps on a real Ray cluster with DeepSpeed,
-tar shards and an MLflow sqlite store, and nests its run under the comparison's (the table and
-its failures on their own: tests/test_compare.py)."""
+"""`lesa compare` end to end: three models train a few steps on a real Ray cluster with DeepSpeed,
+tar shards and an MLflow sqlite store, and nest their runs under the comparison's (the table and
+its failures on their own: tests/test_compare.py). The three are LESA, ConSE (scores from the
+seen labels' classifier) and one attention per label (chunked scoring); every model, those two
+baselines beside, trains from images with its own loss and reloads its saved model in
+tests/test_baselines.py, and each one here is a whole Ray Train run (about 22 s)."""
 
 from __future__ import annotations
 
@@ -11,19 +14,19 @@ from mlflow.tracking import MlflowClient
 from run_cli import REPO, lesa, lesa_env
 
 CONFIG = str(REPO / "launch" / "synthetic.yaml")
-ALL_MODELS = ["lesa", "fast0tag", "labelem", "conse", "one_attention_per_label"]
+MODELS = ["lesa", "conse", "one_attention_per_label"]
 
 
-def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, shared_ray):
+def test_compare_trains_each_model_and_nests_their_runs(tmp_path, synthetic, shared_ray):
     data = synthetic(1, 48, 32, train=128, test=64)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The ablations are LESA with other config values (test_rows_are_the_models_then_the_ablations,
-    # test_baselines.py::test_lesa_ablations_are_config_only); five models keep this at ~2 minutes.
+    # test_baselines.py::test_lesa_ablations_are_config_only).
     proc = lesa(
         "compare",
         CONFIG,
         "--models",
-        *ALL_MODELS,
+        *MODELS,
         "--out",
         tmp_path / "cmp",
         "--set",
@@ -50,7 +53,7 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, sh
     assert proc.returncode == 0, log[-6000:]
 
     table = json.loads((tmp_path / "cmp" / "table.json").read_text())
-    names = ALL_MODELS
+    names = MODELS
     assert [r["name"] for r in table["rows"]] == names
     assert all(r["status"] == "ok" for r in table["rows"]), [r.get("reason") for r in table["rows"]]
     for row in table["rows"]:
@@ -58,7 +61,7 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, sh
         assert 0 <= row["zsl"]["mAP"] <= 100 and 0 <= row["gzsl"]["F1@3"] <= 100
         assert (tmp_path / "cmp" / row["name"] / "metrics.json").exists()
     text = (tmp_path / "cmp" / "table.md").read_text()
-    for title in ("LESA (M=10)", "Fast0Tag", "LabelEM", "CONSE", "One Attention per Label"):
+    for title in ("LESA (M=10)", "CONSE", "One Attention per Label"):
         assert f"| {title} | " in text
 
     client = MlflowClient(uri)
@@ -74,4 +77,4 @@ def test_compare_trains_every_model_and_nests_their_runs(tmp_path, synthetic, sh
         assert child.data.metrics["zsl/mAP"] == pytest.approx(row["zsl"]["mAP"])
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
-    assert parent.data.metrics["conse/gzsl/mAP"] == pytest.approx(table["rows"][3]["gzsl"]["mAP"])
+    assert parent.data.metrics["conse/gzsl/mAP"] == pytest.approx(table["rows"][1]["gzsl"]["mAP"])
