@@ -38,19 +38,19 @@ def synthetic(tmp_path_factory):
 # measured) at the head, and the many short unit files fill the gaps at the end. Order only:
 # every test still runs, and a file missing from the list just starts after the listed ones.
 LONGEST_FIRST = (
-    "integration/test_clip_e2e.py",
+    "integration/test_audit_checkpoint.py",
     "integration/test_resume.py",
     "integration/test_zero_e2e.py",
-    "integration/test_resume_faults.py",
+    "integration/test_clip_e2e.py",
     "integration/test_remote_storage.py",
-    "integration/test_audit_checkpoint.py",
-    "integration/test_compare_e2e.py",
     "integration/test_audit_launch_runs.py",
     "integration/test_submit.py",
-    "integration/test_feature_cache.py",
     "integration/test_e2e.py",
-    "integration/test_train_real_formats.py",
+    "integration/test_compare_e2e.py",
+    "integration/test_feature_cache.py",
     "integration/test_schedule_e2e.py",
+    "integration/test_resume_faults.py",
+    "integration/test_train_real_formats.py",
 )
 
 
