@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from contextlib import contextmanager
 
 
 def connect_or_start_ray(num_cpus: int | None = None, dashboard: bool = False, runtime_env: dict | None = None) -> bool:
@@ -41,3 +43,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def worker_lines_flushed():
+    """On leaving, print the worker lines that Ray's log deduplication still holds. It keeps a
+    line that repeats for RAY_DEDUP_LOGS_AGG_WINDOW_S (5 s) and prints its "[repeated Nx across
+    cluster]" summary then or at disconnect, which for a run that just ended came after the
+    driver's report. Ray has no public call for this: if its internals change, the summaries
+    come at exit, as before."""
+    try:
+        yield
+    finally:
+        try:
+            from ray._private import worker
+
+            ignore_prefix = worker._should_ignore_worker_log_prefix(worker.global_worker)
+            for deduplicator, sink in (
+                (worker.stdout_deduplicator, sys.stdout),
+                (worker.stderr_deduplicator, sys.stderr),
+            ):
+                for batch in deduplicator.flush():
+                    worker.print_worker_logs(batch, sink, ignore_prefix)
+        except Exception:  # never fail a finished run over its console
+            pass

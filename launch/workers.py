@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from datasets.contract import join, read_dataset
-from datasets.ray_start import connect_or_start_ray
+from datasets.ray_start import connect_or_start_ray, worker_lines_flushed
 from launch.errors import RunFailed
 from launch.storage import checkpoint_url, ray_storage, read_text, storage_env
 from trainer.config import Config
@@ -147,7 +147,8 @@ def run_workers(
     start_ray(cfg)
     trainer = build_trainer(cfg, out, worker_fn, payload, run_name, logger.run_id, resume_from)
     try:
-        result = trainer.fit()
+        with worker_lines_flushed():  # the workers' last lines before the driver's report
+            result = trainer.fit()
         with result.checkpoint.as_directory() as checkpoint_dir:
             copy_results(Path(checkpoint_dir), folder)
     except ControllerError as exc:  # FailFast stopped the run: the error is said in one line

@@ -113,6 +113,37 @@ def test_console_holds_our_lines_and_warnings_only(trained):
     assert not tracebacks, "\n".join(lines[tracebacks[0] - 1 : tracebacks[0] + 30]) if tracebacks else ""
 
 
+# Three Ray workers print the same line: Ray shows it once and holds the repeats for 5 s.
+REPEATS = """import time, ray
+from datasets.ray_start import worker_lines_flushed
+ray.init(logging_level="WARNING")
+
+@ray.remote(num_cpus=1)
+def skip():
+    for _ in range(4):
+        print("[rank 1] skipped bad sample: key corrupt", flush=True)
+        time.sleep(0.2)
+
+with worker_lines_flushed():
+    ray.get([skip.remote() for _ in range(3)])
+    time.sleep(2)  # the lines reach the driver
+print("results in the run folder", flush=True)
+"""
+
+
+def test_rays_repeated_line_summary_comes_before_the_report(shared_ray):
+    """A run that ends within Ray's 5 s deduplication window printed "[repeated Nx across
+    cluster]" after the driver's last line (test_console_holds_our_lines_and_warnings_only met it
+    on a quiet machine); run_workers flushes it when the workers are done."""
+    proc = subprocess.run(
+        [sys.executable, "-c", REPEATS], capture_output=True, text=True, timeout=300, env=lesa_env(**shared_ray)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[-1] == "results in the run folder", lines
+    assert any("repeated" in line and "across cluster" in line for line in lines[:-1]), lines
+
+
 def test_bad_samples_are_skipped_counted_and_reported(trained):
     work, log = trained
     bad = json.loads((work / "run" / "metrics.json").read_text())["bad_samples"]["train"]
